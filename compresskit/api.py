@@ -1,0 +1,196 @@
+"""The Python API: ``prune()`` resolves names, loads, calibrates, runs the runner, evaluates.
+
+The CLI is a thin layer over this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from compresskit import __version__
+from compresskit.device import resolve_device
+from compresskit.errors import CompressKitError, IncompatiblePatternError, OptionError
+from compresskit.interfaces import Loaded, MaskPattern, ModelAdapter, ScoreMetric
+from compresskit.options import as_dict, build
+from compresskit.registry import Registry
+from compresskit.runner import PruneReport, RunnerSettings, check_layers, prune_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a run. Plugin options are plain dicts validated per plugin.
+
+    ``sparsity=None`` means "the pattern's implied sparsity, else 0.5".
+    """
+
+    adapter: str = "llama"
+    model: str | None = None
+    metric: str = "wanda"
+    pattern: str = "unstructured"
+    sparsity: float | None = None
+    nsamples: int = 32
+    seqlen: int = 256
+    seed: int = 0
+    calibration: str | None = None
+    device: str = "auto"
+    update: Literal["none", "obs"] = "none"
+    propagate: Literal["pruned", "dense"] = "pruned"
+    report_error: bool = True
+    evaluate: bool = False
+    eval_data: str | None = None
+    eval_limit: int | None = None
+    metric_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pattern_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    adapter_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    gradient_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class Plan:
+    """Names resolved to configured plugin instances (before any model is loaded)."""
+
+    adapter: ModelAdapter
+    metric: ScoreMetric
+    pattern: MaskPattern
+    sparsity: float
+    origins: dict[str, str]
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """A pruned model with its report and manifest; ``save(dir)`` writes both atomically."""
+
+    loaded: Loaded
+    adapter: ModelAdapter
+    report: PruneReport
+    manifest: dict[str, Any]
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        from compresskit.output import atomic_directory, write_manifest
+
+        with atomic_directory(directory, overwrite) as tmp:
+            self.adapter.save(self.loaded, tmp)
+            write_manifest(tmp, self.manifest)
+        return Path(directory)
+
+
+def plan(config: RunConfig, registry: Registry | None = None) -> Plan:
+    """Resolve plugin names and validate every option, before loading anything."""
+    reg = registry or Registry.from_entrypoints()
+    entries = {k: reg.get(k, getattr(config, k)) for k in ("adapter", "metric", "pattern")}
+    opts = {k: build(e.cls.Options, getattr(config, f"{k}_options"), f"{k}.") for k, e in entries.items()}
+    adapter = entries["adapter"].cls(opts["adapter"])
+    metric = entries["metric"].cls(opts["metric"])
+    pattern = entries["pattern"].cls(opts["pattern"])
+    implied = pattern.implied_sparsity
+    if config.sparsity is not None and implied is not None and abs(config.sparsity - implied) > 1e-9:
+        raise IncompatiblePatternError(
+            f"--sparsity {config.sparsity} contradicts pattern {config.pattern} {pattern.nm}, which implies "
+            f"{implied:g}; drop --sparsity or use --pattern unstructured"
+        )
+    sparsity = implied if implied is not None else (0.5 if config.sparsity is None else config.sparsity)
+    if not 0.0 <= sparsity < 1.0:
+        raise OptionError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if metric.needs_gradients and type(adapter).loss is ModelAdapter.loss:
+        raise CompressKitError(f"metric {metric.name!r} needs gradients but adapter {adapter.name!r} defines no loss")
+    if config.nsamples < 1 or config.seqlen < 2:
+        raise OptionError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {config.nsamples}, {config.seqlen})")
+    origins = {k: str(e.origin) for k, e in entries.items()}
+    return Plan(adapter, metric, pattern, sparsity, origins)
+
+
+def fingerprint(batches: list[dict[str, torch.Tensor]]) -> str:
+    """sha256 over the calibration tensors (names, shapes, bytes): identifies the exact data."""
+    h = hashlib.sha256()
+    for b in batches:
+        for k in sorted(b):
+            t = b[k].detach().cpu().contiguous()
+            h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def prune(config: RunConfig | None = None, registry: Registry | None = None, **overrides: Any) -> PruneResult:
+    """Prune a model end to end and return the result (not yet saved).
+
+    Args:
+        config: a :class:`RunConfig`; keyword ``overrides`` replace its fields.
+        registry: plugin registry (default: every installed plugin).
+
+    Example:
+        >>> result = prune(adapter="llama", model="random:tiny", metric="wanda", sparsity=0.5)
+    """
+    config = dataclasses.replace(config or RunConfig(), **overrides)
+    p = plan(config, registry)
+    device = resolve_device(config.device)
+    source = p.adapter.resolve_source(config.model)
+    t0 = time.perf_counter()
+    loaded = p.adapter.load(source)
+    check_layers(p.adapter, loaded.model, p.pattern, p.sparsity)  # fail fast, before calibration
+    batches = p.adapter.calibration_batches(loaded, config.nsamples, config.seqlen, config.seed, config.calibration)
+    manifest: dict[str, Any] = {
+        "compresskit_version": __version__,
+        "config": dataclasses.asdict(config),
+        "resolved": {
+            "model": source,
+            "sparsity": p.sparsity,
+            "device": str(device),
+            "metric_options": as_dict(p.metric.options),
+            "pattern_options": as_dict(p.pattern.options),
+            "adapter_options": as_dict(p.adapter.options),
+        },
+        "plugins": p.origins,
+        "model_info": loaded.info,
+        "seed": config.seed,
+        "calibration": {
+            **p.adapter.describe_data(config.calibration),
+            "nsamples": config.nsamples,
+            "seqlen": config.seqlen,
+            "fingerprint": fingerprint(batches),
+        },
+        "versions": _versions(),
+    }
+    if config.evaluate:
+        manifest["evaluation"] = {"dense": p.adapter.evaluate(loaded, config.eval_data, config.seqlen, config.eval_limit)}
+    grads = None
+    if p.metric.needs_gradients:
+        from compresskit import gradients
+
+        grads, manifest["gradients"] = gradients.obtain(p.adapter, loaded, batches, p.metric, device, config.gradient_options)
+    settings = RunnerSettings(
+        sparsity=p.sparsity, device=device, propagate=config.propagate, update=config.update,
+        report_error=config.report_error, progress=config.progress,
+    )
+    report = prune_model(loaded, p.adapter, p.metric, p.pattern, batches, settings, grads)
+    manifest["report"] = report.to_dict()
+    manifest["total_seconds"] = time.perf_counter() - t0
+    if config.evaluate:
+        manifest["evaluation"]["pruned"] = p.adapter.evaluate(loaded, config.eval_data, config.seqlen, config.eval_limit)
+    return PruneResult(loaded, p.adapter, report, manifest)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "timm", "pluggy", "safetensors", "datasets"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,38 @@
+"""Error types. Every user-facing error says what was wrong, what was expected and the fix."""
+
+from __future__ import annotations
+
+
+class CompressKitError(Exception):
+    """Base class of every error compresskit raises on purpose."""
+
+
+class UnknownPluginError(CompressKitError, KeyError):
+    """A metric, pattern or adapter name that no installed plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicatePluginError(CompressKitError):
+    """Two plugins registered the same name for the same kind."""
+
+
+class PluginDefinitionError(CompressKitError):
+    """A plugin class is malformed (wrong base class, no name, bad Options)."""
+
+
+class OptionError(CompressKitError, ValueError):
+    """A plugin option or run setting has a bad key or value."""
+
+
+class IncompatiblePatternError(CompressKitError, ValueError):
+    """A mask pattern cannot be applied to a layer, or contradicts --sparsity."""
+
+
+class MissingDependencyError(CompressKitError, ImportError):
+    """An optional dependency (or packaged asset) is not installed."""
+
+
+class OutputExistsError(CompressKitError, FileExistsError):
+    """The output directory exists and is not empty."""

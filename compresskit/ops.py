@@ -1,0 +1,78 @@
+"""Small pure tensor helpers shared by the runner and plugins."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def find_linears(module: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside ``module``, by qualified name, in definition order."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def flatten_inputs(x: torch.Tensor) -> torch.Tensor:
+    """Detach, cast to float32 and flatten a layer input to ``[tokens, in_features]``."""
+    return x.detach().reshape(-1, x.shape[-1]).float()
+
+
+def gram_update(h: torch.Tensor, x: torch.Tensor) -> None:
+    """Add ``x^T x`` (x: ``[tokens, in]`` float32) to the running Gram matrix ``h`` in place."""
+    h.addmm_(x.t(), x)
+
+
+def sparsity(t: torch.Tensor) -> float:
+    """Fraction of exact zeros in ``t``."""
+    return float((t == 0).sum().item()) / max(t.numel(), 1)
+
+
+def row_prune_count(in_features: int, sparsity: float) -> int:
+    """Weights pruned per row at ``sparsity``: ``floor(in_features * sparsity)`` (reference rule)."""
+    return int(in_features * sparsity + 1e-9)
+
+
+def reconstruction_error(w_dense: torch.Tensor, w_pruned: torch.Tensor, gram: torch.Tensor) -> float:
+    """Relative output error ``||W X - W' X||^2 / ||W X||^2`` from the Gram matrix ``X^T X``.
+
+    With ``D = W - W'`` the numerator is ``trace(D G D^T)`` and the denominator
+    ``trace(W G W^T)``; computed in float64 for stability.
+    """
+    g = gram.double()
+    d = (w_dense - w_pruned).double()
+    w = w_dense.double()
+    num = ((d @ g) * d).sum()
+    den = ((w @ g) * w).sum()
+    return float(num / den) if den > 0 else 0.0
+
+
+def adaptive_row_mask(scores: torch.Tensor, sparsity: float, tol: float = 1e-3) -> torch.Tensor:
+    """Wanda's appendix variant: per-row thresholds from a shared metric-mass fraction.
+
+    Each row prunes its smallest scores whose cumulative sum is at most ``alpha`` times the
+    row's total; ``alpha`` is found by bisection (start 0.4 on [0, 0.8]) until the layer
+    sparsity is within ``tol`` of the target. Unlike the reference code, a row where no prefix
+    fits prunes nothing instead of everything (SPEC 3.5 edge case).
+    """
+    s = scores.float()
+    sorted_s, order = torch.sort(s, dim=-1, stable=True)
+    cums = sorted_s.cumsum(dim=-1)
+    totals = s.sum(dim=-1, keepdim=True)
+    lo, hi, alpha = 0.0, 0.8, 0.4
+
+    def mask_for(a: float) -> torch.Tensor:
+        count = (cums <= a * totals).sum(dim=-1, keepdim=True)  # prefix length per row
+        ranks = torch.arange(s.shape[-1], device=s.device).expand_as(s)
+        sorted_mask = ranks < count
+        return torch.zeros_like(sorted_mask).scatter(-1, order, sorted_mask)
+
+    mask = mask_for(alpha)
+    while True:
+        cur = mask.float().mean().item()
+        if abs(cur - sparsity) <= tol or hi - lo < tol:
+            return mask
+        if cur > sparsity:
+            hi = alpha
+        else:
+            lo = alpha
+        alpha = (lo + hi) / 2
+        mask = mask_for(alpha)
