@@ -142,7 +142,8 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     t0 = time.perf_counter()
     loaded = p.adapter.load(source)
     check_layers(p.adapter, loaded.model, p.pattern, p.sparsity)  # fail fast, before calibration
-    batches = p.adapter.calibration_batches(loaded, config.nsamples, config.seqlen, config.seed, config.calibration)
+    calibration = config.calibration or p.adapter.default_calibration(source)
+    batches = p.adapter.calibration_batches(loaded, config.nsamples, config.seqlen, config.seed, calibration)
     manifest: dict[str, Any] = {
         "compresskit_version": __version__,
         "config": dataclasses.asdict(config),
@@ -158,7 +159,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
         "model_info": loaded.info,
         "seed": config.seed,
         "calibration": {
-            **p.adapter.describe_data(config.calibration),
+            **p.adapter.describe_data(calibration),
             "nsamples": config.nsamples,
             "seqlen": config.seqlen,
             "fingerprint": fingerprint(batches),

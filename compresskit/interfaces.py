@@ -202,6 +202,10 @@ class ModelAdapter(ABC):
         """Key of a layer in gradient files; the GBLM reference uses ``<name>_layer_<i>``."""
         return f"{name}_layer_{block_index}"
 
+    def default_calibration(self, source: str) -> str | None:
+        """The calibration source used when the user names none (recorded in the manifest)."""
+        return None
+
     @abstractmethod
     def calibration_batches(
         self, loaded: Loaded, nsamples: int, seqlen: int, seed: int, data: str | None

@@ -68,6 +68,10 @@ class LlamaAdapter(ModelAdapter):
         ids = text.calibration_token_ids(loaded.processor, data, nsamples, seqlen, seed, loaded.model.config.vocab_size)
         return [{"input_ids": row.unsqueeze(0)} for row in ids]
 
+    def default_calibration(self, source: str) -> str:
+        """Random token ids for ``random:*`` models (tests, quick tries), real text otherwise."""
+        return "random" if source.startswith("random:") else "handbook"
+
     def describe_data(self, data):
         from compresskit import text
 
