@@ -34,5 +34,9 @@ class MissingDependencyError(CompressKitError, ImportError):
     """An optional dependency (or packaged asset) is not installed."""
 
 
+class GradientError(CompressKitError, ValueError):
+    """A gradient file or cache does not match the model, or gradients could not be computed."""
+
+
 class OutputExistsError(CompressKitError, FileExistsError):
     """The output directory exists and is not empty."""

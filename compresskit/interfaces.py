@@ -120,6 +120,10 @@ class ScoreMetric(ABC):
         """Which gradient statistic ``score`` wants: ``"l1"`` or ``"l2"`` (None: no gradients)."""
         return None
 
+    def gradient_scale(self) -> float:
+        """Factor applied to every per-sample gradient before aggregation (GBLM reference: 100)."""
+        return 1.0
+
     def init_state(self, layer: nn.Linear) -> Any:
         """Return a fresh float32 accumulator for ``layer`` (None for data-free metrics)."""
         return None
