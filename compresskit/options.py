@@ -59,7 +59,7 @@ def build(options_cls: type, values: dict[str, Any], scope: str = "") -> Any:
     for key, raw in values.items():
         if key not in names:
             valid = ", ".join(names) or "(this plugin has no options)"
-            raise OptionError(f"unknown option {scope}{key!r}; valid options: {valid}")
+            raise OptionError(f"unknown option '{scope}{key}'; valid options: {valid}")
         kwargs[key] = _convert(hints[key], raw, f"{scope}{key}")
     return options_cls(**kwargs)
 

@@ -1,0 +1,42 @@
+"""Offline, CPU-first test setup shared by every test module."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def _tiny_llama_master():
+    from compresskit.llama_sources import random_model
+
+    return random_model("tiny")
+
+
+@pytest.fixture
+def tiny_llama(_tiny_llama_master):
+    """A fresh deep copy of the seeded tiny random LLaMA and its byte tokenizer (pruning mutates)."""
+    model, tok = _tiny_llama_master
+    return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
+def registry():
+    from compresskit.registry import Registry
+
+    return Registry.from_entrypoints()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep caches of one test session in a temp dir unless the user set one explicitly."""
+    if "COMPRESSKIT_TEST_USE_USER_CACHE" not in os.environ:
+        monkeypatch.setenv("COMPRESSKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
