@@ -1,0 +1,191 @@
+"""Gradient statistics on disk: the exact fingerprint, the safetensors cache, reference import.
+
+Cache files live in ``<cache_dir>/gradients/<norm>-<fingerprint>.safetensors`` (default cache
+dir: ``$COMPRESSKIT_CACHE`` or ``~/.cache/compresskit``). The fingerprint is a sha256 over
+everything that changes the numbers: every tensor of the model's state dict (names, shapes,
+dtypes, bytes), the model source string, the calibration batches' bytes, the norm and the
+per-sample scale, the adapter (whose ``loss`` defines the objective) and its options, the
+compute device type and the torch version (different kernels round differently), and the
+engine version. Writes go to a temporary file that is renamed into place, so a crash never
+leaves a truncated cache entry; a cache file that fails to load or to match is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from compresskit.errors import GradientError
+from compresskit.interfaces import Loaded, ModelAdapter
+from compresskit.options import as_dict
+
+log = logging.getLogger(__name__)
+
+ENGINE_VERSION = "1"
+REFERENCE_SCALE = 100.0
+"""The ``--scale`` the GBLM reference bakes into its gradient files (gradient_computation.py)."""
+
+
+def default_cache_dir() -> Path:
+    """``$COMPRESSKIT_CACHE`` or ``~/.cache/compresskit``."""
+    return Path(os.environ.get("COMPRESSKIT_CACHE") or Path.home() / ".cache" / "compresskit")
+
+
+def cache_path(cache_dir: str | os.PathLike | None, fingerprint: str, norm: str) -> Path:
+    """Where the statistic with this fingerprint is (or will be) cached."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    return root / "gradients" / f"{norm}-{fingerprint[:40]}.safetensors"
+
+
+def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def fingerprint(
+    adapter: ModelAdapter,
+    loaded: Loaded,
+    batches: Sequence[dict[str, torch.Tensor]],
+    norm: str,
+    scale: float,
+    device: torch.device,
+) -> str:
+    """sha256 identifying one gradient statistic exactly (see the module docstring).
+
+    Hashes the full state dict (about 0.3 s per 100 M float32 parameters), not only the
+    prunable weights: embeddings, norms and the head change the gradients too.
+    """
+    import importlib.metadata as md
+
+    h = hashlib.sha256()
+    facts = {
+        "engine": ENGINE_VERSION,
+        "norm": norm,
+        "scale": repr(float(scale)),
+        "source": loaded.source,
+        "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
+        "adapter_options": repr(sorted(as_dict(adapter.options).items())),
+        "device": torch.device(device).type,
+        "torch": torch.__version__,
+        "transformers": _version(md, "transformers"),
+    }
+    h.update(json.dumps(facts, sort_keys=True).encode())
+    for name, t in loaded.model.state_dict().items():
+        _hash_tensor(h, f"model.{name}", t)
+    for i, batch in enumerate(batches):
+        for key in sorted(batch):
+            _hash_tensor(h, f"batch{i}.{key}", batch[key])
+    return h.hexdigest()
+
+
+def _version(md: Any, dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def save(path: Path, grads: dict[str, torch.Tensor], fp: str, meta: dict[str, str]) -> bool:
+    """Write ``grads`` atomically (temp file + rename). Returns False (logged) if not writable."""
+    from safetensors.torch import save_file
+
+    from compresskit import __version__
+
+    metadata = {**meta, "fingerprint": fp, "engine": ENGINE_VERSION, "compresskit": __version__,
+                "torch": torch.__version__}
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in grads.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+        log.info("cached gradients in %s", path)
+        return True
+    except OSError as exc:
+        log.warning("could not write the gradient cache %s (%s); continuing without it. "
+                    "Set -g cache_dir=DIR or $COMPRESSKIT_CACHE to a writable directory", path, exc)
+        if tmp and os.path.exists(tmp):
+            os.unlink(tmp)
+        return False
+
+
+def load(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> dict[str, torch.Tensor] | None:
+    """Cached statistic at ``path`` if it exists and matches ``fp`` and the layer shapes, else None."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("fingerprint") != fp or set(f.keys()) != set(expected):
+                log.warning("gradient cache %s does not match this run; recomputing", path)
+                return None
+            grads = {k: f.get_tensor(k) for k in expected}
+    except Exception as exc:  # a damaged file must not stop the run: recompute instead
+        log.warning("could not read the gradient cache %s (%s); recomputing", path, exc)
+        return None
+    if any(tuple(grads[k].shape) != shape for k, shape in expected.items()):
+        log.warning("gradient cache %s has wrong shapes; recomputing", path)
+        return None
+    return grads
+
+
+def import_reference(path: str | os.PathLike, expected: dict[str, tuple[int, ...]], norm: str) -> dict[str, torch.Tensor]:
+    """Load a GBLM reference gradient file and check it against the model's prunable layers.
+
+    The file is a torch-saved dict ``"<sublayer>_layer_<i>" -> fp16 [out, in]`` tensor, as
+    written by the reference ``gradient_computation.py`` (values already include scale 100).
+    It is loaded with ``weights_only=True`` and returned as float32, values unchanged.
+
+    Raises:
+        GradientError: unreadable file, missing or extra keys, or a shape mismatch; the message
+            names the first offending key and how to fix it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise GradientError(f"gradient file {p} not found; pass the path of a reference file "
+                            "(gradients_aggregrate_norm_l1_model_<name>.pth) or drop -g import_path to compute gradients")
+    try:
+        obj = torch.load(p, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise GradientError(f"could not read {p} as a torch-saved dict of tensors ({exc}); "
+                            "give a file written by the reference gradient_computation.py") from exc
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise GradientError(f"{p} holds a {type(obj).__name__}, not a dict of tensors keyed '<sublayer>_layer_<i>'; "
+                            "give a file written by the reference gradient_computation.py")
+    missing = [k for k in expected if k not in obj]
+    extra = sorted(k for k in obj if k not in expected)
+    if missing:
+        raise GradientError(f"gradient file {p} has no entry for {missing[0]!r} ({len(missing)} of {len(expected)} "
+                            f"layers missing); keys must be '<sublayer>_layer_<i>' for every prunable layer of this "
+                            "model: compute the file for this exact model, or drop -g import_path")
+    if extra:
+        raise GradientError(f"gradient file {p} has unexpected key {extra[0]!r} ({len(extra)} extra); it was made "
+                            "for a different model (more layers or other module names): use the matching file, "
+                            "or drop -g import_path")
+    for key, shape in expected.items():
+        if tuple(obj[key].shape) != shape:
+            raise GradientError(f"gradient file {p}: {key!r} has shape {tuple(obj[key].shape)}, the model's layer "
+                                f"has {shape}; the file belongs to another model size: use the matching file")
+    hint = re.search(r"norm_(l[12])", p.name)
+    if hint and hint.group(1) != norm:
+        log.warning("gradient file %s looks like an %s file but the metric uses %s (-o metric.grad_norm)",
+                    p, hint.group(1), norm)
+    grads = {k: obj[k].float() for k in expected}
+    bad = [k for k, v in grads.items() if not torch.isfinite(v).all()]
+    if bad:
+        log.warning("gradient file %s has non-finite values in %d layers (e.g. %s; fp16 overflow in the reference)",
+                    p, len(bad), bad[0])
+    log.info("imported reference gradients from %s (%d layers, scale %g included)", p, len(grads), REFERENCE_SCALE)
+    return grads

@@ -1,0 +1,64 @@
+"""Gradient-only pruning (GBLM-Pruner's ablation): score = |W| * ||G||_p, no activations."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+from compresskit import hookimpl
+from compresskit.errors import GradientError
+from compresskit.interfaces import ScoreMetric
+from compresskit.options import option
+
+REFERENCE_SCALE = 100.0
+INVERSE_EPS = 1e-8
+
+
+@hookimpl
+def register_metrics(register):
+    register(GradientMetric)
+
+
+def gradient_score(weight: torch.Tensor, grad: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """``|W| * G``, or ``|W| / (G + 1e-8)`` for the reference's ``--gradient_inv`` ablation."""
+    if inverse:
+        return weight.abs() / (grad + INVERSE_EPS)
+    return weight.abs() * grad
+
+
+class GradientMetric(ScoreMetric):
+    """Gradient-only ablation of GBLM-Pruner, https://arxiv.org/abs/2311.04902 (``--prune_method gradient``).
+
+    Score ``S[i,j] = |W[i,j]| * ||G[:,i,j]||_p`` with ``G`` the per-sample gradients of the dense
+    model's loss aggregated with the l1 or l2 norm; no calibration forward passes and no
+    activation statistics. ``inverse=true`` scores ``|W| / (G + 1e-8)`` (the reference's
+    ``--gradient_inv``). As in the reference, ``G`` carries scale 100 (irrelevant to the ranking
+    of ``|W|*G``; it sets where the 1e-8 floor of the inverse matters), so the reference repo's
+    gradient files plug in unchanged via ``-g import_path=...``.
+
+        compresskit prune --adapter llama --metric gradient --sparsity 0.5 -o metric.grad_norm=l2
+    """
+
+    name = "gradient"
+    summary = "GBLM ablation: |W| * ||G||_p from per-sample gradients, no activations"
+    needs_calibration = False
+    needs_gradients = True
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        grad_norm: Literal["l1", "l2"] = option("l1", "aggregate of per-sample gradients: l1 or l2")
+        inverse: bool = option(False, "score |W| / (G + 1e-8) instead of |W| * G (reference --gradient_inv)")
+
+    def gradient_norm(self) -> str:
+        return self.options.grad_norm
+
+    def gradient_scale(self) -> float:
+        return REFERENCE_SCALE
+
+    def score(self, weight: torch.Tensor, state, grad: torch.Tensor | None) -> torch.Tensor:
+        if grad is None:
+            raise GradientError("metric 'gradient' got no gradient statistic; run it through compresskit.prune(), "
+                                "which computes or imports them")
+        return gradient_score(weight, grad, self.options.inverse)
