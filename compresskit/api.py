@@ -94,7 +94,7 @@ def plan(config: RunConfig, registry: Registry | None = None) -> Plan:
     reg = registry or Registry.from_entrypoints()
     entries = {k: reg.get(k, getattr(config, k)) for k in ("adapter", "metric", "pattern")}
     opts = {k: build(e.cls.Options, getattr(config, f"{k}_options"), f"{k}.") for k, e in entries.items()}
-    adapter = entries["adapter"].cls(opts["adapter"])
+    adapter = entries["adapter"].cls(opts["adapter"], alias=config.adapter)
     metric = entries["metric"].cls(opts["metric"])
     pattern = entries["pattern"].cls(opts["pattern"])
     implied = pattern.implied_sparsity

@@ -177,12 +177,14 @@ class ModelAdapter(ABC):
     aliases: ClassVar[dict[str, str]] = {}
     default_model: ClassVar[str] = "random:tiny"
 
-    def __init__(self, options: Any = None) -> None:
+    def __init__(self, options: Any = None, alias: str | None = None) -> None:
         self.options = options if options is not None else self.Options()
+        self.alias = alias  # the name or alias the user selected this adapter by (None: its name)
 
     def resolve_source(self, source: str | None) -> str:
-        """Map ``None`` to the default model; adapters with presets may rewrite aliases."""
-        return source or self.default_model
+        """Map ``None`` to the preset of the alias used (``aliases``), else the default model."""
+        key = (self.alias or "").strip().lower().replace("-", "_")
+        return source or self.aliases.get(key) or self.default_model
 
     @abstractmethod
     def load(self, source: str) -> Loaded:
