@@ -84,8 +84,8 @@ def fresh_registry(*plugin_modules: ModuleType | str, builtins: bool = True) -> 
     """A :class:`~compresskit.registry.Registry` on a fresh pluggy manager (no global state).
 
     Args:
-        *plugin_modules: modules (or dotted module names) holding ``@hookimpl`` functions,
-            registered as if they were installed plugins.
+        *plugin_modules: modules, dotted module names or other objects (e.g. a class) holding
+            ``@hookimpl`` functions, registered as if they were installed plugins.
         builtins: also load compresskit's own built-in plugins (the entry points of the
             ``compresskit`` distribution; third-party entry points are never loaded).
 
@@ -104,7 +104,7 @@ def fresh_registry(*plugin_modules: ModuleType | str, builtins: bool = True) -> 
             load.distributions[ep.name] = (dist.name, dist.version)
     for module in plugin_modules:
         mod = importlib.import_module(module) if isinstance(module, str) else module
-        pm.register(mod, name=mod.__name__)
+        pm.register(mod, name=getattr(mod, "__name__", repr(mod)))
     pm.check_pending()
     return Registry(pm, load)
 
