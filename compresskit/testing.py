@@ -104,7 +104,8 @@ def fresh_registry(*plugin_modules: ModuleType | str, builtins: bool = True) -> 
             load.distributions[ep.name] = (dist.name, dist.version)
     for module in plugin_modules:
         mod = importlib.import_module(module) if isinstance(module, str) else module
-        pm.register(mod, name=getattr(mod, "__name__", repr(mod)))
+        if not pm.is_registered(mod):  # a built-in passed explicitly is already there
+            pm.register(mod, name=getattr(mod, "__name__", repr(mod)))
     pm.check_pending()
     return Registry(pm, load)
 
@@ -177,11 +178,13 @@ def _end_to_end(cls: type, registry: Registry, **config: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- metrics
 
 
-def _metric_state(metric: ScoreMetric, layer: nn.Linear, chunks: list[torch.Tensor]) -> Any:
+def _metric_state(metric: ScoreMetric, layer: nn.Linear, chunks: list[torch.Tensor], hessian: Any) -> Any:
+    """Accumulate ``chunks``; a Hessian metric without an accumulator of its own (SparseGPT) is
+    given the layer's ``X^T X`` as its state, which is how it documents ``score``."""
     state = metric.init_state(layer)
     for x in chunks:
         metric.update(state, x.clone())
-    return state
+    return hessian if state is None and hessian is not None else state
 
 
 def check_metric(cls: type, registry: Registry | None = None, end_to_end: bool = True,
@@ -216,9 +219,8 @@ def check_metric(cls: type, registry: Registry | None = None, end_to_end: bool =
     layer = random_linear()
     x = random_inputs(tokens=8, in_features=layer.in_features)
     grad = random_linear(seed=7).weight.detach().abs() if metric.needs_gradients else None
-    one = _metric_state(metric, layer, [x])
-    two = _metric_state(metric, layer, [x[:4], x[4:]])
-    rev = _metric_state(metric, layer, [x[4:], x[:4]])
+    hessian = x.t() @ x if metric.needs_hessian else None
+    one, two, rev = (_metric_state(metric, layer, chunks, hessian) for chunks in ([x], [x[:4], x[4:]], [x[4:], x[:4]]))
     weight = layer.weight.detach().clone()
     scores = metric.score(weight, one, grad)
     if not torch.equal(weight, layer.weight.detach()):
@@ -233,7 +235,6 @@ def check_metric(cls: type, registry: Registry | None = None, end_to_end: bool =
             _fail(cls, f"update() is not batch-size/order independent ({label} give other scores than one batch "
                   "of 8)", "accumulate sums (and counts) rather than per-batch means")
     passed += ["score shape/finite/no mutation", "update batch-size and order independence"]
-    hessian = x.t() @ x if metric.needs_hessian else None
     ctx = LayerContext(name="probe", block_index=0, grad=grad, hessian=hessian, tokens=x.shape[0])
     decision = metric.prune(weight.clone(), one, ctx, _ProbeRowPattern(), 0.5)
     if not isinstance(decision, PruneDecision) or decision.mask.dtype != torch.bool or decision.mask.shape != weight.shape:
