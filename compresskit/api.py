@@ -108,6 +108,10 @@ def plan(config: RunConfig, registry: Registry | None = None) -> Plan:
         raise OptionError(f"--sparsity must be in [0, 1), got {sparsity}")
     if metric.needs_gradients and type(adapter).loss is ModelAdapter.loss:
         raise CompressKitError(f"metric {metric.name!r} needs gradients but adapter {adapter.name!r} defines no loss")
+    if metric.needs_gradients:
+        from compresskit.gradients import GradientOptions
+
+        build(GradientOptions, config.gradient_options, "gradient.")  # fail fast on a bad -g option
     if config.nsamples < 1 or config.seqlen < 2:
         raise OptionError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {config.nsamples}, {config.seqlen})")
     origins = {k: str(e.origin) for k, e in entries.items()}
@@ -172,7 +176,9 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     if p.metric.needs_gradients:
         from compresskit import gradients
 
-        grads, manifest["gradients"] = gradients.obtain(p.adapter, loaded, batches, p.metric, device, config.gradient_options)
+        grads, manifest["gradients"] = gradients.obtain(
+            p.adapter, loaded, batches, p.metric, device, config.gradient_options, progress=config.progress
+        )
     settings = RunnerSettings(
         sparsity=p.sparsity, device=device, propagate=config.propagate, update=config.update,
         report_error=config.report_error, progress=config.progress,
