@@ -34,13 +34,10 @@ REFERENCE_SCALE = 100.0
 """The ``--scale`` the GBLM reference bakes into its gradient files (gradient_computation.py)."""
 
 
-def default_cache_dir() -> Path:
-    """``$COMPRESSKIT_CACHE`` or ``~/.cache/compresskit``."""
-    return Path(os.environ.get("COMPRESSKIT_CACHE") or Path.home() / ".cache" / "compresskit")
-
-
 def cache_path(cache_dir: str | os.PathLike | None, fingerprint: str, norm: str) -> Path:
     """Where the statistic with this fingerprint is (or will be) cached."""
+    from compresskit.assets import cache_dir as default_cache_dir
+
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     return root / "gradients" / f"{norm}-{fingerprint[:40]}.safetensors"
 

@@ -10,6 +10,7 @@ import torch
 
 import compresskit
 from compresskit import gradcache, gradients
+from compresskit.api import plan
 from compresskit.errors import GradientError, OptionError
 from compresskit.interfaces import Loaded
 from compresskit_plugins.adapters.llama import LlamaAdapter
@@ -144,6 +145,8 @@ def test_unknown_gradient_option(setup):
     adapter, loaded, batches = setup
     with pytest.raises(OptionError, match="recompute"):
         gradients.obtain(adapter, loaded, batches, GBLMMetric(), torch.device("cpu"), {"recompte": True})
+    with pytest.raises(OptionError, match=r"gradient\.recompte.*valid options: recompute"):  # checked by plan(), before any model load
+        plan(compresskit.RunConfig(metric="gblm", gradient_options={"recompte": True}))
 
 
 def reference_file(tmp_path, adapter, model, name="gradients_aggregrate_norm_l1_model_tiny.pth", mutate=None):
