@@ -49,3 +49,15 @@ def test_ria_conforms_as_discovered():
 
     reg = Registry.from_entrypoints()
     assert check_metric(reg.get("metric", "ria").cls, registry=reg)
+
+
+def test_example_plugin_own_tests_pass():
+    """Run the example package's own test functions (they take no fixtures) in this session."""
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "compresskit-example-plugin" / "tests" / "test_ria.py"
+    tests = {k: v for k, v in runpy.run_path(str(path)).items() if k.startswith("test_") and callable(v)}
+    assert len(tests) >= 4
+    for fn in tests.values():
+        fn()
