@@ -110,7 +110,7 @@ def save(path: Path, grads: dict[str, torch.Tensor], fp: str, meta: dict[str, st
         return True
     except OSError as exc:
         log.warning("could not write the gradient cache %s (%s); continuing without it. "
-                    "Set -g cache_dir=DIR or $COMPRESSKIT_CACHE to a writable directory", path, exc)
+                    "Point $COMPRESSKIT_CACHE (or gradient option cache_dir) to a writable directory", path, exc)
         if tmp and os.path.exists(tmp):
             os.unlink(tmp)
         return False
@@ -152,7 +152,7 @@ def import_reference(path: str | os.PathLike, expected: dict[str, tuple[int, ...
     p = Path(path)
     if not p.is_file():
         raise GradientError(f"gradient file {p} not found; pass the path of a reference file "
-                            "(gradients_aggregrate_norm_l1_model_<name>.pth) or drop -g import_path to compute gradients")
+                            "(gradients_aggregrate_norm_l1_model_<name>.pth) or drop --gradients to compute gradients")
     try:
         obj = torch.load(p, weights_only=True, map_location="cpu")
     except Exception as exc:
@@ -166,11 +166,11 @@ def import_reference(path: str | os.PathLike, expected: dict[str, tuple[int, ...
     if missing:
         raise GradientError(f"gradient file {p} has no entry for {missing[0]!r} ({len(missing)} of {len(expected)} "
                             f"layers missing); keys must be '<sublayer>_layer_<i>' for every prunable layer of this "
-                            "model: compute the file for this exact model, or drop -g import_path")
+                            "model: compute the file for this exact model, or drop --gradients")
     if extra:
         raise GradientError(f"gradient file {p} has unexpected key {extra[0]!r} ({len(extra)} extra); it was made "
                             "for a different model (more layers or other module names): use the matching file, "
-                            "or drop -g import_path")
+                            "or drop --gradients")
     for key, shape in expected.items():
         if tuple(obj[key].shape) != shape:
             raise GradientError(f"gradient file {p}: {key!r} has shape {tuple(obj[key].shape)}, the model's layer "

@@ -43,7 +43,7 @@ NORMS = ("l1", "l2")
 
 @dataclasses.dataclass(frozen=True)
 class GradientOptions:
-    """How gradient statistics are obtained (``RunConfig.gradient_options``; CLI ``-g KEY=VALUE``)."""
+    """How gradient statistics are obtained (``RunConfig.gradient_options``; CLI: ``--gradients FILE``, ``--recompute-gradients``)."""
 
     recompute: bool = option(False, "ignore any cached gradients and compute them again (the cache is refreshed)")
     import_path: str | None = option(

@@ -155,3 +155,25 @@ def test_gradient_metric_is_per_row_w_times_g(inverse):
             w, g = layer.weight.detach(), grads[f"{name}_layer_{i}"]
             scores = w.abs() / (g + 1e-8) if inverse else w.abs() * g
             assert torch.equal(pruned[name].weight == 0, row_mask(scores)), name
+
+
+def test_cli_imports_a_reference_file_and_reports_it(tmp_path):
+    from click.testing import CliRunner
+
+    from compresskit.cli import cli
+    from compresskit.output import read_manifest
+
+    adapter = LlamaAdapter()
+    model = adapter.load("random:tiny").model
+    files = {f"{n}_layer_{i}": torch.rand(l.weight.shape).half()
+             for i, b in enumerate(adapter.blocks(model)) for n, l in adapter.prunable(b).items()}
+    torch.save(files, tmp_path / "g.pth")
+    args = ["prune", "--adapter", "llama", "--model", "random:tiny", "--metric", "gblm", "--sparsity", "0.5",
+            "--nsamples", "2", "--seqlen", "16", "--calibration", "random", "--no-error-report", "--no-progress",
+            "-o", "metric.semantics=reference", "--gradients", str(tmp_path / "g.pth"), "--output", str(tmp_path / "out")]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    info = read_manifest(tmp_path / "out")["gradients"]
+    assert info["cache"] == "imported" and info["file_scale"] == 100.0 and info["path"] == str(tmp_path / "g.pth")
+    bad = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "out2"), "-o", "metric.alpha=5"])
+    assert bad.exit_code != 0 and "drop metric.alpha or use metric.semantics=paper" in bad.output

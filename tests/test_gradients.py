@@ -173,7 +173,7 @@ def test_reference_import_is_used_as_is(setup, tmp_path):
 
 
 @pytest.mark.parametrize("mutate, match", [
-    (lambda d: d.pop("mlp.up_proj_layer_1"), r"no entry for 'mlp\.up_proj_layer_1'.*drop -g import_path"),
+    (lambda d: d.pop("mlp.up_proj_layer_1"), r"no entry for 'mlp\.up_proj_layer_1'.*drop --gradients"),
     (lambda d: d.__setitem__("mlp.up_proj_layer_7", d["mlp.up_proj_layer_1"]), r"unexpected key 'mlp\.up_proj_layer_7'"),
     (lambda d: d.__setitem__("self_attn.k_proj_layer_0", torch.zeros(64, 64)), r"'self_attn\.k_proj_layer_0' has shape \(64, 64\)"),
 ])

@@ -60,7 +60,7 @@ class GBLMMetric(ScoreMetric):
     output row (or in N:M groups): Wanda's weight-times-activation term plus a first-order term
     from per-sample gradients of the dense model's loss, aggregated over the calibration samples
     with the l1 or l2 norm (``grad_norm``; the paper's best is l1). Gradients come from
-    :mod:`compresskit.gradients` (computed once, cached; ``-g import_path=...`` imports the
+    :mod:`compresskit.gradients` (computed once, cached; ``--gradients FILE`` imports the
     reference repo's file).
 
     Two ``semantics``:
@@ -82,7 +82,7 @@ class GBLMMetric(ScoreMetric):
 
         compresskit prune --adapter llama --metric gblm --sparsity 0.5 -o metric.grad_norm=l1
         compresskit prune --adapter llama --metric gblm -o metric.semantics=reference \\
-            -g import_path=gradients_aggregrate_norm_l1_model_llama-2-7b.pth
+            --gradients gradients_aggregrate_norm_l1_model_llama-2-7b.pth
     """
 
     name = "gblm"

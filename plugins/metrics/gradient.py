@@ -36,7 +36,7 @@ class GradientMetric(ScoreMetric):
     activation statistics. ``inverse=true`` scores ``|W| / (G + 1e-8)`` (the reference's
     ``--gradient_inv``). As in the reference, ``G`` carries scale 100 (irrelevant to the ranking
     of ``|W|*G``; it sets where the 1e-8 floor of the inverse matters), so the reference repo's
-    gradient files plug in unchanged via ``-g import_path=...``.
+    gradient files plug in unchanged via ``--gradients FILE``.
 
         compresskit prune --adapter llama --metric gradient --sparsity 0.5 -o metric.grad_norm=l2
     """
