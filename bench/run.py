@@ -1,0 +1,227 @@
+"""End-to-end pruning benchmark on a packaged real model (default: SmolLM2-135M, 4-bit-derived).
+
+    .venv/bin/python bench/run.py            # full run (well under 30 min on 2 CPU cores)
+    .venv/bin/python bench/run.py --quick    # smoke run (a few minutes)
+
+Runs dense plus every registered metric among magnitude, wanda, gblm and sparsegpt at 50 %
+unstructured, 4:8 and 2:4 through ``compresskit.api.prune``; records Wikipedia perplexity (one
+protocol and window cap for every row), prune wall time, peak RSS and the ratio of prune time to
+the *floor* measured in the same run; then sweeps unstructured sparsity per metric. Writes
+``results.md``, ``results.json`` and ``sweep.png`` to ``bench/results/`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from compresskit import api, perplexity
+from compresskit.options import build
+from compresskit.registry import Registry
+from compresskit.runner import block_output, capture_block_inputs
+
+log = logging.getLogger("bench")
+CANDIDATES = ("magnitude", "wanda", "gblm", "sparsegpt")
+GRADIENT_METRICS = ("gblm",)
+PATTERNS = {"50% unstructured": ("unstructured", {}, 0.5), "4:8": ("nm", {"n": 4, "m": 8}, None),
+            "2:4": ("nm", {"n": 2, "m": 4}, None)}
+
+
+@dataclasses.dataclass
+class Settings:
+    model: str = "smollm2"
+    calibration: str = "handbook"
+    nsamples: int = 16
+    seqlen: int = 256
+    eval_data: str = "wiki"
+    eval_seqlen: int = 256
+    eval_windows: int = 20
+    sweep: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
+    seed: int = 0
+    threads: int = 2
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a thread; ``peak`` in bytes."""
+
+    def __init__(self, every: float = 0.05) -> None:
+        self.proc, self.every, self.peak = psutil.Process(), every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def measure_floor(adapter, s: Settings) -> dict:
+    """Time of the forwards the layerwise procedure cannot skip, and of the gradient passes."""
+    loaded = adapter.load(s.model)
+    model = loaded.model
+    batches = adapter.calibration_batches(loaded, s.nsamples, s.seqlen, s.seed, s.calibration)
+    cpu = torch.device("cpu")
+    with adapter.run_context(model), torch.no_grad():
+        t0 = time.perf_counter()
+        inputs = capture_block_inputs(adapter, model, batches, cpu)
+        for block in adapter.blocks(model):
+            for _ in range(2):  # statistics pass + propagation pass, no hooks
+                outs = [block_output(block, a, k) for a, k in inputs]
+            inputs = [((o, *a[1:]), k) for o, (a, k) in zip(outs, inputs)]
+        calib = time.perf_counter() - t0
+    with adapter.run_context(model):
+        t0 = time.perf_counter()
+        for b in batches:
+            adapter.loss(model, b).backward()
+            model.zero_grad(set_to_none=True)
+        grad = time.perf_counter() - t0
+    dense = perplexity.evaluate(model, loaded.processor, s.eval_data, s.eval_seqlen, s.eval_windows, progress=False)
+    return {"calibration_s": calib, "gradient_s": grad, "dense": dense, "info": loaded.info}
+
+
+def prune_once(s: Settings, metric: str, pattern: str, popts: dict, sparsity: float | None, recompute: bool) -> dict:
+    gc.collect()
+    grad_opts = {"recompute": True} if recompute and metric in GRADIENT_METRICS else {}
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        result = api.prune(model=s.model, metric=metric, pattern=pattern, pattern_options=popts, sparsity=sparsity,
+                           nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed, calibration=s.calibration,
+                           device="cpu", report_error=False, progress=False, gradient_options=grad_opts)
+        wall = time.perf_counter() - t0
+    ev = perplexity.evaluate(result.model, result.loaded.processor, s.eval_data, s.eval_seqlen, s.eval_windows,
+                             progress=False)
+    row = {"metric": metric, "pattern": pattern, "pattern_options": popts, "sparsity": result.report.overall_sparsity,
+           "ppl": ev["perplexity"], "prune_s": wall, "runner_s": result.report.seconds, "peak_rss_mb": rss.peak / 2**20,
+           "gradients": {k: v for k, v in result.manifest.get("gradients", {}).items() if k in ("cache", "seconds")}}
+    log.info("%s %s %.2f: ppl %.2f, %.1f s", metric, pattern, row["sparsity"], row["ppl"], wall)
+    del result
+    return row
+
+
+def ratio(row: dict, floor: dict) -> float | None:
+    if row["metric"] == "magnitude":
+        return None  # needs no forward pass: its floor is zero
+    f = floor["calibration_s"] + (floor["gradient_s"] if row["metric"] in GRADIENT_METRICS else 0.0)
+    return row["prune_s"] / f
+
+
+def markdown(s: Settings, floor: dict, rows: list[dict], sweep: dict, skipped: list[str], minutes: float) -> str:
+    p = floor["dense"]["protocol"]
+    load = os.getloadavg()
+    lines = [
+        f"**Settings.** Model: `{s.model}` ({floor['info'].get('model', s.model)}; {floor['info'].get('weights', 'n/a')}). "
+        f"Calibration: `{s.calibration}`, {s.nsamples} x {s.seqlen} tokens, seed {s.seed}. "
+        f"Evaluation: {p['metric']} on `{s.eval_data}` (sha256 {p['data']['sha256'][:12]}), first "
+        f"{p['windows_used']} of {p['windows_available']} non-overlapping {s.eval_seqlen}-token windows. "
+        f"CPU, torch threads {s.threads}, torch {torch.__version__}, {platform.machine()}; "
+        f"load average at the end {load[0]:.1f} on {os.cpu_count()} cores (shared machine: timings are noisy). "
+        f"Total {minutes:.1f} min.",
+        "",
+        f"**Floor** (same run): calibration forwards {floor['calibration_s']:.1f} s (capture + every block twice over the "
+        f"calibration inputs, no hooks); gradient passes {floor['gradient_s']:.1f} s ({s.nsamples} forward+backward). "
+        "Ratio = prune wall time / floor (gblm: calibration + gradient floor; magnitude: no floor). "
+        "Prune time is the whole `compresskit.prune()` call (load, calibration sampling, gradients, runner); "
+        "`report_error=False`; gblm gradients recomputed for every row.",
+        "",
+        "| metric | pattern | sparsity | wiki PPL | prune s | x floor | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+        f"| dense | - | 0.000 | {floor['dense']['perplexity']:.2f} | - | - | - |",
+    ]
+    for r in rows:
+        x = ratio(r, floor)
+        lines.append(f"| {r['metric']} | {r['label']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | {r['prune_s']:.1f} | "
+                     f"{'-' if x is None else f'{x:.2f}'} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", "Unstructured sparsity sweep (wiki PPL):", "",
+              "| metric | " + " | ".join(f"{x:.0%}" for x in s.sweep) + " |", "|---" * (len(s.sweep) + 1) + "|"]
+    for m, pts in sweep.items():
+        lines.append(f"| {m} | " + " | ".join(f"{pts[x]:.2f}" for x in s.sweep) + " |")
+    if skipped:
+        lines += ["", f"Not registered, skipped: {', '.join(skipped)}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(s: Settings, sweep: dict, dense: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, pts in sweep.items():
+        ax.plot([100 * x for x in s.sweep], [pts[x] for x in s.sweep], marker="o", label=m)
+    ax.axhline(dense, color="gray", ls="--", label="dense")
+    ax.set(xlabel="unstructured sparsity (%)", ylabel=f"wiki perplexity (L={s.eval_seqlen})", yscale="log",
+           title=f"{s.model}: calibration {s.calibration} {s.nsamples}x{s.seqlen}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    ap.add_argument("--model", default=None, help="model source (default smollm2; random:tiny for a smoke test)")
+    ap.add_argument("--sweep", default=None, help="comma-separated unstructured sparsities, e.g. 0.1,0.2,0.5")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output directory")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    s = Settings(nsamples=4, seqlen=128, eval_seqlen=128, eval_windows=8, sweep=(0.3, 0.5, 0.7)) if args.quick else Settings()
+    if args.model:
+        s = dataclasses.replace(s, model=args.model)
+    if args.sweep:
+        s = dataclasses.replace(s, sweep=tuple(sorted({float(x) for x in args.sweep.split(",")} | {0.5})))
+    torch.set_num_threads(s.threads)
+    start = time.perf_counter()
+    reg = Registry.from_entrypoints()
+    names = {e.name for e in reg.entries("metric")}
+    metrics = [m for m in CANDIDATES if m in names]
+    skipped = [m for m in CANDIDATES if m not in names]
+    if skipped:
+        log.warning("metrics not registered, skipped: %s", ", ".join(skipped))
+    adapter_entry = reg.get("adapter", "llama")
+    adapter = adapter_entry.cls(build(adapter_entry.cls.Options, {}, "adapter."))
+    floor = measure_floor(adapter, s)
+    log.info("floor: calibration %.1f s, gradients %.1f s; dense ppl %.2f",
+             floor["calibration_s"], floor["gradient_s"], floor["dense"]["perplexity"])
+    rows = []
+    for m in metrics:
+        for label, (pattern, popts, sp) in PATTERNS.items():
+            rows.append({**prune_once(s, m, pattern, popts, sp, recompute=True), "label": label})
+    sweep: dict[str, dict[float, float]] = {}
+    for m in metrics:
+        done = {0.5: r["ppl"] for r in rows if r["metric"] == m and r["label"] == "50% unstructured"}
+        sweep[m] = {x: done.get(x) or prune_once(s, m, "unstructured", {}, x, recompute=False)["ppl"] for x in s.sweep}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    minutes = (time.perf_counter() - start) / 60
+    table = markdown(s, floor, rows, sweep, skipped, minutes)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps({
+        "settings": dataclasses.asdict(s), "floor": floor, "rows": rows, "skipped": skipped, "minutes": minutes,
+        "sweep": {m: {str(k): v for k, v in pts.items()} for m, pts in sweep.items()}}, indent=2, default=str))
+    plot(s, sweep, floor["dense"]["perplexity"], out / "sweep.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
