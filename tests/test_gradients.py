@@ -191,3 +191,15 @@ def test_reference_import_missing_or_not_a_dict(setup, tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
     with pytest.raises(GradientError, match="not a dict of tensors"):
         gradients.obtain(adapter, loaded, batches, GBLMMetric(), torch.device("cpu"), {"import_path": str(tmp_path / "list.pth")})
+
+
+def test_vit_blocks_get_identical_gradients_with_checkpointing(registry):
+    pytest.importorskip("timm")
+    adapter = registry.get("adapter", "vit").cls()
+    loaded = adapter.load("random:tiny")
+    batches = adapter.calibration_batches(loaded, 2, 0, 0, "random")
+    cpu = torch.device("cpu")
+    plain = gradients.compute(adapter, loaded.model, batches, "l2", cpu, progress=False)
+    ckpt = gradients.compute(adapter, loaded.model, batches, "l2", cpu, checkpointing=True, progress=False)
+    assert plain.keys() == gradients.targets(adapter, loaded.model).keys()
+    assert all(torch.equal(plain[k], ckpt[k]) and plain[k].abs().sum() > 0 for k in plain)
