@@ -70,6 +70,11 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float = 0.01, max_retries:
     floating point), the dampening is multiplied by 10 and the factorisation retried, at most
     ``max_retries`` times; a warning names the dampening finally used.
 
+    Args:
+        h: ``[in, in]`` Hessian / Gram matrix (any positive scale).
+        percdamp: dampening as a fraction of ``mean(diag H)`` (reference 0.01).
+        max_retries: how many times to retry with 10x the dampening.
+
     Raises:
         CompressKitError: ``h`` holds NaN/inf, or every retry failed.
     """
@@ -212,14 +217,18 @@ def sparsegpt_prune(
         max_retries: dampening retries when the Cholesky factorisation fails.
 
     Returns:
-        ``(new_weight, mask)``: float32 weights, zero wherever ``mask``; the mask includes dead
-        input columns (zeroed as in the reference).
+        ``(new_weight, mask)``: float32 weights (float64 for float64 inputs), zero wherever
+        ``mask``; the mask includes dead input columns (zeroed as in the reference), so an N:M
+        group touching a dead input can hold more than ``n`` zeros.
     """
     if nm is not None:
         if select is None:
             raise CompressKitError("N:M SparseGPT needs select=<the N:M pattern's mask function>, e.g. NMPattern().mask")
-        if blocksize % nm[1]:
-            raise CompressKitError(f"blocksize={blocksize} is not a multiple of m={nm[1]}; use e.g. blocksize=128")
+        if blocksize % nm[1] or w.shape[1] % nm[1]:
+            raise CompressKitError(
+                f"N:M with m={nm[1]} needs blocksize ({blocksize}) and in_features ({w.shape[1]}) to be multiples "
+                f"of m; use e.g. blocksize=128, or an unstructured pattern for this layer"
+            )
     wd, fac = _prepare(w, h, percdamp, max_retries)
     pick = select or block_threshold_mask
     target = nm[0] / nm[1] if nm is not None else sparsity
@@ -243,6 +252,17 @@ def obs_update(
 
     The same sweep as :func:`sparsegpt_prune` with the mask given up front: any metric's mask
     plus SparseGPT's weight update ("wanda + OBS update"). Dead input columns are zeroed too.
+
+    Args:
+        w: ``[out, in]`` dense weights (not modified).
+        mask: boolean ``[out, in]``, True = prune.
+        h: ``[in, in]`` Hessian / Gram matrix of the layer inputs (not modified; any scale).
+        blocksize: columns per lazy-update block (reference 128).
+        percdamp: dampening as a fraction of ``mean(diag H)`` (reference 0.01).
+        max_retries: dampening retries when the Cholesky factorisation fails.
+
+    Returns:
+        The reconstructed weights, zero wherever ``mask`` (float32; float64 for float64 inputs).
     """
     if mask.shape != w.shape:
         raise CompressKitError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(w.shape)}")

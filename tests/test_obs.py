@@ -190,8 +190,12 @@ def test_non_finite_hessian_and_bad_shapes_are_clear_errors():
         sparsegpt_prune(torch.randn(4, 8), h, 0.5)
     with pytest.raises(CompressKitError, match=r"\[8, 8\]"):
         sparsegpt_prune(torch.randn(4, 8), torch.eye(4), 0.5)
-    with pytest.raises(CompressKitError, match="multiple of m"):
+    with pytest.raises(CompressKitError, match="multiples of m"):
         sparsegpt_prune(torch.randn(4, 8), torch.eye(8), 0.5, nm=(2, 4), blocksize=6, select=NMPattern().mask)
+    with pytest.raises(CompressKitError, match="in_features"):
+        sparsegpt_prune(torch.randn(4, 10), torch.eye(10), 0.5, nm=(2, 4), select=NMPattern().mask)
+    with pytest.raises(CompressKitError, match="select="):
+        sparsegpt_prune(torch.randn(4, 8), torch.eye(8), 0.5, nm=(2, 4))
 
 
 def test_saliency_uses_the_factor_diagonal():
