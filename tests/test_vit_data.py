@@ -105,8 +105,10 @@ def test_metrics_helpers():
 
 
 def test_fashion_mnist_without_apt_names_the_fix(monkeypatch):
-    monkeypatch.setattr(images.shutil, "which", lambda name: None)
-    with pytest.raises(compresskit.MissingDependencyError, match="apt-get download dataset-fashion-mnist"):
+    from compresskit import assets
+
+    monkeypatch.setattr(assets.shutil, "which", lambda name: None)
+    with pytest.raises(compresskit.MissingDependencyError, match="apt-get download dataset-fashion-mnist.*ImageFolder"):
         images.open_images("fashion-mnist", "train")
 
 
