@@ -204,3 +204,14 @@ def test_saliency_uses_the_factor_diagonal():
     hd = h.double() + 0.01 * torch.diagonal(h).double().mean() * torch.eye(16, dtype=torch.float64)
     first = w[:, 0].double() ** 2 / torch.linalg.inv(hd)[0, 0]  # column 0: full inverse
     assert torch.allclose(obs_saliency(w, fac.u.diagonal())[:, 0].double(), first, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_sweep_matches_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    w, h = _layer(out=64, cols=256, seed=9)
+    cpu_w, cpu_m = sparsegpt_prune(w, h, 0.5, blocksize=64)
+    gpu_w, gpu_m = sparsegpt_prune(w.cuda(), h.cuda(), 0.5, blocksize=64)
+    assert gpu_w.is_cuda and (gpu_m.cpu() == cpu_m).float().mean() > 0.999
+    assert _rel(gpu_w.cpu(), cpu_w) < 1e-3
