@@ -38,7 +38,12 @@ def test_builtin_pattern_conforms(name):
 
 @pytest.mark.parametrize("name", registry_names("adapter", REGISTRY))
 def test_builtin_adapter_conforms(name):
-    passed = check_adapter(REGISTRY.get("adapter", name).cls, registry=REGISTRY)
+    from compresskit.errors import MissingDependencyError
+
+    try:
+        passed = check_adapter(REGISTRY.get("adapter", name).cls, registry=REGISTRY)
+    except MissingDependencyError as exc:  # e.g. the vit extra (timm) is not installed
+        pytest.skip(str(exc))
     assert "capture and replay" in passed
 
 
