@@ -10,7 +10,8 @@ gradient ``g`` of every prunable linear weight into a float32 accumulator:
 where ``s = metric.gradient_scale()`` (1 for GBLM's paper semantics, 100 for the reference
 code, whose gradient files bake that factor in; see SPEC 2.2). Only the accumulator the
 requested norm needs is allocated (4 bytes per prunable weight, on the compute device), and
-each sample's gradients are freed right after folding. Only the prunable weights require grad
+each weight's gradient is folded and freed by a post-accumulate-grad hook the moment autograd
+produces it, so at most one layer's gradient exists at a time. Only the prunable weights require grad
 during the pass, so autograd never materialises gradients of embeddings, norms or the head.
 
 Results are cached as safetensors under ``<cache_dir>/gradients/`` keyed by an exact
@@ -172,20 +173,34 @@ def compute(
             stack.enter_context(checkpointed(adapter.blocks(model)))
         stack.enter_context(torch.enable_grad())
         acc = {k: torch.zeros(p.shape, dtype=torch.float32, device=device) for k, p in params.items()}
+        folded: set[str] = set()
+        for key, p in params.items():  # fold each gradient as soon as autograd produces it
+            stack.callback(p.register_post_accumulate_grad_hook(_folder(key, acc[key], norm, scale, folded)).remove)
         for batch in _progress(batches, progress):
             loss = adapter.loss(model, to_device(batch, device))
             if not torch.isfinite(loss):
                 raise GradientError(f"the calibration loss is {loss.item()}; check the model weights and dtype "
                                     "(float16 models can overflow: load with -o adapter.dtype=float32)")
+            folded.clear()
             loss.backward()
-            for key, p in params.items():
-                if p.grad is None:
-                    raise GradientError(f"no gradient reached {key!r}: the layer is not on the loss path; "
-                                        "exclude it from adapter.prunable() or fix adapter.loss()")
-                fold(acc[key], p.grad, norm, scale)
-                p.grad = None
             del loss
+            missing = [k for k in params if k not in folded]
+            if missing:
+                raise GradientError(f"no gradient reached {missing[0]!r}: the layer is not on the loss path; "
+                                    "exclude it from adapter.prunable() or fix adapter.loss()")
     return {k: finish(a, norm).cpu() for k, a in acc.items()}
+
+
+def _folder(key: str, acc: torch.Tensor, norm: str, scale: float, folded: set[str]):
+    """Post-accumulate-grad hook: fold ``p.grad`` into ``acc`` and free it at once, so only one
+    layer's gradient exists at a time (instead of all of them until the backward ends)."""
+
+    def hook(p: torch.Tensor) -> None:
+        fold(acc, p.grad, norm, scale)
+        p.grad = None
+        folded.add(key)
+
+    return hook
 
 
 @contextlib.contextmanager

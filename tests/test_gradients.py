@@ -203,3 +203,11 @@ def test_vit_blocks_get_identical_gradients_with_checkpointing(registry):
     ckpt = gradients.compute(adapter, loaded.model, batches, "l2", cpu, checkpointing=True, progress=False)
     assert plain.keys() == gradients.targets(adapter, loaded.model).keys()
     assert all(torch.equal(plain[k], ckpt[k]) and plain[k].abs().sum() > 0 for k in plain)
+
+
+def test_layer_off_the_loss_path_is_an_error(setup):
+    adapter, loaded, batches = setup
+    loaded.model.model.layers[1].unused = torch.nn.Linear(8, 8)  # found by find_linears, never called
+    with pytest.raises(GradientError, match=r"no gradient reached 'unused_layer_1'.*adapter\.prunable"):
+        gradients.compute(adapter, loaded.model, batches, "l1", torch.device("cpu"), progress=False)
+    assert all(p.grad is None for p in loaded.model.parameters())
