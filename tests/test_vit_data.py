@@ -108,6 +108,7 @@ def test_fashion_mnist_without_apt_names_the_fix(monkeypatch):
     from compresskit import assets
 
     monkeypatch.setattr(assets.shutil, "which", lambda name: None)
+    images._fashion_arrays.cache_clear()
     with pytest.raises(compresskit.MissingDependencyError, match="apt-get download dataset-fashion-mnist.*ImageFolder"):
         images.open_images("fashion-mnist", "train")
 
