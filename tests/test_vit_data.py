@@ -138,3 +138,15 @@ def test_packaged_dinov2_conversion(vit_cls):
     with torch.no_grad():
         feats = model.forward_features(x)
     assert 1.5 < float(feats.abs().mean()) < 2.5  # DATA.md: mean |activation| ~1.9 at the final norm
+
+
+@pytest.mark.slow
+def test_packaged_dinov2_probe_accuracy_and_pruning_damage(vit_cls):
+    adapter = vit_cls(vit_cls.Options(img_size=56, probe_samples=500))
+    loaded = adapter.load("dinov2_s")
+    dense = adapter.evaluate(loaded, "fashion-mnist", 0, 200)
+    assert dense["accuracy"] > 0.6  # real features: far above the 0.1 of chance
+    result = compresskit.prune(adapter="vit", model="dinov2_s", metric="magnitude", sparsity=0.7, nsamples=4,
+                               device="cpu", progress=False, adapter_options={"img_size": 56, "probe_samples": 500})
+    pruned = adapter.evaluate(result.loaded, "fashion-mnist", 0, 200)
+    assert pruned["accuracy"] < dense["accuracy"] and pruned["agreement"] < 1.0

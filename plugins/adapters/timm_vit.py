@@ -42,7 +42,7 @@ class TimmViTAdapter(ModelAdapter):
     ignored (the token count is set by the image size).
 
     Propagation: the default ``--propagate pruned`` is the LLM procedure (next block sees the pruned
-    block); ``--propagate dense`` is Wanda's vision script. See docs/vit.md for the measured choice.
+    block); ``--propagate dense`` is Wanda's vision script; bench/results/vit.md measures both.
 
         compresskit prune --adapter vit_b --model random:tiny --metric gblm --sparsity 0.5
     """
@@ -85,7 +85,8 @@ class TimmViTAdapter(ModelAdapter):
         return {n: m for n, m in found.items() if n in PRUNED_LINEARS}
 
     def _data(self, loaded: Loaded, data: str | None) -> str:
-        return data or ("random" if loaded.source.startswith("random:") else "fashion-mnist")
+        origin = loaded.info.get("source") or loaded.source  # a saved directory records its original source
+        return data or ("random" if origin.startswith("random:") else "fashion-mnist")
 
     def calibration_batches(self, loaded, nsamples, seqlen, seed, data):
         from compresskit import images
