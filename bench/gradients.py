@@ -4,7 +4,7 @@ Runs every (seqlen, checkpointing) configuration in a fresh subprocess so that e
 (``resource.getrusage().ru_maxrss``, a per-process high-water mark) belongs to that
 configuration alone, and writes a markdown table to ``bench/results/gradients.md``.
 
-    .venv/bin/python bench/gradients.py [--model smollm2] [--seqlens 128 256] [--samples 4]
+    .venv/bin/python bench/gradients.py [--model smollm2] [--seqlens 128 256 512] [--samples 4]
 
 The default model is the packaged SmolLM2-135M-Instruct (``compresskit.assets``); if it is
 not available, ``random:small`` is used and the table says so.
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -47,6 +48,20 @@ def _load(model: str):
         return adapter, adapter.load("random:small"), "random:small"
 
 
+class _Stamped:
+    """Delegates to an adapter and records (wall, CPU) time at each loss call: one sample apart."""
+
+    def __init__(self, adapter, stamps: list):
+        self._adapter, self._stamps = adapter, stamps
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+    def loss(self, model, batch):
+        self._stamps.append((time.perf_counter(), time.process_time()))
+        return self._adapter.loss(model, batch)
+
+
 def one(model: str, seqlen: int, samples: int, checkpointing: bool, data: str) -> dict:
     """Measure one configuration in this process (called in a subprocess by :func:`main`)."""
     from compresskit import gradcache, gradients
@@ -62,12 +77,14 @@ def one(model: str, seqlen: int, samples: int, checkpointing: bool, data: str) -
     peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     cpu = torch.device("cpu")
     gradients.compute(adapter, loaded.model, batches[:1], "l1", cpu, checkpointing=checkpointing, progress=False)
+    stamps: list[tuple[float, float]] = []
+    timed = _Stamped(adapter, stamps)
     load_before = os.getloadavg()[0]
-    t, c = time.perf_counter(), time.process_time()
-    grads = gradients.compute(adapter, loaded.model, batches[1:], "l1", cpu, checkpointing=checkpointing, progress=False)
-    per_sample = (time.perf_counter() - t) / samples
-    cpu_per_sample = (time.process_time() - c) / samples
+    grads = gradients.compute(timed, loaded.model, batches[1:], "l1", cpu, checkpointing=checkpointing, progress=False)
+    stamps.append((time.perf_counter(), time.process_time()))
     load = (load_before + os.getloadavg()[0]) / 2
+    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+    cpu_s = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
     t = time.perf_counter()
     gradcache.fingerprint(adapter, loaded, batches, "l1", 1.0, cpu)
     fp_seconds = time.perf_counter() - t
@@ -75,7 +92,7 @@ def one(model: str, seqlen: int, samples: int, checkpointing: bool, data: str) -
     n_pruned = sum(g.numel() for g in grads.values())
     return {
         "model": used, "params": n_params, "pruned_weights": n_pruned, "seqlen": seqlen, "samples": samples,
-        "checkpointing": checkpointing, "data": data, "s_per_sample": per_sample, "cpu_s_per_sample": cpu_per_sample,
+        "checkpointing": checkpointing, "data": data, "wall_s": wall, "cpu_s": cpu_s,
         "load_avg": load, "rss_loaded_gb": rss_loaded, "peak_loading_gb": peak_loading,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "accumulator_gb": n_pruned * 4 / 1e9, "fingerprint_s": fp_seconds,
@@ -85,7 +102,7 @@ def one(model: str, seqlen: int, samples: int, checkpointing: bool, data: str) -
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[128, 256, 512])
     ap.add_argument("--samples", type=int, default=4, help="timed samples per configuration (after 1 warm-up)")
     ap.add_argument("--data", default="wiki-train", help="calibration text (timings do not depend on it)")
     ap.add_argument("--one", nargs=2, metavar=("SEQLEN", "CHECKPOINTING"), help=argparse.SUPPRESS)
@@ -113,7 +130,8 @@ def write(rows: list[dict], path: Path) -> None:
         "",
         f"Model: `{r0['model']}` ({r0['params'] / 1e6:.1f} M parameters, {r0['pruned_weights'] / 1e6:.1f} M prunable "
         f"weights; one float32 accumulator = {r0['accumulator_gb']:.2f} GB). Norm l1, batch 1, float32, CPU, "
-        f"`torch.set_num_threads(2)`; calibration `{r0['data']}`; {r0['samples']} timed samples after one warm-up.",
+        f"`torch.set_num_threads(2)`; calibration `{r0['data']}`; {r0['samples']} samples timed one by one "
+        "(forward + backward + fold) after one warm-up sample.",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores **shared with other developers** (timings are "
         f"noisy upper bounds), torch {torch.__version__}, Python {platform.python_version()}.",
         "Peak RSS is the whole process (Python, torch, model, tokenizer, data) in a fresh subprocess per row; "
@@ -121,15 +139,15 @@ def write(rows: list[dict], path: Path) -> None:
         "gradient pass stayed below it).",
         "",
         "Wall time is inflated by the other developers' jobs (see the load average, 2 cores); process CPU "
-        "time per sample (2 threads) is the steadier number.",
+        "time per sample (2 threads) is steadier, and the minimum over samples is the least disturbed estimate.",
         "",
-        "| seqlen | checkpointing | wall s / sample | CPU s / sample | load avg | loading peak (GB) | "
-        "RSS after load (GB) | peak RSS (GB) | peak - RSS after load (GB) |",
+        "| seqlen | checkpointing | wall s / sample (min / median) | CPU s / sample (min / median) | load avg | "
+        "loading peak (GB) | RSS after load (GB) | peak RSS (GB) | peak - RSS after load (GB) |",
         "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['seqlen']} | {'yes' if r['checkpointing'] else 'no'} | {r['s_per_sample']:.2f} | "
-                     f"{r['cpu_s_per_sample']:.2f} | {r['load_avg']:.1f} | {r['peak_loading_gb']:.2f} | "
+        lines.append(f"| {r['seqlen']} | {'yes' if r['checkpointing'] else 'no'} | {min(r['wall_s']):.2f} / {median(r['wall_s']):.2f} | "
+                     f"{min(r['cpu_s']):.2f} / {median(r['cpu_s']):.2f} | {r['load_avg']:.1f} | {r['peak_loading_gb']:.2f} | "
                      f"{r['rss_loaded_gb']:.2f} | {r['peak_rss_gb']:.2f} | {r['peak_rss_gb'] - r['rss_loaded_gb']:.2f} |")
     lines += ["", f"Cache fingerprint (sha256 of the full state dict + calibration bytes): "
                   f"{sum(r['fingerprint_s'] for r in rows) / len(rows):.2f} s on average.",
