@@ -175,3 +175,22 @@ def test_gblm_with_vit_b_alias_on_tiny_model(registry):
     assert result.manifest["resolved"]["model"] == "random:tiny"
     assert abs(result.report.overall_sparsity - 0.5) < 1e-6
     assert result.manifest["gradients"]["nsamples"] == 4
+
+
+def test_cli_prune_vit_b_alias_then_eval_directory(registry, tmp_path):
+    from click.testing import CliRunner
+
+    from compresskit.cli import cli
+
+    metric = "gblm" if "gblm" in {e.name for e in registry.entries("metric")} else "wanda"
+    out = tmp_path / "vit-out"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["prune", "--adapter", "vit_b", "--model", "random:tiny", "--metric", metric,
+                              "--sparsity", "0.5", "--nsamples", "4", "--device", "cpu", "--no-progress",
+                              "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "compresskit.json").read_text())["resolved"]["model"] == "random:tiny"
+    res = runner.invoke(cli, ["eval", str(out), "--windows", "16", "--json"])
+    assert res.exit_code == 0, res.output
+    ev = json.loads(res.output.strip().splitlines()[-1])
+    assert ev["adapter"] == "vit" and ev["n"] == 16 and 0.0 < ev["feature_cosine"] < 1.0
