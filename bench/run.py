@@ -143,7 +143,7 @@ def markdown(s: Settings, floor: dict, rows: list[dict], sweep: dict, skipped: l
         "Prune time is the whole `compresskit.prune()` call (load, calibration sampling, gradients, runner); "
         "`report_error=False`; gblm gradients recomputed for every row.",
         "",
-        "| metric | pattern | sparsity | wiki PPL | prune s | x floor | peak RSS MB |",
+        f"| metric | pattern | sparsity | {s.eval_data} PPL | prune s | x floor | peak RSS MB |",
         "|---|---|---|---|---|---|---|",
         f"| dense | - | 0.000 | {floor['dense']['perplexity']:.2f} | - | - | - |",
     ]
@@ -151,10 +151,10 @@ def markdown(s: Settings, floor: dict, rows: list[dict], sweep: dict, skipped: l
         x = ratio(r, floor)
         lines.append(f"| {r['metric']} | {r['label']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | {r['prune_s']:.1f} | "
                      f"{'-' if x is None else f'{x:.2f}'} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "Unstructured sparsity sweep (wiki PPL):", "",
+    lines += ["", f"Unstructured sparsity sweep ({s.eval_data} PPL; `sweep.png`):", "",
               "| metric | " + " | ".join(f"{x:.0%}" for x in s.sweep) + " |", "|---" * (len(s.sweep) + 1) + "|"]
     for m, pts in sweep.items():
-        lines.append(f"| {m} | " + " | ".join(f"{pts[x]:.2f}" for x in s.sweep) + " |")
+        lines.append(f"| {m} | " + " | ".join(f"{pts[x]:.2f}" if x in pts else "-" for x in s.sweep) + " |")
     if skipped:
         lines += ["", f"Not registered, skipped: {', '.join(skipped)}."]
     return "\n".join(lines) + "\n"
@@ -168,13 +168,15 @@ def plot(s: Settings, sweep: dict, dense: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, pts in sweep.items():
-        ax.plot([100 * x for x in s.sweep], [pts[x] for x in s.sweep], marker="o", label=m)
+        xs = [x for x in s.sweep if x in pts]
+        ax.plot([100 * x for x in xs], [pts[x] for x in xs], marker="o", label=m)
     ax.axhline(dense, color="gray", ls="--", label="dense")
-    ax.set(xlabel="unstructured sparsity (%)", ylabel=f"wiki perplexity (L={s.eval_seqlen})", yscale="log",
+    ax.set(xlabel="unstructured sparsity (%)", ylabel=f"{s.eval_data} perplexity (L={s.eval_seqlen})", yscale="log",
            title=f"{s.model}: calibration {s.calibration} {s.nsamples}x{s.seqlen}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -182,12 +184,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     ap.add_argument("--model", default=None, help="model source (default smollm2; random:tiny for a smoke test)")
     ap.add_argument("--sweep", default=None, help="comma-separated unstructured sparsities, e.g. 0.1,0.2,0.5")
+    ap.add_argument("--eval-data", default=None, help="evaluation text (default wiki; a small .txt for smoke tests)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output directory")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     s = Settings(nsamples=4, seqlen=128, eval_seqlen=128, eval_windows=8, sweep=(0.3, 0.5, 0.7)) if args.quick else Settings()
     if args.model:
         s = dataclasses.replace(s, model=args.model)
+    if args.eval_data:
+        s = dataclasses.replace(s, eval_data=args.eval_data)
     if args.sweep:
         s = dataclasses.replace(s, sweep=tuple(sorted({float(x) for x in args.sweep.split(",")} | {0.5})))
     torch.set_num_threads(s.threads)
@@ -203,24 +208,35 @@ def main() -> None:
     floor = measure_floor(adapter, s)
     log.info("floor: calibration %.1f s, gradients %.1f s; dense ppl %.2f",
              floor["calibration_s"], floor["gradient_s"], floor["dense"]["perplexity"])
-    rows = []
+    out = Path(args.out)
+    rows: list[dict] = []
+    sweep: dict[str, dict[float, float]] = {m: {} for m in metrics}
     for m in metrics:
         for label, (pattern, popts, sp) in PATTERNS.items():
             rows.append({**prune_once(s, m, pattern, popts, sp, recompute=True), "label": label})
-    sweep: dict[str, dict[float, float]] = {}
+            save(out, s, floor, rows, sweep, skipped, start, complete=False)
     for m in metrics:
-        done = {0.5: r["ppl"] for r in rows if r["metric"] == m and r["label"] == "50% unstructured"}
-        sweep[m] = {x: done.get(x) or prune_once(s, m, "unstructured", {}, x, recompute=False)["ppl"] for x in s.sweep}
-    out = Path(args.out)
+        for x in s.sweep:
+            done = [r["ppl"] for r in rows if r["metric"] == m and r["label"] == "50% unstructured" and x == 0.5]  # reuse
+            sweep[m][x] = done[0] if done else prune_once(s, m, "unstructured", {}, x, recompute=False)["ppl"]
+            save(out, s, floor, rows, sweep, skipped, start, complete=False)
+    print(save(out, s, floor, rows, sweep, skipped, start, complete=True))
+
+
+def save(out: Path, s: Settings, floor: dict, rows: list, sweep: dict, skipped: list, start: float, complete: bool) -> str:
+    """Write results.md/.json/sweep.png (after every row, so an interrupted run keeps its numbers)."""
     out.mkdir(parents=True, exist_ok=True)
     minutes = (time.perf_counter() - start) / 60
     table = markdown(s, floor, rows, sweep, skipped, minutes)
+    if not complete:
+        table += "\n**Partial:** the run had not finished when this was written.\n"
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({
-        "settings": dataclasses.asdict(s), "floor": floor, "rows": rows, "skipped": skipped, "minutes": minutes,
-        "sweep": {m: {str(k): v for k, v in pts.items()} for m, pts in sweep.items()}}, indent=2, default=str))
+        "settings": dataclasses.asdict(s), "complete": complete, "floor": floor, "rows": rows, "skipped": skipped,
+        "minutes": minutes, "sweep": {m: {str(k): v for k, v in pts.items()} for m, pts in sweep.items()}},
+        indent=2, default=str))
     plot(s, sweep, floor["dense"]["perplexity"], out / "sweep.png")
-    print(table)
+    return table
 
 
 if __name__ == "__main__":
