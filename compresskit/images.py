@@ -6,6 +6,9 @@ Image sources (``data`` strings):
 - ``fashion-mnist``: Debian ``dataset-fashion-mnist`` (60k train / 10k test, 28x28 grayscale,
   10 classes, MIT), unpacked into the cache by :func:`compresskit.assets.ensure_debian_package`
   (``apt-get download`` + ``dpkg-deb -x``; nothing is installed).
+- ``tuxpaint``: Debian ``tuxpaint-stamps-default`` (GPL-2): 369 photos and clip-art stamps in 5
+  coarse classes (animals, food, plants, town, vehicles) from their folder names; a fixed split
+  (every 5th image of each class, sorted by path, is test: 71 test / 298 train).
 - a directory: an ImageFolder (one sub-folder per class; a flat folder has no labels). If it has
   ``train/`` and ``val/`` (or ``test/``) sub-folders those are the splits, else both splits are
   the same folder.
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FASHION_DEB = "dataset-fashion-mnist"
+TUXPAINT_DEB = "tuxpaint-stamps-default"
+TUXPAINT_CLASSES = ["animals", "food", "plants", "town", "vehicles"]
 FASHION_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
 
@@ -74,10 +79,12 @@ def open_images(data: str, split: str) -> ImageSet:
         return _random_set(split)
     if data in ("fashion-mnist", "fashion_mnist"):
         return _fashion_mnist(split)
+    if data == "tuxpaint":
+        return _tuxpaint(split)
     path = Path(data)
     if path.is_dir():
         return _image_folder(path, split)
-    raise CompressKitError(f"unknown image source {data!r}; use 'fashion-mnist', 'random' or an ImageFolder directory")
+    raise CompressKitError(f"unknown image source {data!r}; use 'fashion-mnist', 'tuxpaint', 'random' or an ImageFolder directory")
 
 
 def _random_set(split: str, size: int = 4096, px: int = 32) -> ImageSet:
@@ -120,21 +127,43 @@ def _fashion_mnist(split: str) -> ImageSet:
 @functools.lru_cache(maxsize=2)
 def _fashion_arrays(split: str) -> tuple[np.ndarray, torch.Tensor]:
     """Decoded ``(pixels [N,28,28] uint8, labels [N])``, kept per process (decoding takes seconds)."""
-    from compresskit.assets import ensure_debian_package
-
-    try:
-        root = ensure_debian_package(FASHION_DEB) / "usr/share/datasets/fashion-mnist"
-    except MissingDependencyError as exc:
-        raise MissingDependencyError(
-            f"Fashion-MNIST comes from Debian '{FASHION_DEB}' ({exc}). Fix: make `apt-get download {FASHION_DEB}` "
-            "work (a reachable Debian mirror), or pass an ImageFolder directory as --calibration/--eval-data"
-        ) from exc
+    root = _debian(FASHION_DEB) / "usr/share/datasets/fashion-mnist"
     stem = "train" if split == "train" else "t10k"
     with gzip.open(root / f"{stem}-images-idx3-ubyte.gz") as f:
         pixels = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(root / f"{stem}-labels-idx1-ubyte.gz") as f:
         labels = torch.from_numpy(np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64))
     return pixels, labels
+
+
+def _debian(package: str) -> Path:
+    from compresskit.assets import ensure_debian_package
+
+    try:
+        return ensure_debian_package(package)
+    except MissingDependencyError as exc:
+        raise MissingDependencyError(
+            f"this image source comes from Debian '{package}' ({exc}). Fix: make `apt-get download {package}` "
+            "work (a reachable Debian mirror), or pass an ImageFolder directory as --calibration/--eval-data"
+        ) from exc
+
+
+def _tuxpaint(split: str) -> ImageSet:
+    """Tux Paint stamps (photos and clip-art, GPL-2) in 5 coarse classes; every 5th image per class is test."""
+    from PIL import Image
+
+    root = _debian(TUXPAINT_DEB) / "usr/share/tuxpaint/stamps"
+    files: list[tuple[Path, int]] = []
+    for label, c in enumerate(TUXPAINT_CLASSES):
+        pngs = sorted((root / c).rglob("*.png"))
+        files += [(f, label) for k, f in enumerate(pngs) if (k % 5 == 4) == (split == "test")]
+
+    def get(i: int):
+        rgba = Image.open(files[i][0]).convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")  # transparent stamp background -> white
+
+    return ImageSet("tuxpaint", split, len(files), get, torch.tensor([lab for _, lab in files]), list(TUXPAINT_CLASSES))
 
 
 def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:

@@ -150,3 +150,11 @@ def test_packaged_dinov2_probe_accuracy_and_pruning_damage(vit_cls):
                                device="cpu", progress=False, adapter_options={"img_size": 56, "probe_samples": 500})
     pruned = adapter.evaluate(result.loaded, "fashion-mnist", 0, 200)
     assert pruned["accuracy"] < dense["accuracy"] and pruned["agreement"] < 1.0
+
+
+@pytest.mark.slow
+def test_tuxpaint_package():
+    train, test = images.open_images("tuxpaint", "train"), images.open_images("tuxpaint", "test")
+    assert (train.size, test.size) == (298, 71) and train.classes == images.TUXPAINT_CLASSES
+    assert (torch.bincount(train.labels) + torch.bincount(test.labels)).tolist() == [146, 67, 39, 79, 38]  # DATA.md 5
+    assert test.get(0).mode == "RGB"
