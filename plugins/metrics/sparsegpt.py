@@ -50,7 +50,10 @@ class SparseGPTMetric(ScoreMetric):
         compresskit prune --metric sparsegpt --sparsity 0.5
         compresskit prune --metric sparsegpt --pattern 2:4 -o metric.blocksize=64
 
-    ``--update obs`` is implied (the metric returns the updated weights itself).
+    ``--update obs`` is implied (the metric returns the updated weights itself). The update fits
+    the kept weights to the calibration inputs, so with few calibration tokens per input feature
+    it overfits them: the in-sample error reported per layer drops far more than the error on
+    held-out text. Use many samples (the reference: 128 x 2048 tokens) or a larger ``percdamp``.
     """
 
     name = "sparsegpt"
