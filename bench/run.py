@@ -121,7 +121,8 @@ def prune_once(s: Settings, metric: str, pattern: str, popts: dict, sparsity: fl
 def ratio(row: dict, floor: dict) -> float | None:
     if row["metric"] == "magnitude":
         return None  # needs no forward pass: its floor is zero
-    f = floor["calibration_s"] + (floor["gradient_s"] if row["metric"] in GRADIENT_METRICS else 0.0)
+    computed = row["gradients"].get("cache") in ("computed", "recomputed")
+    f = floor["calibration_s"] + (floor["gradient_s"] if computed else 0.0)
     return row["prune_s"] / f
 
 
@@ -139,18 +140,19 @@ def markdown(s: Settings, floor: dict, rows: list[dict], sweep: dict, skipped: l
         "",
         f"**Floor** (same run): calibration forwards {floor['calibration_s']:.1f} s (capture + every block twice over the "
         f"calibration inputs, no hooks); gradient passes {floor['gradient_s']:.1f} s ({s.nsamples} forward+backward). "
-        "Ratio = prune wall time / floor (gblm: calibration + gradient floor; magnitude: no floor). "
+        "Ratio = prune wall time / floor (magnitude: no floor). "
         "Prune time is the whole `compresskit.prune()` call (load, calibration sampling, gradients, runner); "
-        "`report_error=False`; gblm gradients recomputed for every row.",
+        "`report_error=False`. Gradients column: `recomputed` = computed in that row (time and floor include "
+        "them), `hit` = reused from the cache (floor without gradients).",
         "",
-        f"| metric | pattern | sparsity | {s.eval_data} PPL | prune s | x floor | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
-        f"| dense | - | 0.000 | {floor['dense']['perplexity']:.2f} | - | - | - |",
+        f"| metric | pattern | sparsity | {s.eval_data} PPL | prune s | x floor | peak RSS MB | gradients |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| dense | - | 0.000 | {floor['dense']['perplexity']:.2f} | - | - | - | - |",
     ]
     for r in rows:
         x = ratio(r, floor)
         lines.append(f"| {r['metric']} | {r['label']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | {r['prune_s']:.1f} | "
-                     f"{'-' if x is None else f'{x:.2f}'} | {r['peak_rss_mb']:.0f} |")
+                     f"{'-' if x is None else f'{x:.2f}'} | {r['peak_rss_mb']:.0f} | {r['gradients'].get('cache', '-')} |")
     lines += ["", f"Unstructured sparsity sweep ({s.eval_data} PPL; `sweep.png`):", "",
               "| metric | " + " | ".join(f"{x:.0%}" for x in s.sweep) + " |", "|---" * (len(s.sweep) + 1) + "|"]
     for m, pts in sweep.items():
@@ -185,12 +187,20 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model source (default smollm2; random:tiny for a smoke test)")
     ap.add_argument("--sweep", default=None, help="comma-separated unstructured sparsities, e.g. 0.1,0.2,0.5")
     ap.add_argument("--eval-data", default=None, help="evaluation text (default wiki; a small .txt for smoke tests)")
+    ap.add_argument("--nsamples", type=int, default=None, help="calibration samples (default 16)")
+    ap.add_argument("--seqlen", type=int, default=None, help="calibration tokens per sample (default 256)")
+    ap.add_argument("--eval-windows", type=int, default=None, help="evaluation windows cap (default 20)")
+    ap.add_argument("--grad-once", action="store_true",
+                    help="compute gblm gradients for the first row only and reuse them (marked per row)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output directory")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     s = Settings(nsamples=4, seqlen=128, eval_seqlen=128, eval_windows=8, sweep=(0.3, 0.5, 0.7)) if args.quick else Settings()
     if args.model:
         s = dataclasses.replace(s, model=args.model)
+    for key in ("nsamples", "seqlen", "eval_windows"):
+        if getattr(args, key) is not None:
+            s = dataclasses.replace(s, **{key: getattr(args, key)})
     if args.eval_data:
         s = dataclasses.replace(s, eval_data=args.eval_data)
     if args.sweep:
@@ -212,11 +222,12 @@ def main() -> None:
     rows: list[dict] = []
     sweep: dict[str, dict[float, float]] = {m: {} for m in metrics}
     for m in metrics:
-        for label, (pattern, popts, sp) in PATTERNS.items():
-            rows.append({**prune_once(s, m, pattern, popts, sp, recompute=True), "label": label})
+        for k, (label, (pattern, popts, sp)) in enumerate(PATTERNS.items()):
+            recompute = k == 0 or not args.grad_once
+            rows.append({**prune_once(s, m, pattern, popts, sp, recompute=recompute), "label": label})
             save(out, s, floor, rows, sweep, skipped, start, complete=False)
-    for m in metrics:
-        for x in s.sweep:
+    for x in sorted(s.sweep, key=lambda v: -abs(v - 0.5)):  # extremes first: a partial run still shows the spread
+        for m in metrics:
             done = [r["ppl"] for r in rows if r["metric"] == m and r["label"] == "50% unstructured" and x == 0.5]  # reuse
             sweep[m][x] = done[0] if done else prune_once(s, m, "unstructured", {}, x, recompute=False)["ppl"]
             save(out, s, floor, rows, sweep, skipped, start, complete=False)
