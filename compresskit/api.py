@@ -48,7 +48,7 @@ class RunConfig:
     report_error: bool = True
     evaluate: bool = False
     eval_data: str | None = None
-    eval_limit: int | None = None
+    eval_limit: int | None = None  # None: the adapter's default cap; 0: everything
     metric_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     pattern_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     adapter_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -118,6 +118,13 @@ def plan(config: RunConfig, registry: Registry | None = None) -> Plan:
     return Plan(adapter, metric, pattern, sparsity, origins)
 
 
+def resolve_eval_limit(adapter: ModelAdapter, limit: int | None) -> int | None:
+    """``None`` -> the adapter's CPU-sized default cap; ``0`` -> no cap (evaluate everything)."""
+    if limit is None:
+        return adapter.default_eval_limit
+    return None if limit == 0 else limit
+
+
 def fingerprint(batches: list[dict[str, torch.Tensor]]) -> str:
     """sha256 over the calibration tensors (names, shapes, bytes): identifies the exact data."""
     h = hashlib.sha256()
@@ -170,8 +177,9 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
         },
         "versions": _versions(),
     }
+    limit = resolve_eval_limit(p.adapter, config.eval_limit)
     if config.evaluate:
-        manifest["evaluation"] = {"dense": p.adapter.evaluate(loaded, config.eval_data, config.seqlen, config.eval_limit)}
+        manifest["evaluation"] = {"dense": p.adapter.evaluate(loaded, config.eval_data, config.seqlen, limit)}
     grads = None
     if p.metric.needs_gradients:
         from compresskit import gradients
@@ -187,7 +195,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     manifest["report"] = report.to_dict()
     manifest["total_seconds"] = time.perf_counter() - t0
     if config.evaluate:
-        manifest["evaluation"]["pruned"] = p.adapter.evaluate(loaded, config.eval_data, config.seqlen, config.eval_limit)
+        manifest["evaluation"]["pruned"] = p.adapter.evaluate(loaded, config.eval_data, config.seqlen, limit)
     return PruneResult(loaded, p.adapter, report, manifest)
 
 

@@ -82,7 +82,7 @@ def cli(verbose: int) -> None:
 @click.option("--sparsity", type=float, default=None, help="Fraction of weights to prune [default: 0.5; N:M implies its own].")
 @click.option("--nsamples", type=int, default=32, show_default=True, help="Calibration samples.")
 @click.option("--seqlen", type=int, default=256, show_default=True, help="Tokens per calibration sample and per evaluation window.")
-@click.option("--paper", is_flag=True, help="Use the paper's calibration: 128 samples x 2048 tokens (slow on CPU).")
+@click.option("--paper", is_flag=True, help="The paper's settings: 128 samples x 2048 tokens, evaluation on every window (slow on CPU).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sampler.")
 @click.option("--calibration", default=None, help="Calibration data: corpus name, local file, hf:name:split, image folder, or 'random'.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda:1, ...")
@@ -91,7 +91,7 @@ def cli(verbose: int) -> None:
 @click.option("--error-report/--no-error-report", default=True, show_default=True, help="Per-layer reconstruction error (costs one Gram matrix per layer).")
 @click.option("--eval", "evaluate", is_flag=True, help="Evaluate the dense and the pruned model and record both.")
 @click.option("--eval-data", default=None, help="Evaluation data (default: the adapter's).")
-@click.option("--eval-windows", type=int, default=None, help="Cap on evaluation windows/batches.")
+@click.option("--eval-windows", type=int, default=None, help="Cap on evaluation windows/batches [default: the adapter's CPU-sized cap, 64 windows for llama; 0 = all].")
 @click.option("--recompute-gradients", is_flag=True, help="Ignore cached gradient statistics.")
 @click.option("--gradients", "gradient_file", default=None, type=click.Path(exists=True, dir_okay=False), help="Import a GBLM reference gradient file (.pth).")
 @click.option("-o", "--option", "options", multiple=True, metavar="SCOPE.KEY=VALUE", help="Plugin option, e.g. -o metric.alpha=100 (repeatable).")
@@ -108,6 +108,7 @@ def prune(**kw: Any) -> None:
     opts = parse_options(kw["options"])
     if kw["paper"]:
         kw["nsamples"], kw["seqlen"] = 128, 2048
+        kw["eval_windows"] = 0 if kw["eval_windows"] is None else kw["eval_windows"]
     if kw["output"]:
         check_target(kw["output"], kw["overwrite"])  # fail before any work
     grad_opts: dict[str, Any] = {}
@@ -176,7 +177,7 @@ def _headline(res: dict) -> str:
 @click.option("--adapter", default=None, help="Model family; default: from the directory's compresskit.json, else llama.")
 @click.option("--data", default=None, help="Evaluation data (default: the adapter's).")
 @click.option("--seqlen", type=int, default=256, show_default=True, help="Window length in tokens (LLMs).")
-@click.option("--windows", type=int, default=None, help="Cap on evaluation windows/batches.")
+@click.option("--windows", type=int, default=None, help="Cap on evaluation windows/batches [default: the adapter's cap; 0 = all].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, windows: int | None, as_json: bool) -> None:
     """Evaluate a dense model or a pruned output directory (perplexity or accuracy)."""
@@ -190,7 +191,9 @@ def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, win
 
     ad = entry.cls(build(entry.cls.Options, manifest.get("config", {}).get("adapter_options", {}) if not adapter else {}, "adapter."))
     loaded = ad.load(model)
-    res = ad.evaluate(loaded, data, seqlen, windows)
+    from compresskit.api import resolve_eval_limit
+
+    res = ad.evaluate(loaded, data, seqlen, resolve_eval_limit(ad, windows))
     res = {"model": model, "adapter": ad.name, **res}
     if as_json:
         click.echo(json.dumps(res, default=str))

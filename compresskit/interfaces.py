@@ -176,6 +176,8 @@ class ModelAdapter(ABC):
     Options: ClassVar[type] = NoOptions
     aliases: ClassVar[dict[str, str]] = {}
     default_model: ClassVar[str] = "random:tiny"
+    #: evaluation windows/batches used when the user gives no cap (None: all); CPU-sized default
+    default_eval_limit: ClassVar[int | None] = None
 
     def __init__(self, options: Any = None, alias: str | None = None) -> None:
         self.options = options if options is not None else self.Options()

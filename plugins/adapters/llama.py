@@ -35,6 +35,7 @@ class LlamaAdapter(ModelAdapter):
     name = "llama"
     summary = "LLaMA-family causal LMs (LLaMA, Mistral, Qwen2, SmolLM2), blocks model.model.layers"
     default_model = "smollm2"
+    default_eval_limit = 64  # windows: ~30 s per evaluation of SmolLM2 at seqlen 256 on 2 cores
 
     @dataclasses.dataclass(frozen=True)
     class Options:
