@@ -67,6 +67,8 @@ def _interface_members():
     from compresskit.interfaces import MaskPattern, ModelAdapter, ScoreMetric
 
     for base in (ScoreMetric, MaskPattern, ModelAdapter):
+        for name in base.__annotations__:  # class attributes (name, summary, Options, flags, ...)
+            yield base.__name__, name
         for name, member in vars(base).items():
             if name.startswith("_") or not (callable(member) or isinstance(member, property)):
                 continue
@@ -88,7 +90,7 @@ def test_every_interface_method_is_documented(base, method):
 
     page = _page("reference/interfaces.md")
     section = page.split(f"## {base}", 1)[1].split("\n## ", 1)[0]
-    assert re.search(rf"`{method}[(`]", section), f"{base}.{method} has no row in the {base} table of reference/interfaces.md"
+    assert re.search(rf"`{method}[(`]", section), f"{base}.{method} is not described in the {base} section of reference/interfaces.md"
 
 
 def _builtin_entries():
