@@ -142,8 +142,8 @@ def fold(acc: torch.Tensor, grad: torch.Tensor, norm: str, scale: float = 1.0) -
 
 
 def finish(acc: torch.Tensor, norm: str) -> torch.Tensor:
-    """Final statistic from an accumulator: the l1 sum itself, or the square root of the l2 sum."""
-    return acc.sqrt() if norm == "l2" else acc
+    """Final statistic from an accumulator (in place): the l1 sum itself, or sqrt of the l2 sum."""
+    return acc.sqrt_() if norm == "l2" else acc
 
 
 def compute(

@@ -177,3 +177,17 @@ def test_cli_imports_a_reference_file_and_reports_it(tmp_path):
     assert info["cache"] == "imported" and info["file_scale"] == 100.0 and info["path"] == str(tmp_path / "g.pth")
     bad = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "out2"), "-o", "metric.alpha=5"])
     assert bad.exit_code != 0 and "drop metric.alpha or use metric.semantics=paper" in bad.output
+
+
+@pytest.mark.slow
+def test_gblm_on_packaged_smollm2(tmp_path):
+    """Real model: finite non-zero statistics with l2 <= l1, 50% per row, and a cache hit on rerun."""
+    pytest.importorskip("gguf")
+    run = dict(model="smollm2", nsamples=2, seqlen=64, gradient_options={"cache_dir": str(tmp_path)})
+    l1 = prune(**run)
+    l2 = prune(**run, metric_options={"grad_norm": "l2"})
+    g1, g2 = load_file(l1.manifest["gradients"]["path"]), load_file(l2.manifest["gradients"]["path"])
+    assert len(g1) == 30 * 7
+    assert all(torch.isfinite(g1[k]).all() and g1[k].sum() > 0 and (g2[k] <= g1[k] * (1 + 1e-6)).all() for k in g1)
+    assert abs(l1.report.overall_sparsity - 0.5) < 1e-6
+    assert prune(**run).manifest["gradients"]["cache"] == "hit"

@@ -74,8 +74,8 @@ class GBLMMetric(ScoreMetric):
       ``|W|*G_file`` is computed in float16 then cast to float32. ``alpha`` must stay at its
       default there (an error otherwise): the reference has no alpha, only the baked-in scale.
       Known deviations: the reference accumulates l1 in float16 (ours: float32) and keeps ``A``
-      as a running mean (ours: sum / N), so ties aside the ranking matches; an imported
-      reference file reproduces its gradients exactly.
+      as a running mean (ours: sum / N), so rankings agree up to float32 rounding of near-ties;
+      an imported reference file supplies the reference's own gradient values.
 
     ``variant=true`` applies Wanda's adaptive per-row threshold to S (unstructured only).
     With ``alpha=0`` (paper semantics) the mask equals Wanda's exactly.
