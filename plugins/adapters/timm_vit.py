@@ -37,12 +37,14 @@ class TimmViTAdapter(ModelAdapter):
     once on dense features of ``probe_data`` (seeded); it gives GBLM its logits and the evaluation
     its accuracy, and is saved with the model. GBLM loss: cross-entropy against the data's labels
     when they index the head's classes, else against the dense model's own top-1 prediction
-    (``loss_target``). Calibration ``data``: ``fashion-mnist``, ``random`` or an ImageFolder; the
+    (``loss_target``). Calibration ``data``: ``fashion-mnist``, ``tuxpaint``, ``random`` or an ImageFolder; the
     default is ``random`` for ``random:*`` models and ``fashion-mnist`` otherwise. ``--seqlen`` is
     ignored (the token count is set by the image size).
 
-    Propagation: the default ``--propagate pruned`` is the LLM procedure (next block sees the pruned
-    block); ``--propagate dense`` is Wanda's vision script; bench/results/vit.md measures both.
+    Propagation: the runner's default ``--propagate pruned`` (the LLM procedure: the next block sees
+    the pruned block) is kept for ViT on purpose; ``--propagate dense`` is Wanda's vision script. On
+    DINOv2-S (bench/results/vit*.md) neither wins consistently: accuracy moves by -1.6 to +4.2 points
+    and feature cosine by under 0.002, and SparseGPT's weight update needs pruned inputs.
 
         compresskit prune --adapter vit_b --model random:tiny --metric gblm --sparsity 0.5
     """
