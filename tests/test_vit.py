@@ -124,7 +124,12 @@ def test_checkpoint_sources(registry, tmp_path):
 
     cls = registry.get("adapter", "vit").cls
     adapter = cls(cls.Options(img_size=32))
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3).eval()
+    with torch.device("meta"):  # skip timm's slow random init: fill seeded values directly
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3)
+    model = model.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(0)
+    for t in model.state_dict().values():
+        t.copy_(0.02 * torch.randn(t.shape, generator=g))
     torch.save({"model": model.state_dict()}, tmp_path / "w.pth")
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
