@@ -185,12 +185,12 @@ def load_saved(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def _packaged(name: str, img_size: int) -> tuple[nn.Module, dict[str, Any]]:
     timm_name = PACKAGED[name]
-    sd = _dinov2_state_dict()
+    timm_module()  # a MissingDependencyError with the install command if timm is absent
     from timm.layers import resample_abs_pos_embed
 
-    grid = img_size // 14
     if img_size % 14:
         raise CompressKitError(f"dinov2_s needs an image size divisible by its patch size 14, got {img_size}; use e.g. 112 or 224")
+    sd, grid = _dinov2_state_dict(), img_size // 14
     # bicubic without antialias, as HF Dinov2 (and so the ONNX graph at 224 px) resizes its 37x37 grid
     sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (grid, grid), num_prefix_tokens=1, antialias=False)
     kwargs = {"img_size": img_size, "num_classes": 0}
