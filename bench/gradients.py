@@ -146,9 +146,12 @@ def write(rows: list[dict], path: Path) -> None:
         "|---:|:---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['seqlen']} | {'yes' if r['checkpointing'] else 'no'} | {min(r['wall_s']):.2f} / {median(r['wall_s']):.2f} | "
-                     f"{min(r['cpu_s']):.2f} / {median(r['cpu_s']):.2f} | {r['load_avg']:.1f} | {r['peak_loading_gb']:.2f} | "
-                     f"{r['rss_loaded_gb']:.2f} | {r['peak_rss_gb']:.2f} | {r['peak_rss_gb'] - r['rss_loaded_gb']:.2f} |")
+        ckpt = "yes" if r["checkpointing"] else "no"
+        cells = [str(r["seqlen"]), ckpt, f"{min(r['wall_s']):.2f} / {median(r['wall_s']):.2f}",
+                 f"{min(r['cpu_s']):.2f} / {median(r['cpu_s']):.2f}", f"{r['load_avg']:.1f}",
+                 f"{r['peak_loading_gb']:.2f}", f"{r['rss_loaded_gb']:.2f}", f"{r['peak_rss_gb']:.2f}",
+                 f"{r['peak_rss_gb'] - r['rss_loaded_gb']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Cache fingerprint (sha256 of the full state dict + calibration bytes): "
                   f"{sum(r['fingerprint_s'] for r in rows) / len(rows):.2f} s on average.",
               "", "Command: `.venv/bin/python bench/gradients.py`", ""]

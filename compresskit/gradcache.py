@@ -138,7 +138,9 @@ def load(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> dict[str,
     return grads
 
 
-def import_reference(path: str | os.PathLike, expected: dict[str, tuple[int, ...]], norm: str) -> dict[str, torch.Tensor]:
+def import_reference(
+    path: str | os.PathLike, expected: dict[str, tuple[int, ...]], norm: str
+) -> dict[str, torch.Tensor]:
     """Load a GBLM reference gradient file and check it against the model's prunable layers.
 
     The file is a torch-saved dict ``"<sublayer>_layer_<i>" -> fp16 [out, in]`` tensor, as

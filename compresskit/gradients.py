@@ -44,7 +44,10 @@ NORMS = ("l1", "l2")
 
 @dataclasses.dataclass(frozen=True)
 class GradientOptions:
-    """How gradient statistics are obtained (``RunConfig.gradient_options``; CLI: ``--gradients FILE``, ``--recompute-gradients``)."""
+    """How gradient statistics are obtained (``RunConfig.gradient_options``).
+
+    The CLI sets ``import_path`` with ``--gradients FILE`` and ``recompute`` with ``--recompute-gradients``.
+    """
 
     recompute: bool = option(False, "ignore any cached gradients and compute them again (the cache is refreshed)")
     import_path: str | None = option(
@@ -89,7 +92,8 @@ def obtain(
     opts = build(GradientOptions, dict(options or {}), "gradient.")
     norm, scale = metric.gradient_norm(), float(metric.gradient_scale())
     if norm not in NORMS:
-        raise GradientError(f"metric {metric.name!r} asks for gradient norm {norm!r}; gradient_norm() must return 'l1' or 'l2'")
+        raise GradientError(f"metric {metric.name!r} asks for gradient norm {norm!r}; "
+                            "its gradient_norm() must return 'l1' or 'l2'")
     t0 = time.perf_counter()
     model = loaded.model
     expected = {k: tuple(p.shape) for k, p in targets(adapter, model).items()}

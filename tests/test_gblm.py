@@ -111,7 +111,8 @@ def test_reference_semantics_end_to_end_on_block_0(tmp_path):
             adapter.forward(dense.model, b)
     for h in handles:
         h.remove()
-    result = prune(metric_options={"semantics": "reference"}, gradient_options={"import_path": str(tmp_path / "grads.pth")})
+    result = prune(metric_options={"semantics": "reference"},
+                   gradient_options={"import_path": str(tmp_path / "grads.pth")})
     pruned = adapter.prunable(adapter.blocks(result.model)[0])
     for name, layer in block0.items():
         w = layer.weight.detach()
@@ -170,7 +171,8 @@ def test_cli_imports_a_reference_file_and_reports_it(tmp_path):
     torch.save(files, tmp_path / "g.pth")
     args = ["prune", "--adapter", "llama", "--model", "random:tiny", "--metric", "gblm", "--sparsity", "0.5",
             "--nsamples", "2", "--seqlen", "16", "--calibration", "random", "--no-error-report", "--no-progress",
-            "-o", "metric.semantics=reference", "--gradients", str(tmp_path / "g.pth"), "--output", str(tmp_path / "out")]
+            "-o", "metric.semantics=reference", "--gradients", str(tmp_path / "g.pth"),
+            "--output", str(tmp_path / "out")]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     info = read_manifest(tmp_path / "out")["gradients"]

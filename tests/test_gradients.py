@@ -88,7 +88,8 @@ def test_only_prunable_weights_require_grad_and_state_is_restored(setup):
 def test_checkpointing_gives_identical_statistics(setup):
     adapter, loaded, batches = setup
     plain = gradients.compute(adapter, loaded.model, batches, "l1", torch.device("cpu"), progress=False)
-    ckpt = gradients.compute(adapter, loaded.model, batches, "l1", torch.device("cpu"), checkpointing=True, progress=False)
+    ckpt = gradients.compute(adapter, loaded.model, batches, "l1", torch.device("cpu"), checkpointing=True,
+                             progress=False)
     assert all(torch.equal(plain[k], ckpt[k]) for k in plain)
     assert all("forward" not in b.__dict__ for b in loaded.model.model.layers)  # patch removed
 
@@ -145,7 +146,8 @@ def test_unknown_gradient_option(setup):
     adapter, loaded, batches = setup
     with pytest.raises(OptionError, match="recompute"):
         gradients.obtain(adapter, loaded, batches, GBLMMetric(), torch.device("cpu"), {"recompte": True})
-    with pytest.raises(OptionError, match=r"gradient\.recompte.*valid options: recompute"):  # checked by plan(), before any model load
+    # plan() checks the options before any model is loaded
+    with pytest.raises(OptionError, match=r"gradient\.recompte.*valid options: recompute"):
         plan(compresskit.RunConfig(metric="gblm", gradient_options={"recompte": True}))
 
 
@@ -167,15 +169,18 @@ def test_reference_import_is_used_as_is(setup, tmp_path):
     grads, info = gradients.obtain(adapter, loaded, batches, ref, torch.device("cpu"), {"import_path": str(path)})
     assert info["cache"] == "imported" and info["file_scale"] == 100.0 and info["rescaled_by"] == 1.0
     assert all(grads[k].dtype == torch.float32 and torch.equal(grads[k], data[k].float()) for k in data)
-    paper, info = gradients.obtain(adapter, loaded, batches, GBLMMetric(), torch.device("cpu"), {"import_path": str(path)})
+    paper, info = gradients.obtain(adapter, loaded, batches, GBLMMetric(), torch.device("cpu"),
+                                   {"import_path": str(path)})
     assert info["rescaled_by"] == pytest.approx(0.01)  # paper semantics wants the un-scaled norm
     assert all(torch.allclose(paper[k], data[k].float() / 100) for k in data)
 
 
 @pytest.mark.parametrize("mutate, match", [
     (lambda d: d.pop("mlp.up_proj_layer_1"), r"no entry for 'mlp\.up_proj_layer_1'.*drop --gradients"),
-    (lambda d: d.__setitem__("mlp.up_proj_layer_7", d["mlp.up_proj_layer_1"]), r"unexpected key 'mlp\.up_proj_layer_7'"),
-    (lambda d: d.__setitem__("self_attn.k_proj_layer_0", torch.zeros(64, 64)), r"'self_attn\.k_proj_layer_0' has shape \(64, 64\)"),
+    (lambda d: d.__setitem__("mlp.up_proj_layer_7", d["mlp.up_proj_layer_1"]),
+     r"unexpected key 'mlp\.up_proj_layer_7'"),
+    (lambda d: d.__setitem__("self_attn.k_proj_layer_0", torch.zeros(64, 64)),
+     r"'self_attn\.k_proj_layer_0' has shape \(64, 64\)"),
 ])
 def test_reference_import_errors_name_the_key(setup, tmp_path, mutate, match):
     adapter, loaded, batches = setup
@@ -186,11 +191,12 @@ def test_reference_import_errors_name_the_key(setup, tmp_path, mutate, match):
 
 def test_reference_import_missing_or_not_a_dict(setup, tmp_path):
     adapter, loaded, batches = setup
+    cpu = torch.device("cpu")
     with pytest.raises(GradientError, match="not found"):
-        gradients.obtain(adapter, loaded, batches, GBLMMetric(), torch.device("cpu"), {"import_path": str(tmp_path / "x.pth")})
+        gradients.obtain(adapter, loaded, batches, GBLMMetric(), cpu, {"import_path": str(tmp_path / "x.pth")})
     torch.save([torch.zeros(2)], tmp_path / "list.pth")
     with pytest.raises(GradientError, match="not a dict of tensors"):
-        gradients.obtain(adapter, loaded, batches, GBLMMetric(), torch.device("cpu"), {"import_path": str(tmp_path / "list.pth")})
+        gradients.obtain(adapter, loaded, batches, GBLMMetric(), cpu, {"import_path": str(tmp_path / "list.pth")})
 
 
 def test_vit_blocks_get_identical_gradients_with_checkpointing(registry):

@@ -42,7 +42,9 @@ def gblm_score_paper(weight: torch.Tensor, col_sq: torch.Tensor, grad: torch.Ten
     return score
 
 
-def gblm_score_reference(weight: torch.Tensor, col_sq: torch.Tensor, sequences: int, grad_file: torch.Tensor) -> torch.Tensor:
+def gblm_score_reference(
+    weight: torch.Tensor, col_sq: torch.Tensor, sequences: int, grad_file: torch.Tensor
+) -> torch.Tensor:
     """The reference code's ``S = |W|*sqrt(A) + (|W|*G_file)`` (SPEC 2.4, S_code).
 
     ``A = col_sq / sequences`` (mean over sequences of per-sequence squared column norms), so
