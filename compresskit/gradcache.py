@@ -3,11 +3,12 @@
 Cache files live in ``<cache_dir>/gradients/<norm>-<fingerprint>.safetensors`` (default cache
 dir: ``$COMPRESSKIT_CACHE`` or ``~/.cache/compresskit``). The fingerprint is a sha256 over
 everything that changes the numbers: every tensor of the model's state dict (names, shapes,
-dtypes, bytes), the model source string, the calibration batches' bytes, the norm and the
-per-sample scale, the adapter (whose ``loss`` defines the objective) and its options, the
-compute device type and the torch version (different kernels round differently), and the
-engine version. Writes go to a temporary file that is renamed into place, so a crash never
-leaves a truncated cache entry; a cache file that fails to load or to match is recomputed.
+dtypes, bytes), the model source string, the calibration batches' bytes, the norm, the
+per-sample scale, the accumulator precision, the adapter (whose ``loss`` defines the
+objective) and its options, the compute device type and the torch/transformers versions
+(different kernels round differently), and the engine version. Writes go to a temporary file
+that is renamed into place, so a crash never leaves a truncated cache entry; a cache file that
+fails to load or to match is recomputed.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def fingerprint(
     norm: str,
     scale: float,
     device: torch.device,
+    precision: str = "float32",
 ) -> str:
     """sha256 identifying one gradient statistic exactly (see the module docstring).
 
@@ -68,6 +70,7 @@ def fingerprint(
         "engine": ENGINE_VERSION,
         "norm": norm,
         "scale": repr(float(scale)),
+        "precision": precision,
         "source": loaded.source,
         "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
         "adapter_options": repr(sorted(as_dict(adapter.options).items())),

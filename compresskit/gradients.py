@@ -8,7 +8,9 @@ gradient ``g`` of every prunable linear weight into a float32 accumulator:
 * ``l2``: ``G = sqrt(sum_n (s * g_n)^2)``
 
 where ``s = metric.gradient_scale()`` (1 for GBLM's paper semantics, 100 for the reference
-code, whose gradient files bake that factor in; see SPEC 2.2). Only the accumulator the
+code, whose gradient files bake that factor in; see SPEC 2.2). The accumulators are float32;
+``precision="reference"`` reproduces the reference's instead (l1 running sum rounded to
+float16 after every sample, l2 square root rounded to float16). Only the accumulator the
 requested norm needs is allocated (4 bytes per prunable weight, on the compute device), and
 each weight's gradient is folded and freed by a post-accumulate-grad hook the moment autograd
 produces it, so at most one layer's gradient exists at a time. Only the prunable weights require grad
@@ -26,7 +28,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -58,6 +60,11 @@ class GradientOptions:
     cache_dir: str | None = option(None, "cache root (default: $COMPRESSKIT_CACHE or ~/.cache/compresskit)")
     checkpointing: bool = option(
         False, "activation checkpointing of each block during the backward pass: less memory, ~1 extra forward"
+    )
+    precision: Literal["float32", "reference"] = option(
+        "float32",
+        "accumulators: float32, or the reference's (l1 running sum rounded to float16 after every sample; "
+        "l2 summed in float32, its square root rounded to float16); results are returned as float32",
     )
 
 
@@ -97,7 +104,8 @@ def obtain(
     t0 = time.perf_counter()
     model = loaded.model
     expected = {k: tuple(p.shape) for k, p in targets(adapter, model).items()}
-    info: dict[str, Any] = {"norm": norm, "scale": scale, "nsamples": len(batches), "checkpointing": opts.checkpointing}
+    info: dict[str, Any] = {"norm": norm, "scale": scale, "nsamples": len(batches), "precision": opts.precision,
+                            "checkpointing": opts.checkpointing}
     if opts.import_path:
         grads = gradcache.import_reference(opts.import_path, expected, norm)
         factor = scale / gradcache.REFERENCE_SCALE
@@ -108,14 +116,14 @@ def obtain(
         info.update(cache="imported", path=str(opts.import_path), file_scale=gradcache.REFERENCE_SCALE,
                     rescaled_by=factor, nsamples=None, fingerprint=None)
     else:
-        fp = gradcache.fingerprint(adapter, loaded, batches, norm, scale, device)
+        fp = gradcache.fingerprint(adapter, loaded, batches, norm, scale, device, opts.precision)
         path = gradcache.cache_path(opts.cache_dir, fp, norm)
         grads = None if opts.recompute else gradcache.load(path, expected, fp)
         if grads is not None:
             log.info("reusing cached gradients from %s", path)
             info["cache"] = "hit"
         else:
-            grads = compute(adapter, model, batches, norm, device, scale, opts.checkpointing, progress)
+            grads = compute(adapter, model, batches, norm, device, scale, opts.checkpointing, progress, opts.precision)
             meta = {"norm": norm, "scale": repr(scale), "nsamples": str(len(batches)), "source": loaded.source}
             info["cache"] = "recomputed" if opts.recompute else "computed"
             if not gradcache.save(path, grads, fp, meta):
@@ -145,9 +153,23 @@ def fold(acc: torch.Tensor, grad: torch.Tensor, norm: str, scale: float = 1.0) -
         acc.addcmul_(g, g)
 
 
-def finish(acc: torch.Tensor, norm: str) -> torch.Tensor:
-    """Final statistic from an accumulator (in place): the l1 sum itself, or sqrt of the l2 sum."""
-    return acc.sqrt_() if norm == "l2" else acc
+def finish(acc: torch.Tensor, norm: str, precision: str = "float32") -> torch.Tensor:
+    """Final float32 statistic from an accumulator: the l1 sum itself, or sqrt of the l2 sum.
+
+    With ``precision="reference"`` the l2 result is rounded to float16 as the reference stores it
+    (the l1 accumulator is already float16, see :func:`accumulator`).
+    """
+    out = acc.sqrt_() if norm == "l2" else acc
+    if precision == "reference":
+        out = out.half()
+    return out.float()
+
+
+def accumulator(shape: torch.Size, norm: str, device: torch.device, precision: str = "float32") -> torch.Tensor:
+    """Zeroed accumulator: float32, except the reference's float16 running l1 sum (``fold`` adds
+    in float32 and rounds the sum back to float16 after every sample, as the reference does)."""
+    dtype = torch.float16 if precision == "reference" and norm == "l1" else torch.float32
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def compute(
@@ -159,6 +181,7 @@ def compute(
     scale: float = 1.0,
     checkpointing: bool = False,
     progress: bool = True,
+    precision: str = "float32",
 ) -> dict[str, torch.Tensor]:
     """Aggregate per-sample gradients of the prunable weights (see the module docstring).
 
@@ -176,7 +199,7 @@ def compute(
         if checkpointing:
             stack.enter_context(checkpointed(adapter.blocks(model)))
         stack.enter_context(torch.enable_grad())
-        acc = {k: torch.zeros(p.shape, dtype=torch.float32, device=device) for k, p in params.items()}
+        acc = {k: accumulator(p.shape, norm, device, precision) for k, p in params.items()}
         folded: set[str] = set()
         for key, p in params.items():  # fold each gradient as soon as autograd produces it
             stack.callback(p.register_post_accumulate_grad_hook(_folder(key, acc[key], norm, scale, folded)).remove)
@@ -192,7 +215,7 @@ def compute(
             if missing:
                 raise GradientError(f"no gradient reached {missing[0]!r}: the layer is not on the loss path; "
                                     "exclude it from adapter.prunable() or fix adapter.loss()")
-    return {k: finish(a, norm).cpu() for k, a in acc.items()}
+    return {k: finish(a, norm, precision).cpu() for k, a in acc.items()}
 
 
 def _folder(key: str, acc: torch.Tensor, norm: str, scale: float, folded: set[str]):

@@ -217,3 +217,34 @@ def test_layer_off_the_loss_path_is_an_error(setup):
     with pytest.raises(GradientError, match=r"no gradient reached 'unused_layer_1'.*adapter\.prunable"):
         gradients.compute(adapter, loaded.model, batches, "l1", torch.device("cpu"), progress=False)
     assert all(p.grad is None for p in loaded.model.parameters())
+
+
+def test_reference_precision_accumulators():
+    """precision=reference: the l1 running sum is rounded to fp16 after every sample (SPEC 2.2)."""
+    gen = torch.Generator().manual_seed(0)
+    gs = [torch.randn(8, 16, generator=gen) * 10 ** torch.randint(-4, 1, (8, 16), generator=gen) for _ in range(20)]
+    acc16 = torch.zeros(8, 16, dtype=torch.float16)
+    acc1 = gradients.accumulator(torch.Size([8, 16]), "l1", torch.device("cpu"), "reference")
+    acc2 = gradients.accumulator(torch.Size([8, 16]), "l2", torch.device("cpu"), "reference")
+    for g in gs:
+        acc16 += (g.float() * 100).abs()  # the reference: fp32 scale/abs, fp16 running sum
+        gradients.fold(acc1, g, "l1", 100.0)
+        gradients.fold(acc2, g, "l2", 100.0)
+    assert torch.equal(gradients.finish(acc1, "l1", "reference"), acc16.float())
+    l2 = torch.stack([(g.float() * 100) ** 2 for g in gs]).sum(0).sqrt()
+    assert torch.allclose(gradients.finish(acc2, "l2", "reference"), l2.half().float(), rtol=0, atol=0)
+    exact = torch.stack([(g.double() * 100).abs() for g in gs]).sum(0)
+    assert not torch.equal(acc16.double(), exact)  # the fp16 rounding is real
+
+
+def test_reference_precision_through_obtain(setup, tmp_path):
+    adapter, loaded, batches = setup
+    ref = GBLMMetric(GBLMMetric.Options(semantics="reference"))
+    cpu = torch.device("cpu")
+    f32, i32 = gradients.obtain(adapter, loaded, batches, ref, cpu, {"cache_dir": str(tmp_path)}, progress=False)
+    opts = {"cache_dir": str(tmp_path), "precision": "reference"}
+    f16, i16 = gradients.obtain(adapter, loaded, batches, ref, cpu, opts, progress=False)
+    assert i16["precision"] == "reference" and i16["fingerprint"] != i32["fingerprint"] and i16["cache"] == "computed"
+    for k in f32:
+        assert f16[k].dtype == torch.float32 and torch.equal(f16[k].half().float(), f16[k])
+        assert torch.allclose(f16[k], f32[k], rtol=5e-3, atol=1e-3)
