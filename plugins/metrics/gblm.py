@@ -75,9 +75,10 @@ class GBLMMetric(ScoreMetric):
       sequences of per-sequence squared column norms (effective alpha = 100*sqrt(N)), and
       ``|W|*G_file`` is computed in float16 then cast to float32. ``alpha`` must stay at its
       default there (an error otherwise): the reference has no alpha, only the baked-in scale.
-      Known deviations: the reference accumulates l1 in float16 (ours: float32) and keeps ``A``
-      as a running mean (ours: sum / N), so rankings agree up to float32 rounding of near-ties;
-      an imported reference file supplies the reference's own gradient values.
+      Gradients are accumulated in float32 unless the gradient option ``precision=reference``
+      asks for the reference's float16 l1 running sum. ``A`` is kept as sum / N (the reference:
+      a running mean), so rankings agree up to float32 rounding of near-ties. An imported
+      reference file supplies the reference's own gradient values.
 
     ``variant=true`` applies Wanda's adaptive per-row threshold to S (unstructured only).
     With ``alpha=0`` (paper semantics) the mask equals Wanda's exactly.
