@@ -32,8 +32,9 @@ class GradientMetric(ScoreMetric):
     """Gradient-only ablation of GBLM-Pruner, https://arxiv.org/abs/2311.04902 (``--prune_method gradient``).
 
     Score ``S[i,j] = |W[i,j]| * ||G[:,i,j]||_p`` with ``G`` the per-sample gradients of the dense
-    model's loss aggregated with the l1 or l2 norm; no calibration forward passes and no
-    activation statistics. ``inverse=true`` scores ``|W| / (G + 1e-8)`` (the reference's
+    model's loss aggregated with the l1 or l2 norm; no activation statistics (the runner's
+    layerwise forwards then serve only the reconstruction-error report: ``--no-error-report``
+    skips them). ``inverse=true`` scores ``|W| / (G + 1e-8)`` (the reference's
     ``--gradient_inv``). As in the reference, ``G`` carries scale 100 (irrelevant to the ranking
     of ``|W|*G``; it sets where the 1e-8 floor of the inverse matters), so the reference repo's
     gradient files plug in unchanged via ``--gradients FILE``.
