@@ -34,13 +34,13 @@ def parse_pattern(value: str) -> tuple[str, dict[str, Any]]:
 
 def parse_options(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
     """``-o metric.alpha=0`` -> {"metric": {"alpha": "0"}}."""
-    out: dict[str, dict[str, str]] = {"metric": {}, "pattern": {}, "adapter": {}}
+    out: dict[str, dict[str, str]] = {"metric": {}, "pattern": {}, "adapter": {}, "gradient": {}}
     for item in items:
         key, sep, value = item.partition("=")
         scope, dot, name = key.partition(".")
         if not sep or not dot or scope not in out or not name:
             raise click.BadParameter(
-                f"{item!r}: expected SCOPE.KEY=VALUE with SCOPE one of metric, pattern, adapter "
+                f"{item!r}: expected SCOPE.KEY=VALUE with SCOPE one of metric, pattern, adapter, gradient "
                 f"(e.g. -o metric.alpha=100); see `compresskit info metric NAME` for the keys",
                 param_hint="-o/--option",
             )
@@ -94,7 +94,7 @@ def cli(verbose: int) -> None:
 @click.option("--eval-windows", type=int, default=None, help="Cap on evaluation windows/batches [default: the adapter's CPU-sized cap, 64 windows for llama; 0 = all].")
 @click.option("--recompute-gradients", is_flag=True, help="Ignore cached gradient statistics.")
 @click.option("--gradients", "gradient_file", default=None, type=click.Path(exists=True, dir_okay=False), help="Import a GBLM reference gradient file (.pth).")
-@click.option("-o", "--option", "options", multiple=True, metavar="SCOPE.KEY=VALUE", help="Plugin option, e.g. -o metric.alpha=100 (repeatable).")
+@click.option("-o", "--option", "options", multiple=True, metavar="SCOPE.KEY=VALUE", help="Plugin option, e.g. -o metric.alpha=100; scopes metric, pattern, adapter, gradient (e.g. -o gradient.checkpointing=true). Repeatable.")
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Directory for the pruned model and compresskit.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --output.")
 @click.option("--dry-run", is_flag=True, help="Resolve plugins and check every layer against the pattern, then stop.")
@@ -111,7 +111,7 @@ def prune(**kw: Any) -> None:
         kw["eval_windows"] = 0 if kw["eval_windows"] is None else kw["eval_windows"]
     if kw["output"]:
         check_target(kw["output"], kw["overwrite"])  # fail before any work
-    grad_opts: dict[str, Any] = {}
+    grad_opts: dict[str, Any] = dict(opts["gradient"])
     if kw["recompute_gradients"]:
         grad_opts["recompute"] = True
     if kw["gradient_file"]:

@@ -77,6 +77,11 @@ def test_parsers():
     assert parse_pattern("4:8") == ("nm", {"n": 4, "m": 8})
     assert parse_pattern("unstructured") == ("unstructured", {})
     assert parse_options(("metric.alpha=0", "pattern.scope=layer")) == {
-        "metric": {"alpha": "0"}, "pattern": {"scope": "layer"}, "adapter": {}}
+        "metric": {"alpha": "0"}, "pattern": {"scope": "layer"}, "adapter": {}, "gradient": {}}
     with pytest.raises(Exception):
         parse_options(("nodot=1",))
+
+
+def test_gradient_scope_options_reach_the_engine():
+    r = run("prune", *TINY, "--metric", "gblm", "-o", "gradient.bogus=1")
+    assert r.exit_code != 0 and "gradient.bogus" in r.output and "checkpointing" in r.output
