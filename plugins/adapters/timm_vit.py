@@ -43,9 +43,9 @@ class TimmViTAdapter(ModelAdapter):
 
     Propagation: the runner's default ``--propagate pruned`` (the LLM procedure: the next block sees
     the pruned block) is kept for ViT on purpose; ``--propagate dense`` is Wanda's vision script. On
-    DINOv2-S (bench/results/vit*.md) dense propagation changed accuracy by -1.6 to +4.2 points (3 of 4
-    comparisons up, on 500 and 71 test images) and feature cosine by under 0.003: no clear winner, so
-    the toolkit keeps one default (SparseGPT's weight update also wants the pruned block's inputs).
+    DINOv2-S (bench/results/vit*.md, wanda and gblm at 50%) dense propagation changed accuracy by -7.0
+    to +11.8 points (500 and 71 test images) and feature cosine by +0.0002 to +0.006: no clear winner,
+    so the toolkit keeps one default (SparseGPT's weight update also wants the pruned block's inputs).
 
         compresskit prune --adapter vit_b --model random:tiny --metric gblm --sparsity 0.5
     """
