@@ -132,16 +132,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (16 calibration, 100 eval images, no ablation)")
     ap.add_argument("--no-write", action="store_true", help="print only, do not write bench/results")
     ap.add_argument("--data", default="fashion-mnist", help="image source for probe, calibration and evaluation")
+    ap.add_argument("--seed", type=int, default=0, help="calibration seed (the probe head and eval images stay fixed)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     s = Settings(nsamples=16, eval_images=100, ablation=False) if args.quick else Settings()
-    s = dataclasses.replace(s, probe_data=args.data, calibration=args.data, eval_data=args.data)
+    s = dataclasses.replace(s, probe_data=args.data, calibration=args.data, eval_data=args.data, seed=args.seed)
     result = run(s)
     text = markdown(result)
     print(text)
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = "vit" if args.data == "fashion-mnist" else f"vit_{args.data}"
+        stem = ("vit" if args.data == "fashion-mnist" else f"vit_{args.data}") + (f"_seed{args.seed}" if args.seed else "")
         (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         (RESULTS / f"{stem}.md").write_text(text)
 
