@@ -141,3 +141,22 @@ def test_pattern_scope_gives_exact_counts_per_row_and_block():
     for name, w in _weights(res).items():
         per_block = (w == 0).reshape(w.shape[0], -1, 32).sum(-1)
         assert (per_block == 16).all(), name
+
+
+@pytest.mark.slow
+def test_smollm2_sparsegpt_reconstructs_better_than_wanda(monkeypatch):
+    """The packaged SmolLM2-135M: lower layer errors than Wanda's masks, sane perplexity."""
+    import math
+    import statistics
+
+    from compresskit import perplexity
+
+    monkeypatch.delenv("COMPRESSKIT_CACHE")  # reuse the developer's real cache
+    kw = dict(adapter="llama", model="smollm2", nsamples=8, seqlen=128, calibration="handbook", progress=False)
+    sgpt, wanda = compresskit.prune(metric="sparsegpt", **kw), compresskit.prune(metric="wanda", **kw)
+    es, ew = [r.error for r in sgpt.report.layers], [r.error for r in wanda.report.layers]
+    assert len(es) == 210 and sgpt.report.overall_sparsity == pytest.approx(0.5, abs=1e-3)
+    assert statistics.mean(es) < 0.9 * statistics.mean(ew)
+    assert sum(a < b for a, b in zip(es, ew)) >= 0.9 * len(es)
+    ppl = perplexity.evaluate(sgpt.model, sgpt.loaded.processor, "wiki", 256, limit=8, progress=False)["perplexity"]
+    assert math.isfinite(ppl) and ppl < 200
