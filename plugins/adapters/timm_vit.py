@@ -55,6 +55,7 @@ class TimmViTAdapter(ModelAdapter):
     aliases = {"vit_b": "vit_base_patch16_224", "vit_s": "vit_small_patch16_224",
                "deit_b": "deit_base_patch16_224", "dinov2_s": "dinov2_s"}
     default_model = "dinov2_s"
+    default_eval_limit = 1000  # test images: about a minute for DINOv2-S at 112 px on one CPU core
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -87,9 +88,12 @@ class TimmViTAdapter(ModelAdapter):
         found = super().prunable(block)
         return {n: m for n, m in found.items() if n in PRUNED_LINEARS}
 
+    def default_calibration(self, source: str) -> str:
+        """Seeded noise images for ``random:*`` models (tests, quick tries), Fashion-MNIST otherwise."""
+        return "random" if source.startswith("random:") else "fashion-mnist"
+
     def _data(self, loaded: Loaded, data: str | None) -> str:
-        origin = loaded.info.get("source") or loaded.source  # a saved directory records its original source
-        return data or ("random" if origin.startswith("random:") else "fashion-mnist")
+        return data or self.default_calibration(loaded.info.get("source") or loaded.source)  # saved dirs: original
 
     def calibration_batches(self, loaded, nsamples, seqlen, seed, data):
         from compresskit import images
@@ -104,7 +108,7 @@ class TimmViTAdapter(ModelAdapter):
         return [{"x": x[k:k + 1], **({"labels": imgs.labels[i:i + 1]} if with_labels else {})} for k, i in enumerate(idx)]
 
     def describe_data(self, data):
-        return {"source": data or "default (random for random:* models, else fashion-mnist)", "kind": "images"}
+        return {"source": data, "kind": "images"}
 
     def forward(self, model, batch):
         return model(batch["x"])
