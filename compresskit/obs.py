@@ -223,7 +223,7 @@ def sparsegpt_prune(
     """
     if nm is not None:
         if select is None:
-            raise CompressKitError("N:M SparseGPT needs select=<the N:M pattern's mask function>, e.g. NMPattern().mask")
+            raise CompressKitError("N:M SparseGPT needs select=<the N:M pattern's mask>, e.g. NMPattern().mask")
         if blocksize % nm[1] or w.shape[1] % nm[1]:
             raise CompressKitError(
                 f"N:M with m={nm[1]} needs blocksize ({blocksize}) and in_features ({w.shape[1]}) to be multiples "

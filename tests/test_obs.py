@@ -73,7 +73,9 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("make", [_layer, _rank_deficient, lambda: _layer(dead=(3, 40))], ids=["full", "rankdef", "dead"])
+@pytest.mark.parametrize(
+    "make", [_layer, _rank_deficient, lambda: _layer(dead=(3, 40))], ids=["full", "rankdef", "dead"]
+)
 @pytest.mark.parametrize("blocksize", [16, 128])
 def test_unstructured_matches_float64_restatement(make, blocksize):
     w, h = make()
