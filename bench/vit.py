@@ -107,8 +107,8 @@ def markdown(result: dict) -> str:
         "",
         f"Model `{s['model']}` at {s['img_size']} px ({info['num_params'] / 1e6:.2f} M parameters; 48 block linears pruned, "
         f"patch embedding, norms and head kept). Head: a linear probe fitted once on dense features of "
-        f"{s['probe_samples']} (at most; the whole split if smaller) seeded {s['probe_data']} train images, then fixed. Calibration: {s['nsamples']} seeded "
-        f"{s['calibration']} train images (labels used for GBLM's loss). Evaluation: {result['rows'][0]['n']} seeded "
+        f"{s['probe_samples']} (at most; the whole split if smaller) seeded {s['probe_data']} train images, then fixed. Calibration: {s['nsamples']} "
+        f"{s['calibration']} train images drawn with seed {s['seed']} (labels used for GBLM's loss). Evaluation: {result['rows'][0]['n']} seeded "
         f"{s['eval_data']} test images. CPU, {s['threads']} threads (shared machine, load average at the end "
         f"{result['environment']['load_average'][0]:.1f}: times are noisy). GBLM: paper semantics, l1, alpha 100.",
         "",
