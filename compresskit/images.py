@@ -199,9 +199,12 @@ def fingerprint(x: torch.Tensor, *extra: Any) -> str:
 @torch.no_grad()
 def forward_all(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits, features)`` for every image: features are the pre-logits (pooled) vectors."""
+    from tqdm.auto import tqdm
+
     logits, feats = [], []
     device = next(model.parameters()).device
-    for chunk in x.split(batch_size):
+    chunks = x.split(batch_size)
+    for chunk in tqdm(chunks, desc="images", unit="batch", leave=False, disable=len(chunks) < 4):
         f = model.forward_head(model.forward_features(chunk.to(device)), pre_logits=True)
         feats.append(f.float().cpu())
         logits.append(model.get_classifier()(f).float().cpu() if model.num_classes else f.new_zeros(len(f), 0).cpu())
