@@ -121,6 +121,12 @@ def test_snippet_sections_exist():
                 assert f"[start:{section}]" in target.read_text(), f"{page.name}: no section {section!r} in {path}"
 
 
+def test_every_benchmark_table_is_on_the_benchmarks_page():
+    page = _page("benchmarks.md")
+    for table in sorted((ROOT / "bench" / "results").glob("*.md")):
+        assert f'--8<-- "bench/results/{table.name}"' in page, f"{table.name} is not included in docs/benchmarks.md"
+
+
 def test_manifest_keys_are_documented():
     import re
 
