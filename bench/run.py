@@ -103,15 +103,15 @@ def prune_once(s: Settings, metric: str, pattern: str, popts: dict, sparsity: fl
     gc.collect()
     grad_opts = {"recompute": True} if recompute and metric in GRADIENT_METRICS else {}
     with PeakRSS() as rss:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = api.prune(model=s.model, metric=metric, pattern=pattern, pattern_options=popts, sparsity=sparsity,
                            nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed, calibration=s.calibration,
                            device="cpu", report_error=False, progress=False, gradient_options=grad_opts)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ev = perplexity.evaluate(result.model, result.loaded.processor, s.eval_data, s.eval_seqlen, s.eval_windows,
                              progress=False)
     row = {"metric": metric, "pattern": pattern, "pattern_options": popts, "sparsity": result.report.overall_sparsity,
-           "ppl": ev["perplexity"], "prune_s": wall, "runner_s": result.report.seconds, "peak_rss_mb": rss.peak / 2**20,
+           "ppl": ev["perplexity"], "prune_s": wall, "prune_cpu_s": cpu, "runner_s": result.report.seconds, "peak_rss_mb": rss.peak / 2**20,
            "gradients": {k: v for k, v in result.manifest.get("gradients", {}).items() if k in ("cache", "seconds")}}
     log.info("%s %s %.2f: ppl %.2f, %.1f s", metric, pattern, row["sparsity"], row["ppl"], wall)
     del result
@@ -141,17 +141,18 @@ def markdown(s: Settings, floor: dict, rows: list[dict], sweep: dict, skipped: l
         f"**Floor** (same run): calibration forwards {floor['calibration_s']:.1f} s (capture + every block twice over the "
         f"calibration inputs, no hooks); gradient passes {floor['gradient_s']:.1f} s ({s.nsamples} forward+backward). "
         "Ratio = prune wall time / floor (magnitude: no floor). "
-        "Prune time is the whole `compresskit.prune()` call (load, calibration sampling, gradients, runner); "
+        "Prune CPU s = process CPU time of the same call (less sensitive to other load). Prune time is the whole `compresskit.prune()` call (load, calibration sampling, gradients, runner); "
         "`report_error=False`. Gradients column: `recomputed` = computed in that row (time and floor include "
         "them), `hit` = reused from the cache (floor without gradients).",
         "",
-        f"| metric | pattern | sparsity | {s.eval_data} PPL | prune s | x floor | peak RSS MB | gradients |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| dense | - | 0.000 | {floor['dense']['perplexity']:.2f} | - | - | - | - |",
+        f"| metric | pattern | sparsity | {s.eval_data} PPL | prune s | prune CPU s | x floor | peak RSS MB | gradients |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| dense | - | 0.000 | {floor['dense']['perplexity']:.2f} | - | - | - | - | - |",
     ]
     for r in rows:
         x = ratio(r, floor)
         lines.append(f"| {r['metric']} | {r['label']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | {r['prune_s']:.1f} | "
+                     f"{r.get('prune_cpu_s', float('nan')):.1f} | "
                      f"{'-' if x is None else f'{x:.2f}'} | {r['peak_rss_mb']:.0f} | {r['gradients'].get('cache', '-')} |")
     lines += ["", f"Unstructured sparsity sweep ({s.eval_data} PPL; `sweep.png`):", "",
               "| metric | " + " | ".join(f"{x:.0%}" for x in s.sweep) + " |", "|---" * (len(s.sweep) + 1) + "|"]
