@@ -66,6 +66,7 @@ class LlamaAdapter(ModelAdapter):
     def calibration_batches(self, loaded, nsamples, seqlen, seed, data):
         from compresskit import text
 
+        data = data or self.default_calibration(loaded.source)  # same default as compresskit.prune()
         ids = text.calibration_token_ids(loaded.processor, data, nsamples, seqlen, seed, loaded.model.config.vocab_size)
         return [{"input_ids": row.unsqueeze(0)} for row in ids]
 
