@@ -34,6 +34,7 @@ from compresskit.runner import block_output, capture_block_inputs
 log = logging.getLogger("bench")
 CANDIDATES = ("magnitude", "wanda", "gblm", "sparsegpt")
 GRADIENT_METRICS = ("gblm",)
+UPDATED = ("wanda", "gblm")  # also run with SparseGPT's OBS weight update on their masks (update="obs")
 PATTERNS = {"50% unstructured": ("unstructured", {}, 0.5), "4:8": ("nm", {"n": 4, "m": 8}, None),
             "2:4": ("nm", {"n": 2, "m": 4}, None)}
 
@@ -47,7 +48,7 @@ class Settings:
     eval_data: str = "wiki"
     eval_seqlen: int = 256
     eval_windows: int = 20
-    sweep: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7)
+    sweep: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
     seed: int = 0
     threads: int = 2
 
@@ -99,18 +100,20 @@ def measure_floor(adapter, s: Settings) -> dict:
     return {"calibration_s": calib, "gradient_s": grad, "dense": dense, "info": loaded.info}
 
 
-def prune_once(s: Settings, metric: str, pattern: str, popts: dict, sparsity: float | None, recompute: bool) -> dict:
+def prune_once(s: Settings, metric: str, pattern: str, popts: dict, sparsity: float | None, recompute: bool,
+               update: str = "none") -> dict:
     gc.collect()
     grad_opts = {"recompute": True} if recompute and metric in GRADIENT_METRICS else {}
     with PeakRSS() as rss:
         t0, c0 = time.perf_counter(), time.process_time()
         result = api.prune(model=s.model, metric=metric, pattern=pattern, pattern_options=popts, sparsity=sparsity,
                            nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed, calibration=s.calibration,
-                           device="cpu", report_error=False, progress=False, gradient_options=grad_opts)
+                           device="cpu", report_error=False, progress=False, gradient_options=grad_opts,
+                           update=update)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ev = perplexity.evaluate(result.model, result.loaded.processor, s.eval_data, s.eval_seqlen, s.eval_windows,
                              progress=False)
-    row = {"metric": metric, "pattern": pattern, "pattern_options": popts, "sparsity": result.report.overall_sparsity,
+    row = {"metric": metric if update == "none" else f"{metric} + {update} update", "pattern": pattern, "pattern_options": popts, "sparsity": result.report.overall_sparsity,
            "ppl": ev["perplexity"], "prune_s": wall, "prune_cpu_s": cpu, "runner_s": result.report.seconds, "peak_rss_mb": rss.peak / 2**20,
            "gradients": {k: v for k, v in result.manifest.get("gradients", {}).items() if k in ("cache", "seconds")}}
     log.info("%s %s %.2f: ppl %.2f, %.1f s", metric, pattern, row["sparsity"], row["ppl"], wall)
@@ -226,6 +229,10 @@ def main() -> None:
         for k, (label, (pattern, popts, sp)) in enumerate(PATTERNS.items()):
             recompute = k == 0 or not args.grad_once
             rows.append({**prune_once(s, m, pattern, popts, sp, recompute=recompute), "label": label})
+            save(out, s, floor, rows, sweep, skipped, start, complete=False)
+    for m in [m for m in UPDATED if m in metrics]:
+        for label, (pattern, popts, sp) in PATTERNS.items():
+            rows.append({**prune_once(s, m, pattern, popts, sp, recompute=False, update="obs"), "label": label})
             save(out, s, floor, rows, sweep, skipped, start, complete=False)
     for x in sorted(s.sweep, key=lambda v: -abs(v - 0.5)):  # extremes first: a partial run still shows the spread
         for m in metrics:
