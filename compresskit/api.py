@@ -106,12 +106,12 @@ def plan(config: RunConfig, registry: Registry | None = None) -> Plan:
     sparsity = implied if implied is not None else (0.5 if config.sparsity is None else config.sparsity)
     if not 0.0 <= sparsity < 1.0:
         raise OptionError(f"--sparsity must be in [0, 1), got {sparsity}")
-    if metric.needs_gradients and type(adapter).loss is ModelAdapter.loss:
-        raise CompressKitError(f"metric {metric.name!r} needs gradients but adapter {adapter.name!r} defines no loss")
     if metric.needs_gradients:
+        if type(adapter).loss is ModelAdapter.loss:
+            raise CompressKitError(f"metric {metric.name!r} needs gradients but adapter {adapter.name!r} defines no loss")
         from compresskit.gradients import GradientOptions
 
-        build(GradientOptions, config.gradient_options, "gradient.")  # fail fast on a bad -g option
+        build(GradientOptions, config.gradient_options, "gradient.")  # fail fast on a bad -o gradient.* option
     if config.nsamples < 1 or config.seqlen < 2:
         raise OptionError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {config.nsamples}, {config.seqlen})")
     origins = {k: str(e.origin) for k, e in entries.items()}
