@@ -1,0 +1,103 @@
+"""Mask pins: sha256 digests of the masks every built-in recipe produces, frozen at release 0.1.0.
+
+A refactor changes no result. Each case prunes a model through the public
+``compresskit.prune`` with a fixed seed and digests, per layer in block order, the boolean
+"weight is zero" mask (and, for methods that update kept weights, a float64 sum of the
+weights to a tolerance). ``tests/data/mask_pins.json`` holds the digests computed at 0.1.0;
+``tests/test_mask_pins.py`` recomputes them. Regenerate only when a change of result is
+intended and explained in the commit::
+
+    .venv/bin/python tests/mask_pins.py --write            # the fast random:tiny cases
+    .venv/bin/python tests/mask_pins.py --write --slow     # plus the packaged SmolLM2 cases
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+PINS = Path(__file__).parent / "data" / "mask_pins.json"
+
+TINY = dict(model="random:tiny", nsamples=8, seqlen=32, seed=0, device="cpu", progress=False)
+PATTERNS = {"unstructured": dict(pattern="unstructured"),
+            "2:4": dict(pattern="nm", pattern_options={"n": 2, "m": 4}),
+            "4:8": dict(pattern="nm", pattern_options={"n": 4, "m": 8})}
+METRICS = ("magnitude", "wanda", "gblm", "gradient", "sparsegpt")
+
+
+def _cases() -> dict[str, dict[str, Any]]:
+    cases: dict[str, dict[str, Any]] = {}
+    for adapter in ("llama", "vit"):
+        for metric in METRICS:
+            for pname, pat in PATTERNS.items():
+                cases[f"{adapter}/{metric}/{pname}"] = dict(TINY, adapter=adapter, metric=metric, **pat)
+    extra = {
+        "llama/wanda/unstructured-0.3": dict(metric="wanda", sparsity=0.3),
+        "llama/wanda/variant": dict(metric="wanda", metric_options={"variant": True}),
+        "llama/wanda/update-obs": dict(metric="wanda", update="obs"),
+        "llama/wanda/update-obs-2:4": dict(metric="wanda", update="obs", **PATTERNS["2:4"]),
+        "llama/wanda/propagate-dense": dict(metric="wanda", propagate="dense"),
+        "llama/wanda/true-sequential": dict(metric="wanda", adapter_options={"true_sequential": True}),
+        "llama/gblm/reference": dict(metric="gblm", metric_options={"semantics": "reference"}),
+        "llama/gblm/l2-alpha1000": dict(metric="gblm", metric_options={"grad_norm": "l2", "alpha": 1000.0}),
+        "llama/gblm/variant": dict(metric="gblm", metric_options={"variant": True}),
+        "llama/gblm/update-obs": dict(metric="gblm", update="obs"),
+        "llama/gradient/inverse-l2": dict(metric="gradient", metric_options={"inverse": True, "grad_norm": "l2"}),
+        "llama/magnitude/scope-row": dict(metric="magnitude", metric_options={"scope": "row"}),
+        "llama/magnitude/pattern-layer": dict(metric="magnitude", metric_options={"scope": "pattern"},
+                                              pattern_options={"scope": "layer"}),
+        "llama/sparsegpt/mask-scope-pattern": dict(metric="sparsegpt", metric_options={"mask_scope": "pattern"}),
+        "llama/sparsegpt/blocksize-16-0.6": dict(metric="sparsegpt", sparsity=0.6, metric_options={"blocksize": 16}),
+        "vit/wanda/propagate-dense": dict(metric="wanda", propagate="dense", adapter="vit"),
+    }
+    for name, over in extra.items():
+        cases[name] = {**TINY, "adapter": "llama", "pattern": "unstructured", **over}
+    return cases
+
+
+def _slow_cases() -> dict[str, dict[str, Any]]:
+    base = dict(adapter="llama", model="smollm2", nsamples=32, seqlen=256, seed=0, device="cpu", progress=False)
+    return {f"smollm2/{m}/{p}": dict(base, metric=m, **PATTERNS[p]) for m in ("wanda", "gblm") for p in ("unstructured", "2:4")}
+
+
+def digest(result) -> dict[str, Any]:
+    """Mask digest (exact) and weight sums (float64) of every prunable layer, in block order."""
+    import torch
+
+    adapter, model = result.adapter, result.loaded.model
+    h = hashlib.sha256()
+    sums = []
+    for i, block in enumerate(adapter.blocks(model)):
+        for name, layer in adapter.prunable(block).items():
+            w = layer.weight.detach().cpu()
+            mask = (w == 0).contiguous()
+            h.update(f"{i}.{name}{tuple(w.shape)}".encode())
+            h.update(mask.numpy().tobytes())
+            sums.append(float(w.double().sum()))
+    return {"masks": h.hexdigest(), "weight_sum": float(torch.tensor(sums, dtype=torch.float64).abs().sum()),
+            "layers": len(sums)}
+
+
+def compute(config: dict[str, Any]) -> dict[str, Any]:
+    import compresskit
+
+    return digest(compresskit.prune(**config))
+
+
+def main(argv: list[str]) -> None:
+    cases = _cases()
+    if "--slow" in argv:
+        cases.update(_slow_cases())
+    out = {name: compute(cfg) for name, cfg in cases.items()}
+    if "--write" in argv:
+        old = json.loads(PINS.read_text()) if PINS.exists() else {}
+        PINS.parent.mkdir(parents=True, exist_ok=True)
+        PINS.write_text(json.dumps({**old, **out}, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,34 @@
+"""A refactor changes no result: masks of every built-in recipe equal those of release 0.1.0.
+
+The digests in ``tests/data/mask_pins.json`` were computed with release 0.1.0 by
+``tests/mask_pins.py`` (see its docstring); each case here recomputes one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import mask_pins
+
+PINNED = json.loads(mask_pins.PINS.read_text())
+
+
+def _check(name: str, config: dict) -> None:
+    got = mask_pins.compute(config)
+    want = PINNED[name]
+    assert got["layers"] == want["layers"]
+    assert got["masks"] == want["masks"], f"{name}: masks differ from release 0.1.0"
+    assert got["weight_sum"] == pytest.approx(want["weight_sum"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(mask_pins._cases()))
+def test_tiny_masks_equal_release_0_1_0(name):
+    _check(name, mask_pins._cases()[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(mask_pins._slow_cases()))
+def test_smollm2_masks_equal_release_0_1_0(name):
+    _check(name, mask_pins._slow_cases()[name])
