@@ -1,28 +1,53 @@
-"""The one place that knows about devices: resolution, moves, synchronisation, memory."""
+"""The one place that knows about devices: resolution, moves, synchronisation."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from compresskit.errors import OptionError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when present (else CPU, logged); anything else is passed to torch."""
+    """``auto`` -> CUDA when present (else CPU, logged); ``cpu``, ``cuda``, ``cuda:1``, ``mps`` checked.
+
+    Raises:
+        OptionError: an unknown device string, or an accelerator that is not available.
+    """
+    import torch
+
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         log.info("no CUDA device found; computing on the CPU")
         return torch.device("cpu")
-    return torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError) as exc:
+        raise OptionError(f"--device {spec!r} is not a device ({exc}); use auto, cpu, cuda, cuda:1 or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {spec} asks for CUDA but no CUDA device is available; use --device cpu "
+                              "(or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OptionError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"--device {spec} asks for MPS but it is not available; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise OptionError(f"--device {spec}: device type {dev.type!r} is not supported; use auto, cpu, cuda or mps")
+    return dev
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
     """Move tensors inside nested tuples/lists/dicts to ``device`` (other values unchanged)."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple):
@@ -40,7 +65,7 @@ def move_outside(model: nn.Module, blocks: list[nn.Module], device: torch.device
     for module in model.modules():
         if id(module) in inside:
             continue
-        for key, p in module._parameters.items():
+        for p in module._parameters.values():
             if p is not None and p.device != device:
                 p.data = p.data.to(device)  # same Parameter object: tied weights stay tied
         for key, b in module._buffers.items():
@@ -48,19 +73,17 @@ def move_outside(model: nn.Module, blocks: list[nn.Module], device: torch.device
                 module._buffers[key] = b.to(device)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    import torch
+
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels (no-op on CPU) so timings are honest."""
-    if device.type == "cuda":
+    import torch
+
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_bytes(device: torch.device) -> int | None:
-    """Peak allocated accelerator memory since the last reset; None on CPU (see bench for RSS)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return None

@@ -1,14 +1,15 @@
 """Gradient statistics on disk: the exact fingerprint, the safetensors cache, reference import.
 
 Cache files live in ``<cache_dir>/gradients/<norm>-<fingerprint>.safetensors`` (default cache
-dir: ``$COMPRESSKIT_CACHE`` or ``~/.cache/compresskit``). The fingerprint is a sha256 over
-everything that changes the numbers: every tensor of the model's state dict (names, shapes,
-dtypes, bytes), the model source string, the calibration batches' bytes, the norm, the
-per-sample scale, the accumulator precision, the adapter (whose ``loss`` defines the
-objective) and its options, the compute device type and the torch/transformers versions
-(different kernels round differently), and the engine version. Writes go to a temporary file
-that is renamed into place, so a crash never leaves a truncated cache entry; a cache file that
-fails to load or to match is recomputed.
+dir: ``$COMPRESSKIT_CACHE`` or ``~/.cache/compresskit``) and hold a statistic's additive parts.
+The fingerprint is a sha256 over everything that changes the numbers: every tensor of the
+model's state dict (names, shapes, dtypes, bytes), the model source string, the calibration
+batches' bytes, the statistic (norm, per-sample scale, accumulator precision), the adapter
+(whose ``loss`` defines the objective) and its options, the compute device type and the
+torch/transformers versions (different kernels round differently), and the engine version.
+The file's metadata also carries a sha256 of its tensors: a file whose bytes changed (but not
+its keys or shapes) is detected and recomputed. Writes go to a temporary file that is renamed
+into place, so a crash never leaves a truncated cache entry.
 """
 
 from __future__ import annotations
@@ -18,46 +19,30 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from compresskit.cache import hash_into, atomic_write, cache_dir, tensor_fingerprint
 from compresskit.errors import GradientError
 from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import as_dict
+from compresskit.stats import REFERENCE_SCALE, GradNorm
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = "1"
-REFERENCE_SCALE = 100.0
-"""The ``--scale`` the GBLM reference bakes into its gradient files (gradient_computation.py)."""
+ENGINE_VERSION = "2"  # 2: files hold additive parts (l2: the sum of squares) with a content checksum
 
 
-def cache_path(cache_dir: str | os.PathLike | None, fingerprint: str, norm: str) -> Path:
+def cache_path(root: str | os.PathLike | None, fingerprint: str, norm: str) -> Path:
     """Where the statistic with this fingerprint is (or will be) cached."""
-    from compresskit.assets import cache_dir as default_cache_dir
-
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    return root / "gradients" / f"{norm}-{fingerprint[:40]}.safetensors"
+    base = Path(root) if root else cache_dir()
+    return base / "gradients" / f"{norm}-{fingerprint[:40]}.safetensors"
 
 
-def _hash_tensor(h: Any, name: str, t: torch.Tensor) -> None:
-    t = t.detach().to("cpu").contiguous()
-    h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-
-
-def fingerprint(
-    adapter: ModelAdapter,
-    loaded: Loaded,
-    batches: Sequence[dict[str, torch.Tensor]],
-    norm: str,
-    scale: float,
-    device: torch.device,
-    precision: str = "float32",
-) -> str:
+def fingerprint(adapter: ModelAdapter, loaded: Loaded, batches: Sequence[dict[str, torch.Tensor]], stat: GradNorm,
+                device: torch.device) -> str:
     """sha256 identifying one gradient statistic exactly (see the module docstring).
 
     Hashes the full state dict (about 0.3 s per 100 M float32 parameters), not only the
@@ -65,12 +50,9 @@ def fingerprint(
     """
     import importlib.metadata as md
 
-    h = hashlib.sha256()
     facts = {
         "engine": ENGINE_VERSION,
-        "norm": norm,
-        "scale": repr(float(scale)),
-        "precision": precision,
+        "statistic": stat.key(),
         "source": loaded.source,
         "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
         "adapter_options": repr(sorted(as_dict(adapter.options).items())),
@@ -78,12 +60,9 @@ def fingerprint(
         "torch": torch.__version__,
         "transformers": _version(md, "transformers"),
     }
-    h.update(json.dumps(facts, sort_keys=True).encode())
-    for name, t in loaded.model.state_dict().items():
-        _hash_tensor(h, f"model.{name}", t)
-    for i, batch in enumerate(batches):
-        for key in sorted(batch):
-            _hash_tensor(h, f"batch{i}.{key}", batch[key])
+    h = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
+    hash_into(h, "model", loaded.model.state_dict())
+    hash_into(h, "batches", list(batches))
     return h.hexdigest()
 
 
@@ -95,32 +74,27 @@ def _version(md: Any, dist: str) -> str | None:
 
 
 def save(path: Path, grads: dict[str, torch.Tensor], fp: str, meta: dict[str, str]) -> bool:
-    """Write ``grads`` atomically (temp file + rename). Returns False (logged) if not writable."""
+    """Write ``grads`` atomically with a content checksum. Returns False (logged) if not writable."""
     from safetensors.torch import save_file
 
-    from compresskit import __version__
+    from compresskit._version import __version__
 
+    tensors = {k: v.contiguous() for k, v in grads.items()}
     metadata = {**meta, "fingerprint": fp, "engine": ENGINE_VERSION, "compresskit": __version__,
-                "torch": torch.__version__}
-    tmp = None
+                "torch": torch.__version__, "content_sha256": tensor_fingerprint(tensors)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        save_file({k: v.contiguous() for k, v in grads.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         log.info("cached gradients in %s", path)
         return True
     except OSError as exc:
         log.warning("could not write the gradient cache %s (%s); continuing without it. "
                     "Point $COMPRESSKIT_CACHE (or gradient option cache_dir) to a writable directory", path, exc)
-        if tmp and os.path.exists(tmp):
-            os.unlink(tmp)
         return False
 
 
 def load(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> dict[str, torch.Tensor] | None:
-    """Cached statistic at ``path`` if it exists and matches ``fp`` and the layer shapes, else None."""
+    """Cached parts at ``path`` if they exist and match ``fp``, the layer shapes and their checksum."""
     if not path.exists():
         return None
     from safetensors import safe_open
@@ -137,6 +111,13 @@ def load(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> dict[str,
         return None
     if any(tuple(grads[k].shape) != shape for k, shape in expected.items()):
         log.warning("gradient cache %s has wrong shapes; recomputing", path)
+        return None
+    if meta.get("content_sha256") != tensor_fingerprint(grads):
+        log.warning("gradient cache %s was modified after it was written (checksum mismatch); recomputing", path)
+        return None
+    bad = next((k for k, v in grads.items() if not torch.isfinite(v).all() or (v < 0).any()), None)
+    if bad is not None:
+        log.warning("gradient cache %s holds non-finite or negative values (layer %s); recomputing", path, bad)
         return None
     return grads
 
@@ -187,7 +168,13 @@ def import_reference(
     grads = {k: obj[k].float() for k in expected}
     bad = [k for k, v in grads.items() if not torch.isfinite(v).all()]
     if bad:
-        log.warning("gradient file %s has non-finite values in %d layers (e.g. %s; fp16 overflow in the reference)",
-                    p, len(bad), bad[0])
+        raise GradientError(f"gradient file {p} holds NaN/inf values in {len(bad)} layers (first: {bad[0]!r}; an "
+                            "fp16 overflow in the reference's accumulation?); recompute it, or drop --gradients "
+                            "to let compresskit compute float32 statistics")
+    neg = [k for k, v in grads.items() if (v < 0).any()]
+    if neg:
+        raise GradientError(f"gradient file {p} holds negative values (first in {neg[0]!r}), impossible for an "
+                            "aggregated gradient norm: it is not a gradients_aggregrate_norm file; use the right file "
+                            "or drop --gradients")
     log.info("imported reference gradients from %s (%d layers, scale %g included)", p, len(grads), REFERENCE_SCALE)
     return grads

@@ -1,20 +1,15 @@
-"""The gradient engine of GBLM-Pruner: per-sample gradients of the dense model, aggregated.
+"""The gradient engine: per-sample gradients of the dense model, folded into additive statistics.
 
 For every calibration batch (one sample each) this runs a forward and backward of
 ``adapter.loss(model, batch)`` on the *dense* model, before layerwise pruning, and folds the
-gradient ``g`` of every prunable linear weight into a float32 accumulator:
-
-* ``l1``: ``G = sum_n |s * g_n|``
-* ``l2``: ``G = sqrt(sum_n (s * g_n)^2)``
-
-where ``s = metric.gradient_scale()`` (1 for GBLM's paper semantics, 100 for the reference
-code, whose gradient files bake that factor in; see SPEC 2.2). The accumulators are float32;
-``precision="reference"`` reproduces the reference's instead (l1 running sum rounded to
-float16 after every sample, l2 square root rounded to float16). Only the accumulator the
-requested norm needs is allocated (4 bytes per prunable weight, on the compute device), and
-each weight's gradient is folded and freed by a post-accumulate-grad hook the moment autograd
-produces it, so at most one layer's gradient exists at a time. Only the prunable weights require grad
-during the pass, so autograd never materialises gradients of embeddings, norms or the head.
+gradient ``g`` of every prunable linear weight into each requested
+:class:`~compresskit.stats.GradNorm` statistic (``grad_l1``: ``sum_n |s g_n|``; ``grad_l2``:
+``sum_n (s g_n)^2``, finished as its square root; ``s`` the statistic's scale, 100 to
+reproduce the GBLM reference files). The sums are the statistic's additive parts: two runs
+over disjoint samples merge by addition. Each weight's gradient is folded and freed by a
+post-accumulate-grad hook the moment autograd produces it, so at most one layer's gradient
+exists at a time, and only the prunable weights require grad, so autograd never materialises
+gradients of embeddings, norms or the head.
 
 Results are cached as safetensors under ``<cache_dir>/gradients/`` keyed by an exact
 fingerprint (see :mod:`compresskit.gradcache`); a reference-repo ``.pth`` file can be imported
@@ -36,8 +31,9 @@ from torch import nn
 from compresskit import gradcache
 from compresskit.device import to_device
 from compresskit.errors import GradientError
-from compresskit.interfaces import Loaded, ModelAdapter, ScoreMetric
+from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import build, option
+from compresskit.stats import REFERENCE_SCALE, GradNorm
 
 log = logging.getLogger(__name__)
 
@@ -72,124 +68,117 @@ def obtain(
     adapter: ModelAdapter,
     loaded: Loaded,
     batches: Sequence[dict[str, torch.Tensor]],
-    metric: ScoreMetric,
+    stats: Sequence[GradNorm],
     device: torch.device,
     options: dict[str, Any] | None = None,
     progress: bool = True,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Gradient statistics for ``metric``: imported, reused from the cache, or computed.
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Finished gradient statistics: imported, reused from the cache, or computed.
 
     Args:
         adapter: the model family (blocks, prunable layers, loss, gradient keys).
         loaded: the dense model, before any pruning.
         batches: calibration batches of one sample each (the same ones the runner uses).
-        metric: names the norm (``gradient_norm()``) and the per-sample scale.
+        stats: the :class:`~compresskit.stats.GradNorm` statistics to produce.
         device: compute device of the forward/backward passes.
         options: a dict validated against :class:`GradientOptions`.
         progress: show a progress bar over samples.
 
     Returns:
-        ``(grads, info)``: float32 ``[out, in]`` CPU tensors keyed by ``adapter.gradient_key``,
-        and facts for the manifest (norm, scale, nsamples, fingerprint, cache, path, seconds).
+        ``(grads, info)``: ``grads[gradient_key][stat.name]`` is a float32 ``[out, in]`` CPU
+        tensor; ``info`` holds facts for the manifest (norms, scale, samples, cache, seconds).
 
     Raises:
-        GradientError: unknown norm, an invalid import file, or a layer that received no gradient.
+        GradientError: an invalid import file, or a layer that received no gradient.
         OptionError: an unknown or badly typed option.
     """
     opts = build(GradientOptions, dict(options or {}), "gradient.")
-    norm, scale = metric.gradient_norm(), float(metric.gradient_scale())
-    if norm not in NORMS:
-        raise GradientError(f"metric {metric.name!r} asks for gradient norm {norm!r}; "
-                            "its gradient_norm() must return 'l1' or 'l2'")
+    stats = [dataclasses.replace(s, precision=opts.precision) for s in stats]
+    for s in stats:
+        if s.norm not in NORMS:
+            raise GradientError(f"gradient statistic norm {s.norm!r} is not one of {', '.join(NORMS)}")
     t0 = time.perf_counter()
     model = loaded.model
     expected = {k: tuple(p.shape) for k, p in targets(adapter, model).items()}
-    info: dict[str, Any] = {"norm": norm, "scale": scale, "nsamples": len(batches), "precision": opts.precision,
-                            "checkpointing": opts.checkpointing}
+    info: dict[str, Any] = {"nsamples": len(batches), "precision": opts.precision, "checkpointing": opts.checkpointing,
+                            "statistics": {s.name: {"norm": s.norm, "scale": s.scale} for s in stats}}
+    out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in expected}
     if opts.import_path:
-        grads = gradcache.import_reference(opts.import_path, expected, norm)
-        factor = scale / gradcache.REFERENCE_SCALE
+        if len(stats) != 1:
+            raise GradientError("--gradients imports one reference file, but the metric needs "
+                                f"{len(stats)} gradient statistics; compute them instead (drop --gradients)")
+        stat = stats[0]
+        grads = gradcache.import_reference(opts.import_path, expected, stat.norm)
+        factor = stat.scale / REFERENCE_SCALE
         if factor != 1.0:
             log.info("rescaling imported gradients by %g (file carries scale %g, metric wants %g)",
-                     factor, gradcache.REFERENCE_SCALE, scale)
+                     factor, REFERENCE_SCALE, stat.scale)
             grads = {k: v * factor for k, v in grads.items()}
-        info.update(cache="imported", path=str(opts.import_path), file_scale=gradcache.REFERENCE_SCALE,
-                    rescaled_by=factor, nsamples=None, fingerprint=None)
-    else:
-        fp = gradcache.fingerprint(adapter, loaded, batches, norm, scale, device, opts.precision)
-        path = gradcache.cache_path(opts.cache_dir, fp, norm)
-        grads = None if opts.recompute else gradcache.load(path, expected, fp)
-        if grads is not None:
+        for k, v in grads.items():
+            out[k][stat.name] = v
+        info["nsamples"] = None
+        info["statistics"][stat.name].update(cache="imported", path=str(opts.import_path), fingerprint=None,
+                                             file_scale=REFERENCE_SCALE, rescaled_by=factor)
+        info["seconds"] = time.perf_counter() - t0
+        return out, info
+    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    todo = []
+    for s in stats:
+        fp = gradcache.fingerprint(adapter, loaded, batches, s, device)
+        path = gradcache.cache_path(opts.cache_dir, fp, s.norm)
+        cached = None if opts.recompute else gradcache.load(path, expected, fp)
+        if cached is not None:
             log.info("reusing cached gradients from %s", path)
-            info["cache"] = "hit"
+            parts[s.key()] = {k: {"sum": v} for k, v in cached.items()}
         else:
-            grads = compute(adapter, model, batches, norm, device, scale, opts.checkpointing, progress, opts.precision)
-            meta = {"norm": norm, "scale": repr(scale), "nsamples": str(len(batches)), "source": loaded.source}
-            info["cache"] = "recomputed" if opts.recompute else "computed"
-            if not gradcache.save(path, grads, fp, meta):
-                path = None
-        info.update(fingerprint=fp, path=str(path) if path else None)
+            todo.append((s, fp, path))
+        state = "hit" if cached is not None else "recomputed" if opts.recompute else "computed"
+        info["statistics"][s.name].update(cache=state, fingerprint=fp, path=str(path))
+    if todo:
+        fresh = compute(adapter, model, batches, [s for s, _, _ in todo], device, opts.checkpointing, progress)
+        for s, fp, path in todo:
+            parts[s.key()] = fresh[s.key()]
+            meta = {"statistic": s.key(), "nsamples": str(len(batches)), "source": loaded.source}
+            if not gradcache.save(path, {k: v["sum"] for k, v in fresh[s.key()].items()}, fp, meta):
+                info["statistics"][s.name]["path"] = None
+    for s in stats:
+        for k, p in parts[s.key()].items():
+            out[k][s.name] = s.finish(p).cpu()
     info["seconds"] = time.perf_counter() - t0
-    return grads, info
+    return out, info
+
+
+def target_layers(adapter: ModelAdapter, model: nn.Module) -> dict[str, nn.Linear]:
+    """Every prunable linear layer, keyed by ``adapter.gradient_key(block, name)``."""
+    return {adapter.gradient_key(i, name): layer for i, block in enumerate(adapter.blocks(model))
+            for name, layer in adapter.prunable(block).items()}
 
 
 def targets(adapter: ModelAdapter, model: nn.Module) -> dict[str, nn.Parameter]:
     """Weight of every prunable linear layer, keyed by ``adapter.gradient_key(block, name)``."""
-    out: dict[str, nn.Parameter] = {}
-    for i, block in enumerate(adapter.blocks(model)):
-        for name, layer in adapter.prunable(block).items():
-            out[adapter.gradient_key(i, name)] = layer.weight
-    return out
-
-
-def fold(acc: torch.Tensor, grad: torch.Tensor, norm: str, scale: float = 1.0) -> None:
-    """Add one per-sample gradient to a float32 accumulator: ``|s g|`` (l1) or ``(s g)^2`` (l2)."""
-    g = grad.float()
-    if scale != 1.0:
-        g = g * scale
-    if norm == "l1":
-        acc.add_(g.abs())
-    else:
-        acc.addcmul_(g, g)
-
-
-def finish(acc: torch.Tensor, norm: str, precision: str = "float32") -> torch.Tensor:
-    """Final float32 statistic from an accumulator: the l1 sum itself, or sqrt of the l2 sum.
-
-    With ``precision="reference"`` the l2 result is rounded to float16 as the reference stores it
-    (the l1 accumulator is already float16, see :func:`accumulator`).
-    """
-    out = acc.sqrt_() if norm == "l2" else acc
-    if precision == "reference":
-        out = out.half()
-    return out.float()
-
-
-def accumulator(shape: torch.Size, norm: str, device: torch.device, precision: str = "float32") -> torch.Tensor:
-    """Zeroed accumulator: float32, except the reference's float16 running l1 sum (``fold`` adds
-    in float32 and rounds the sum back to float16 after every sample, as the reference does)."""
-    dtype = torch.float16 if precision == "reference" and norm == "l1" else torch.float32
-    return torch.zeros(shape, dtype=dtype, device=device)
+    return {k: layer.weight for k, layer in target_layers(adapter, model).items()}
 
 
 def compute(
     adapter: ModelAdapter,
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
-    norm: str,
+    stats: Sequence[GradNorm],
     device: torch.device,
-    scale: float = 1.0,
     checkpointing: bool = False,
     progress: bool = True,
-    precision: str = "float32",
-) -> dict[str, torch.Tensor]:
-    """Aggregate per-sample gradients of the prunable weights (see the module docstring).
+) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """Additive parts of every statistic for every prunable weight (see the module docstring).
 
     The model runs in eval mode with ``adapter.run_context`` (KV cache off) on ``device`` and
     is moved back afterwards; ``requires_grad`` flags, the mode and the device are restored even
-    on error. Returns float32 CPU tensors.
+    on error.
+
+    Returns:
+        ``parts[stat.key()][gradient_key]`` = the statistic's parts (CPU tensors).
     """
-    params = targets(adapter, model)
+    layers = target_layers(adapter, model)
+    params = {k: layer.weight for k, layer in layers.items()}
     batches = list(batches)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_on_device(model, device))
@@ -199,10 +188,11 @@ def compute(
         if checkpointing:
             stack.enter_context(checkpointed(adapter.blocks(model)))
         stack.enter_context(torch.enable_grad())
-        acc = {k: accumulator(p.shape, norm, device, precision) for k, p in params.items()}
+        acc = {s.key(): {k: s.init(layer) for k, layer in layers.items()} for s in stats}
         folded: set[str] = set()
         for key, p in params.items():  # fold each gradient as soon as autograd produces it
-            stack.callback(p.register_post_accumulate_grad_hook(_folder(key, acc[key], norm, scale, folded)).remove)
+            hook = _folder(key, [(s, acc[s.key()][key]) for s in stats], folded)
+            stack.callback(p.register_post_accumulate_grad_hook(hook).remove)
         for batch in _progress(batches, progress):
             loss = adapter.loss(model, to_device(batch, device))
             if not torch.isfinite(loss):
@@ -215,15 +205,16 @@ def compute(
             if missing:
                 raise GradientError(f"no gradient reached {missing[0]!r}: the layer is not on the loss path; "
                                     "exclude it from adapter.prunable() or fix adapter.loss()")
-    return {k: finish(a, norm, precision).cpu() for k, a in acc.items()}
+    return {sk: {k: {n: t.cpu() for n, t in p.items()} for k, p in layers.items()} for sk, layers in acc.items()}
 
 
-def _folder(key: str, acc: torch.Tensor, norm: str, scale: float, folded: set[str]):
-    """Post-accumulate-grad hook: fold ``p.grad`` into ``acc`` and free it at once, so only one
-    layer's gradient exists at a time (instead of all of them until the backward ends)."""
+def _folder(key: str, targets: list[tuple[GradNorm, dict[str, torch.Tensor]]], folded: set[str]):
+    """Post-accumulate-grad hook: fold ``p.grad`` into every statistic and free it at once, so
+    only one layer's gradient exists at a time (instead of all of them until the backward ends)."""
 
     def hook(p: torch.Tensor) -> None:
-        fold(acc, p.grad, norm, scale)
+        for stat, parts in targets:
+            stat.fold(parts, p.grad)
         p.grad = None
         folded.add(key)
 

@@ -1,10 +1,12 @@
-"""The three plugin interfaces: ScoreMetric, MaskPattern, ModelAdapter.
+"""The plugin interfaces: ScoreMetric, MaskPattern, ModelAdapter, Solver and Allocation.
 
 Each is a one-level ABC. A plugin class sets ``name`` (the registry key typed on the CLI),
 ``summary`` (one line for ``compresskit list``) and ``Options`` (a frozen dataclass built with
-:func:`compresskit.options.option`). The runner builds one instance per run with validated
-options; plugins never build each other and never walk blocks, register hooks or move
-tensors between devices: that is the runner's job (:mod:`compresskit.runner`).
+:func:`compresskit.options.option`). :func:`compresskit.api.plan` builds one instance per run
+with validated options; plugins never build each other and never walk blocks, register hooks
+or move tensors between devices: that is the runner's job (:mod:`compresskit.runner`).
+
+This module imports no torch at run time, so ``import compresskit`` stays light.
 """
 
 from __future__ import annotations
@@ -14,55 +16,20 @@ import dataclasses
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
-import torch
-from torch import nn
-
 from compresskit.options import NoOptions
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import torch
+    from torch import nn
 
-@dataclasses.dataclass
-class LayerContext:
-    """What the runner knows about the layer being pruned, beside its weight and state.
-
-    Attributes:
-        name: qualified name inside the block, e.g. ``self_attn.q_proj``.
-        block_index: index of the block in ``adapter.blocks(model)``.
-        grad: the gradient statistic (``[out, in]`` float32) when the metric needs gradients.
-        hessian: ``X^T X`` summed over calibration tokens (``[in, in]`` float32, see
-            :func:`compresskit.ops.gram_update`) when the metric, the update stage or the
-            error report needs it.
-        tokens: number of calibration tokens seen by this layer.
-    """
-
-    name: str
-    block_index: int
-    grad: torch.Tensor | None = None
-    hessian: torch.Tensor | None = None
-    tokens: int = 0
+    from compresskit.run import Run
+    from compresskit.stats import LayerStats, Statistic
 
 
-@dataclasses.dataclass
-class PruneDecision:
-    """The result of pruning one layer: which weights go and, optionally, new kept weights.
-
-    Attributes:
-        mask: boolean ``[out, in]``, True = prune (set to zero).
-        weight: replacement weight (float32, already zero where ``mask``) for methods that
-            update the kept weights (SparseGPT); None keeps the original values.
-    """
-
-    mask: torch.Tensor
-    weight: torch.Tensor | None = None
-
-
-class MaskPattern(ABC):
-    """Given scores, decide which weights go.
-
-    ``mask(scores, sparsity)`` returns True where a weight is pruned. Higher score = keep.
-    """
+class Plugin(ABC):
+    """What every plugin class shares: ``name``, ``summary``, typed ``Options``."""
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
@@ -71,21 +38,61 @@ class MaskPattern(ABC):
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
 
-    @property
-    def implied_sparsity(self) -> float | None:
-        """The sparsity this pattern fixes by itself (N:M), or None when ``--sparsity`` decides."""
-        return None
+
+@dataclasses.dataclass(frozen=True)
+class Structure:
+    """What a pattern's masks look like, so that planning and solvers need not guess.
+
+    Attributes:
+        group: the comparison group the target is met in: ``row`` (every output row prunes
+            ``floor(in_features * s)``), ``layer`` (the matrix as a whole), ``adaptive`` (the
+            layer as a whole, rows differ by a shared rule), ``nm`` (``n`` of every aligned
+            ``m`` input columns of a row), or a third-party name.
+        n: weights pruned per group (``nm`` only).
+        m: group width along the input dimension (``nm`` only).
+    """
+
+    group: str
+    n: int = 0
+    m: int = 0
 
     @property
-    def nm(self) -> tuple[int, int] | None:
-        """``(n_pruned, m)`` for N:M patterns, None otherwise (used by SparseGPT's sweep)."""
+    def implied_sparsity(self) -> float | None:
+        """The sparsity the structure fixes by itself (``n/m`` for N:M), else None."""
+        return self.n / self.m if self.group == "nm" and self.m else None
+
+    @property
+    def free(self) -> bool:
+        """True when only the count per comparison group is constrained (unstructured masks)."""
+        return self.group in ("row", "layer", "adaptive")
+
+
+class MaskPattern(Plugin):
+    """Given scores, decide which weights go: ``mask(scores, sparsity)``, True = prune.
+
+    Higher score = keep. ``structure`` says what the masks look like; ``with_group`` lets
+    planning switch the comparison group a metric asks for (``None``: not offered).
+    """
+
+    @property
+    @abstractmethod
+    def structure(self) -> Structure:
+        """The shape of this pattern's masks (see :class:`Structure`)."""
+
+    @property
+    def implied_sparsity(self) -> float | None:
+        """The sparsity this pattern fixes by itself (N:M), or None when the run's target decides."""
+        return self.structure.implied_sparsity
+
+    def with_group(self, group: str) -> MaskPattern | None:
+        """A copy of this pattern comparing within ``group`` (``row``/``layer``/...), or None."""
         return None
 
     def check(self, layer_name: str, weight_shape: tuple[int, int], sparsity: float) -> None:
         """Raise :class:`~compresskit.errors.IncompatiblePatternError` if the pattern cannot apply.
 
-        Called by the runner for every target layer before any calibration work. The message
-        must name the layer and the fix.
+        Called once per target layer, with that layer's target, before any calibration work.
+        The message must name the layer and the fix.
         """
 
     @abstractmethod
@@ -93,58 +100,95 @@ class MaskPattern(ABC):
         """Return a boolean tensor of ``scores``' shape, True = prune. Must not modify scores."""
 
 
-class ScoreMetric(ABC):
+class ScoreMetric(Plugin):
     """How important is each weight? Higher score = keep.
 
-    The runner calls, per target linear layer: ``init_state(layer)`` once; ``update(state, x)``
-    for every calibration forward (``x`` is the layer input, detached, float32, flattened to
-    ``[tokens, in_features]``); then ``prune(weight, state, ctx, pattern, sparsity)``, whose
-    default scores with ``score`` and asks the pattern for a mask.
+    A metric declares the per-layer statistics it needs (``statistics()``: names such as
+    ``"act_sq"``, ``"gram"``, ``"grad_l1"``, or :class:`~compresskit.stats.Statistic`
+    instances); the runner collects exactly those over the calibration data and hands them to
+    ``score(weight, stats)`` finished. Data-free metrics need none and run without forwards.
 
-    Class flags tell the runner which passes to run: ``needs_calibration`` (forward passes with
-    hooks), ``needs_gradients`` (a dense forward+backward per calibration sample before
-    pruning; then ``gradient_norm()`` names the statistic), ``needs_hessian`` (``ctx.hessian``).
+    ``comparison_group()`` asks planning for a comparison group (``layer`` for magnitude); a
+    metric whose mask is chosen inside a solver's sweep (SparseGPT) names that solver in
+    ``mask_solver`` and needs no ``score``.
     """
 
-    name: ClassVar[str]
-    summary: ClassVar[str] = ""
-    Options: ClassVar[type] = NoOptions
-    needs_calibration: ClassVar[bool] = True
-    needs_gradients: ClassVar[bool] = False
-    needs_hessian: ClassVar[bool] = False
+    #: name of the solver that chooses this metric's mask while reconstructing (SparseGPT: ``obs``)
+    mask_solver: ClassVar[str | None] = None
 
-    def __init__(self, options: Any = None) -> None:
-        self.options = options if options is not None else self.Options()
+    def statistics(self) -> Sequence[str | Statistic]:
+        """The statistics ``score`` reads (default: none, a data-free metric)."""
+        return ()
 
-    def gradient_norm(self) -> str | None:
-        """Which gradient statistic ``score`` wants: ``"l1"`` or ``"l2"`` (None: no gradients)."""
+    def comparison_group(self) -> str | None:
+        """The comparison group this metric wants (a :class:`Structure` group), or None."""
         return None
 
-    def gradient_scale(self) -> float:
-        """Factor applied to every per-sample gradient before aggregation (GBLM reference: 100)."""
-        return 1.0
+    def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+        """Return importance scores of ``weight``'s shape. Must not modify ``weight``.
 
-    def init_state(self, layer: nn.Linear) -> Any:
-        """Return a fresh float32 accumulator for ``layer`` (None for data-free metrics)."""
+        Args:
+            weight: float32 copy of the layer weight, ``[out_features, in_features]``.
+            stats: the finished statistics named by :meth:`statistics`, plus token and sample counts.
+        """
+        raise NotImplementedError(f"metric {self.name!r} defines no score()")
+
+    def select(self, saliency: torch.Tensor, pattern: MaskPattern, sparsity: float) -> torch.Tensor:
+        """Mask of one window of saliencies inside a ``mask_solver`` sweep (default: the pattern's)."""
+        return pattern.mask(saliency, sparsity)
+
+
+class Solver(Plugin):
+    """The weight-update stage: new values for the kept weights once the mask is fixed.
+
+    Two levels, both optional: ``solve`` reconstructs one layer for its mask (default: zero the
+    pruned weights, keep the rest); ``solve_block`` runs after every layer of a block is pruned
+    and may tune the block's kept weights against the dense block's outputs (the mask stays).
+    A solver that can also choose the mask while it goes (OBS) implements ``select_and_solve``
+    and is named by metrics in ``mask_solver``.
+    """
+
+    def statistics(self) -> Sequence[str | Statistic]:
+        """The statistics the solver reads (OBS: ``gram``)."""
+        return ()
+
+    def solve(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+        """Float32 weights of ``weight``'s shape, zero wherever ``mask`` (True = pruned)."""
+        return weight.masked_fill(mask, 0.0)
+
+    def solve_block(self, block: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
+                    inputs: Sequence[Any], dense_outputs: Sequence[torch.Tensor]) -> None:
+        """Tune ``block`` in place after its layers are pruned (default: nothing).
+
+        Args:
+            block: the pruned block, on the compute device.
+            layers: its prunable layers by name; ``masks[name]`` (True = pruned) must stay zero.
+            inputs: the block's calibration inputs (``(args, kwargs)`` per sample).
+            dense_outputs: the unpruned block's outputs on those inputs (the targets).
+        """
+
+    def select_and_solve(
+        self, weight: torch.Tensor, stats: LayerStats, metric: ScoreMetric, pattern: MaskPattern, sparsity: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, new weight)`` with the mask chosen during the sweep by ``metric.select``."""
+        raise NotImplementedError(f"solver {self.name!r} cannot choose masks")
+
+
+class Allocation(Plugin):
+    """How the run's overall target is spread over layers (``--allocation``; ``uniform``: equally).
+
+    ``prepare(run)`` runs once before pruning (a pre-pass may walk the dense blocks with
+    :func:`compresskit.walk.walk_blocks`); ``sparsity(run, block_index, layer_name)`` returns a
+    layer's target or None for the run's uniform target. It answers through the
+    ``layer_sparsity`` hook after the explicit ``--sparsity-map`` and any installed plugin.
+    """
+
+    def prepare(self, run: Run) -> None:
+        """Compute whatever the per-layer answers need (default: nothing)."""
+
+    def sparsity(self, run: Run, block_index: int, layer_name: str) -> float | None:
+        """This layer's target, or None for the run's uniform target."""
         return None
-
-    def update(self, state: Any, inputs: torch.Tensor) -> None:
-        """Fold a ``[tokens, in_features]`` float32 batch of layer inputs into ``state``."""
-
-    @abstractmethod
-    def score(self, weight: torch.Tensor, state: Any, grad: torch.Tensor | None) -> torch.Tensor:
-        """Return importance scores of ``weight``'s shape. Must not modify ``weight``."""
-
-    def prune(
-        self,
-        weight: torch.Tensor,
-        state: Any,
-        ctx: LayerContext,
-        pattern: MaskPattern,
-        sparsity: float,
-    ) -> PruneDecision:
-        """Decide the mask (and optionally new weights). Default: ``pattern.mask(score(...))``."""
-        return PruneDecision(mask=pattern.mask(self.score(weight, state, ctx.grad), sparsity))
 
 
 @dataclasses.dataclass
@@ -153,9 +197,9 @@ class Loaded:
 
     Attributes:
         model: the ``nn.Module`` in eval mode, on the offload device.
-        processor: tokenizer (LLaMA) or data config / transform (ViT); None when absent.
+        processor: tokenizer (LLMs) or image transform (ViT); None when absent.
         source: the source string it was loaded from.
-        info: free-form facts for the manifest (family, parameter count, origin).
+        info: facts for the manifest (family, model type, parameter count, origin).
     """
 
     model: nn.Module
@@ -164,23 +208,41 @@ class Loaded:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-class ModelAdapter(ABC):
-    """Where are the blocks and linears of this model family, and how is it fed?
+@dataclasses.dataclass(frozen=True)
+class EvalRequest:
+    """What to evaluate: data, a cap, where, and family-specific knobs (adapters use what applies).
 
-    Adapters describe structure and data; they never loop over blocks. ``Batch`` values are
-    whatever ``calibration_batches`` yields and ``forward``/``loss`` accept (a dict of tensors).
+    Attributes:
+        data: evaluation source (None: the adapter's default).
+        limit: cap on windows/batches/examples (None: everything).
+        device: where to compute.
+        seqlen: window length in tokens (LLMs).
+        tasks: zero-shot task names (LLMs; empty: perplexity only).
+        progress: show progress bars.
     """
 
-    name: ClassVar[str]
-    summary: ClassVar[str] = ""
-    Options: ClassVar[type] = NoOptions
+    data: str | None = None
+    limit: int | None = None
+    device: str = "cpu"
+    seqlen: int = 256
+    tasks: tuple[str, ...] = ()
+    progress: bool = True
+
+
+class ModelAdapter(Plugin):
+    """Where are the blocks and linears of this model family, and how is it fed?
+
+    Adapters describe structure and data; they never loop over blocks. Batches are whatever
+    ``calibration_batches`` yields and ``forward``/``loss`` accept (a dict of tensors).
+    """
+
     aliases: ClassVar[dict[str, str]] = {}
     default_model: ClassVar[str] = "random:tiny"
     #: evaluation windows/batches used when the user gives no cap (None: all); CPU-sized default
     default_eval_limit: ClassVar[int | None] = None
 
     def __init__(self, options: Any = None, alias: str | None = None) -> None:
-        self.options = options if options is not None else self.Options()
+        super().__init__(options)
         self.alias = alias  # the name or alias the user selected this adapter by (None: its name)
 
     def resolve_source(self, source: str | None) -> str:
@@ -190,7 +252,7 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def load(self, source: str) -> Loaded:
-        """Load the model (eval mode, float32, on CPU). Must understand ``random:tiny``."""
+        """Load the model (eval mode, on CPU). Must understand ``random:tiny``."""
 
     @abstractmethod
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
@@ -218,7 +280,11 @@ class ModelAdapter(ABC):
     def calibration_batches(
         self, loaded: Loaded, nsamples: int, seqlen: int, seed: int, data: str | None
     ) -> list[dict[str, torch.Tensor]]:
-        """Return ``nsamples`` batches of one sample each, deterministic in ``seed``."""
+        """Return ``nsamples`` batches of one sample each, deterministic in ``seed``.
+
+        ``data=None`` means :meth:`default_calibration`; ``seqlen`` is ignored by families
+        whose sample size is fixed (images).
+        """
 
     def describe_data(self, data: str | None) -> dict[str, Any]:
         """Facts about a calibration/evaluation source for the manifest (name, fingerprint)."""
@@ -229,7 +295,7 @@ class ModelAdapter(ABC):
         """Run the model on one batch (used to capture block-0 inputs)."""
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Scalar training loss of one batch; needed only by gradient metrics."""
+        """Scalar training loss of one batch; needed only by gradient statistics."""
         raise NotImplementedError(f"adapter {self.name!r} defines no loss")
 
     @contextlib.contextmanager
@@ -241,6 +307,6 @@ class ModelAdapter(ABC):
     def save(self, loaded: Loaded, directory: Path) -> None:
         """Write the model in its family's own format into an existing empty ``directory``."""
 
-    def evaluate(self, loaded: Loaded, data: str | None, seqlen: int, limit: int | None) -> dict[str, Any]:
-        """Quality of the model: a dict with the headline metric and the protocol used."""
+    def evaluate(self, loaded: Loaded, request: EvalRequest) -> dict[str, Any]:
+        """Quality of the model (already on ``request.device``): the headline metric and protocol."""
         raise NotImplementedError(f"adapter {self.name!r} has no evaluation")

@@ -107,7 +107,7 @@ def inverse_hessian_factor(h: torch.Tensor, percdamp: float = 0.01, max_retries:
     raise CompressKitError(
         f"Cholesky factorisation of the dampened Hessian failed for percdamp={percdamp:g} and "
         f"{max_retries} retries up to {damp / 10:g}: the Hessian is far from positive definite. "
-        "Use more calibration samples, or a larger dampening (-o metric.percdamp=0.1)."
+        "Use more calibration samples, or a larger dampening (-o update.percdamp=0.1)."
     )
 
 

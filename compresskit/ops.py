@@ -1,24 +1,37 @@
-"""Small pure tensor helpers shared by the runner and plugins."""
+"""Small pure tensor helpers shared by the runner and plugins (torch is imported lazily)."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def find_linears(module: nn.Module) -> dict[str, nn.Linear]:
     """Every ``nn.Linear`` inside ``module``, by qualified name, in definition order."""
+    from torch import nn
+
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
 
 
-def flatten_inputs(x: torch.Tensor) -> torch.Tensor:
-    """Detach, cast to float32 and flatten a layer input to ``[tokens, in_features]``."""
-    return x.detach().reshape(-1, x.shape[-1]).float()
+def wanda_score(weight: torch.Tensor, act_sq: torch.Tensor) -> torch.Tensor:
+    """``|W[i,j]| * ||X_j||_2`` from ``act_sq`` (per input column, the sum of squared inputs).
+
+    Wanda's score, shared by metrics built on it (GBLM adds a gradient term). The reference
+    divides the sum by the number of sequences first; that factor is uniform in a layer, so
+    the ranking (and the mask) is the same.
+    """
+    return weight.abs() * act_sq.sqrt().unsqueeze(0)
 
 
-def gram_update(h: torch.Tensor, x: torch.Tensor) -> None:
-    """Add ``x^T x`` (x: ``[tokens, in]`` float32) to the running Gram matrix ``h`` in place."""
-    h.addmm_(x.t(), x)
+def lowest_mask(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """True at the ``k`` lowest scores along ``dim`` (stable sort: ties go to the lower index)."""
+    import torch
+
+    idx = torch.sort(scores, dim=dim, stable=True)[1].narrow(dim, 0, k)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(dim, idx, True)
 
 
 def sparsity(t: torch.Tensor) -> float:
@@ -53,6 +66,8 @@ def adaptive_row_mask(scores: torch.Tensor, sparsity: float, tol: float = 1e-3) 
     sparsity is within ``tol`` of the target. Unlike the reference code, a row where no prefix
     fits prunes nothing instead of everything (SPEC 3.5 edge case).
     """
+    import torch
+
     s = scores.float()
     sorted_s, order = torch.sort(s, dim=-1, stable=True)
     cums = sorted_s.cumsum(dim=-1)

@@ -1,9 +1,17 @@
-"""Plugin manager factory and the typed registry of metrics, patterns and adapters."""
+"""Plugin manager factory and the typed registry of every plugin kind (see :mod:`compresskit.kinds`).
+
+Loading is defensive: a plugin whose module fails to import, whose hook names are misspelled,
+whose registration hook raises, or whose class fails validation is reported (plugin,
+distribution, what is wrong, how to disable it) and skipped; every other plugin keeps working.
+Built-in plugins (the ``compresskit`` distribution) load first, so a third-party duplicate of a
+built-in name is the one refused.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import importlib.metadata as md
 import logging
 import os
@@ -11,16 +19,17 @@ from typing import Any, Iterable
 
 import pluggy
 
-from compresskit import hookspecs
+from compresskit import hookspecs, targets
 from compresskit.errors import DuplicatePluginError, PluginDefinitionError, UnknownPluginError
-from compresskit.interfaces import MaskPattern, ModelAdapter, ScoreMetric
+from compresskit.kinds import KINDS
 
 log = logging.getLogger(__name__)
 
 GROUP = "compresskit"
 DISABLE_ENV = "COMPRESSKIT_DISABLE_PLUGINS"
-KINDS: dict[str, type] = {"metric": ScoreMetric, "pattern": MaskPattern, "adapter": ModelAdapter}
-_HOOK_OF = {"metric": "register_metrics", "pattern": "register_patterns", "adapter": "register_adapters"}
+LOAD_ENV = "COMPRESSKIT_PLUGINS"
+BUILTIN_DIST = "compresskit"
+CORE_PLUGIN = "compresskit.targets"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,93 +59,178 @@ class Entry:
 
 @dataclasses.dataclass
 class PluginFailure:
-    """A plugin that failed to load and was skipped."""
+    """A plugin (or one class of it) that was skipped, and how to get rid of the message."""
 
     plugin: str
     distribution: str | None
     error: str
+    severity: str = "error"  # "error": skipped; "warning": loaded, but something looks wrong
+
+    def message(self) -> str:
+        dist = f" ({self.distribution})" if self.distribution else ""
+        fix = f"; disable it with {DISABLE_ENV}={self.plugin}" if self.severity == "error" else ""
+        return f"plugin {self.plugin}{dist}: {self.error}{fix}"
+
+
+@dataclasses.dataclass
+class LoadInfo:
+    """What happened while loading plugins: distributions of loaded plugins, failures."""
+
+    distributions: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    failures: list[PluginFailure] = dataclasses.field(default_factory=list)
 
 
 def _normalise(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+def _names_from_env(var: str) -> list[str]:
+    return [p.strip() for p in os.environ.get(var, "").split(",") if p.strip()]
+
+
 def disabled_plugins() -> set[str]:
     """Names listed (comma-separated) in ``COMPRESSKIT_DISABLE_PLUGINS``."""
-    return {p.strip() for p in os.environ.get(DISABLE_ENV, "").split(",") if p.strip()}
+    return set(_names_from_env(DISABLE_ENV))
 
 
-def get_plugin_manager(load_entrypoints: bool = True) -> tuple[pluggy.PluginManager, LoadInfo]:
-    """Return a fresh plugin manager and what happened while loading (failures, versions).
-
-    Entry points of the ``compresskit`` group are loaded one by one; a plugin named in
-    ``COMPRESSKIT_DISABLE_PLUGINS`` is skipped, and one that raises on import is logged and
-    skipped instead of breaking the whole tool.
-    """
+def new_plugin_manager() -> pluggy.PluginManager:
+    """An empty manager with every hookspec and the core's own hook implementations."""
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
-    load = LoadInfo()
+    pm.register(targets, name=CORE_PLUGIN)
+    pm.register(targets.ALLOCATION, name=CORE_PLUGIN + ".allocation")
+    return pm
+
+
+def add_plugin(pm: pluggy.PluginManager, module: Any, name: str, load: LoadInfo, dist: str | None = None) -> bool:
+    """Register one plugin module; on a bad hook name unregister it and record why. Returns success."""
+    if pm.get_plugin(name) is not None or pm.is_registered(module):
+        return False
+    try:
+        pm.register(module, name=name)
+        pm.check_pending()
+    except Exception as exc:  # pluggy raises PluginValidationError for unknown hook names
+        if pm.get_plugin(name) is not None:
+            pm.unregister(name=name)
+        load.failures.append(PluginFailure(name, dist, f"{type(exc).__name__}: {exc}"))
+        return False
+    if not pm.get_hookcallers(module):
+        load.failures.append(PluginFailure(name, dist, "defines no @hookimpl function (nothing was registered); "
+                                           "mark its hooks with compresskit.hookimpl", severity="warning"))
+    return True
+
+
+def get_plugin_manager(load_entrypoints: bool = True, extra: Iterable[str] = (),
+                       disabled: Iterable[str] = ()) -> tuple[pluggy.PluginManager, LoadInfo]:
+    """Return a fresh plugin manager and what happened while loading (failures, versions).
+
+    Args:
+        load_entrypoints: load the ``compresskit`` entry-point group (built-ins first).
+        extra: more plugin modules for this process (dotted names or ``.py`` paths), after
+            those in ``$COMPRESSKIT_PLUGINS``.
+        disabled: plugin names to skip, besides those in ``$COMPRESSKIT_DISABLE_PLUGINS``.
+    """
+    pm, load = new_plugin_manager(), LoadInfo()
+    blocked = disabled_plugins() | set(disabled)
     if load_entrypoints:
-        blocked = disabled_plugins()
-        for ep in md.entry_points(group=GROUP):
+        eps = sorted(md.entry_points(group=GROUP), key=lambda ep: getattr(ep.dist, "name", "") != BUILTIN_DIST)
+        for ep in eps:
             if ep.name in blocked or pm.get_plugin(ep.name) is not None:
                 continue
             dist = getattr(ep, "dist", None)
+            dname = f"{dist.name} {dist.version}" if dist else None
             try:
                 module = ep.load()
-                pm.register(module, name=ep.name)
             except Exception as exc:  # a broken third-party plugin must not break the tool
-                dname = f"{dist.name} {dist.version}" if dist else None
-                log.warning("plugin %s (%s) failed to load (%s: %s); skipped", ep.name, dname, type(exc).__name__, exc)
-                load.failures.append(PluginFailure(ep.name, dname, f"{type(exc).__name__}: {exc}"))
+                load.failures.append(PluginFailure(ep.name, dname, f"failed to import: {type(exc).__name__}: {exc}"))
                 continue
-            if dist is not None:
+            if add_plugin(pm, module, ep.name, load, dname) and dist is not None:
                 load.distributions[ep.name] = (dist.name, dist.version)
-    pm.check_pending()
+    for spec in [*_names_from_env(LOAD_ENV), *extra]:
+        _load_module(pm, spec, load, blocked)
+    for f in load.failures:
+        log.warning("%s", f.message())
     return pm, load
 
 
-@dataclasses.dataclass
-class LoadInfo:
-    """What happened while loading entry points: distributions of loaded plugins, failures."""
+def _load_module(pm: pluggy.PluginManager, spec: str, load: LoadInfo, blocked: set[str]) -> None:
+    from pathlib import Path
 
-    distributions: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
-    failures: list[PluginFailure] = dataclasses.field(default_factory=list)
+    name = Path(spec).stem if spec.endswith(".py") else spec
+    if name in blocked:
+        return
+    try:
+        if spec.endswith(".py"):
+            path = Path(spec)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such plugin file {spec}")
+            mspec = importlib.util.spec_from_file_location(f"compresskit_local_{name}", path)
+            module = importlib.util.module_from_spec(mspec)
+            mspec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(spec)
+    except Exception as exc:
+        load.failures.append(PluginFailure(name, None, f"failed to import {spec!r}: {type(exc).__name__}: {exc}"))
+        return
+    add_plugin(pm, module, name, load)
 
 
 class Registry:
-    """Name -> class maps for the three kinds, built from a plugin manager's hooks."""
+    """Name -> class maps for every plugin kind, built from a plugin manager's registration hooks."""
 
     def __init__(self, pm: pluggy.PluginManager, load: LoadInfo | None = None) -> None:
         self.pm = pm
         self.load = load or LoadInfo()
         self.failures = self.load.failures
+        self.assets: list[Any] = []
         self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
         self._names: dict[str, dict[str, str]] = {k: {} for k in KINDS}  # normalised name/alias -> name
-        for kind, hook in _HOOK_OF.items():
-            for impl in getattr(pm.hook, hook).get_hookimpls():
-                origin = self._origin(impl.plugin_name, impl.plugin)
-                impl.function(register=self._registrar(kind, origin))
+        impls = [(kind.name, impl) for kind in KINDS.values() for impl in getattr(pm.hook, kind.hook).get_hookimpls()]
+        impls.sort(key=lambda ki: self._origin(ki[1].plugin_name).distribution != BUILTIN_DIST)  # built-ins first
+        for kind, impl in impls:
+            self._call_register(impl, self._registrar(kind, self._origin(impl.plugin_name)))
+        for impl in pm.hook.register_assets.get_hookimpls():
+            self._call_register(impl, self.assets.append)
+
+    def _call_register(self, impl: Any, register: Any) -> None:
+        try:
+            impl.function(register=register)
+        except Exception as exc:  # a raising registration hook must not take down the tool
+            origin = self._origin(impl.plugin_name)
+            self.failures.append(PluginFailure(impl.plugin_name, origin.distribution and f"{origin.distribution} "
+                                               f"{origin.version}", f"{impl.function.__name__} raised "
+                                               f"{type(exc).__name__}: {exc}"))
+            log.warning("%s", self.failures[-1].message())
 
     @classmethod
-    def from_entrypoints(cls) -> Registry:
-        """Build a registry from every installed plugin."""
-        pm, load = get_plugin_manager()
+    def from_entrypoints(cls, extra: Iterable[str] = (), disabled: Iterable[str] = ()) -> Registry:
+        """Build a registry from every installed plugin (plus ``extra`` modules, minus ``disabled``)."""
+        pm, load = get_plugin_manager(extra=extra, disabled=disabled)
         return cls(pm, load)
 
-    def _origin(self, plugin_name: str, module: Any) -> Origin:
+    def _origin(self, plugin_name: str) -> Origin:
         dist = self.load.distributions.get(plugin_name)
         return Origin(plugin_name, *dist) if dist else Origin(plugin_name)
 
     def _registrar(self, kind: str, origin: Origin):
         def register(cls: type, aliases: Iterable[str] = ()) -> None:
-            self.add(kind, cls, origin, aliases)
+            try:
+                self.add(kind, cls, origin, aliases)
+            except (PluginDefinitionError, DuplicatePluginError) as exc:
+                dist = f"{origin.distribution} {origin.version}" if origin.distribution else None
+                self.failures.append(PluginFailure(origin.plugin, dist, f"{exc} (class skipped)"))
+                log.warning("%s", self.failures[-1].message())
 
         return register
 
     def add(self, kind: str, cls: type, origin: Origin, aliases: Iterable[str] = ()) -> None:
-        """Validate and record one class. See the hookspecs for the contract."""
-        base = KINDS[kind]
+        """Validate and record one class. See the hookspecs for the contract.
+
+        Raises:
+            PluginDefinitionError: wrong base class, no ``name``, or ``Options`` not a dataclass.
+            DuplicatePluginError: the name or an alias is taken (the message names both plugins).
+        """
+        base = KINDS[kind].base
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginDefinitionError(f"{origin} registered {cls!r} as a {kind}, but it does not subclass {base.__name__}")
         name = getattr(cls, "name", None)
@@ -152,7 +246,7 @@ class Registry:
             if norm in self._names[kind]:
                 other = self._entries[kind][self._names[kind][norm]]
                 raise DuplicatePluginError(
-                    f"{kind} {key!r} is registered by both {other.origin} and {origin}; "
+                    f"{kind} {key!r} is registered by both {other.origin} and {origin}; the first is kept: "
                     f"uninstall one or disable it with {DISABLE_ENV}=<plugin name>"
                 )
         self._entries[kind][name] = Entry(kind, name, cls, origin, aliases)
@@ -171,10 +265,10 @@ class Registry:
         names = sorted(self._names[kind])
         close = difflib.get_close_matches(norm, names, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        failed = "".join(f" (plugin {f.plugin} failed to load: {f.error})" for f in self.failures)
+        failed = "".join(f" ({f.message()})" for f in self.failures if f.severity == "error")
         raise UnknownPluginError(
             f"unknown {kind} {name!r}.{hint} Available: {', '.join(sorted(self._entries[kind])) or 'none'}. "
-            f"See `compresskit list {kind}s`.{failed}"
+            f"See `compresskit list {KINDS[kind].plural}`.{failed}"
         )
 
     def entries(self, kind: str) -> list[Entry]:
@@ -182,10 +276,12 @@ class Registry:
         return [self._entries[kind][n] for n in sorted(self._entries[kind])]
 
     def plugins(self) -> list[dict[str, Any]]:
-        """Installed plugins with their distribution, version and implemented hooks."""
+        """Loaded plugins with their distribution, version and implemented hooks (core excluded)."""
         out = []
         for name, module in sorted(self.pm.list_name_plugin(), key=lambda x: x[0]):
-            origin = self._origin(name, module)
+            if name.startswith(CORE_PLUGIN):
+                continue
+            origin = self._origin(name)
             hooks = sorted(h.name for h in self.pm.get_hookcallers(module) or [])
             out.append({"name": name, "distribution": origin.distribution, "version": origin.version, "hooks": hooks})
         return out

@@ -1,242 +1,186 @@
-"""The single layerwise runner shared by every metric, pattern and adapter.
+"""The single layerwise runner shared by every metric, pattern, solver and adapter.
 
-Lifecycle (see docs/explanation/runner.md): check every target layer against the pattern;
-capture the inputs of block 0 with *all* positional and keyword arguments; then per block:
-feed calibration inputs through the block with hooks on its linear layers (metric statistics,
-and the Gram matrix when needed), prune each layer (score -> mask -> optional OBS update ->
-apply), and recompute the block's outputs as the next block's inputs (from the pruned block by
-default, as in the reference LLM procedure). Only the current block lives on the compute device.
+:func:`prune_model` walks the blocks (:func:`compresskit.walk.walk_blocks`) and, per block:
+asks every layer's target (``layer_sparsity`` hook), collects the statistics the metric, the
+solver and the error report need while the block runs over its calibration inputs (per group
+of layers, all from the unpruned block), decides each layer (score -> mask, or the solver's own
+selection; then the solver's update) and writes it; the walk then propagates the block's
+outputs. Lifecycle hooks: ``run_started``, ``block_done``, ``run_finished`` (see
+docs/explanation/runner.md).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from typing import Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from compresskit import stats as st
+from compresskit.device import synchronize
+from compresskit.errors import CompressKitError, IncompatiblePatternError
+from compresskit.interfaces import Solver
+from compresskit.ops import reconstruction_error, sparsity
+from compresskit.run import LayerReport, PruneReport, Run
+from compresskit.walk import walk_blocks
 
-from compresskit.device import move_outside, synchronize, to_device
-from compresskit.interfaces import LayerContext, Loaded, MaskPattern, ModelAdapter, ScoreMetric
-from compresskit.ops import flatten_inputs, gram_update, reconstruction_error, sparsity
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class RunnerSettings:
-    """Knobs of the layerwise procedure.
-
-    Attributes:
-        sparsity: target fraction of zeros (N:M patterns imply their own).
-        device: compute device; blocks visit it one at a time.
-        offload: where the model rests between blocks (CPU).
-        propagate: ``pruned`` (reference LLM procedure: the next block sees the pruned block's
-            outputs) or ``dense`` (Wanda's vision script: statistics from the dense network).
-        update: ``none`` or ``obs`` (SparseGPT's weight reconstruction with the chosen mask).
-        report_error: record ``||WX - W'X||^2/||WX||^2`` per layer (needs the Gram matrix).
-        progress: show a progress bar over blocks.
-    """
-
-    sparsity: float = 0.5
-    device: torch.device = torch.device("cpu")
-    offload: torch.device = torch.device("cpu")
-    propagate: Literal["pruned", "dense"] = "pruned"
-    update: Literal["none", "obs"] = "none"
-    report_error: bool = True
-    progress: bool = True
+def check_layers(run: Run) -> int:
+    """Run ``pattern.check`` on every target layer at the uniform target (fail fast, before any
+    calibration). Returns the number of prunable layers."""
+    n = 0
+    for i, block in enumerate(run.adapter.blocks(run.model)):
+        for name, layer in run.adapter.prunable(block).items():
+            run.pattern.check(f"block {i} {name}", tuple(layer.weight.shape), run.settings.sparsity)
+            n += 1
+    return n
 
 
-@dataclasses.dataclass
-class LayerReport:
-    block: int
-    name: str
-    shape: tuple[int, int]
-    sparsity: float
-    seconds: float
-    error: float | None = None
+def needed_statistics(run: Run) -> list[st.Statistic]:
+    """Distinct input and gradient statistics of the metric, the solver and the error report."""
+    specs = list(run.metric.statistics())
+    if run.solver is not None:
+        specs += list(run.solver.statistics())
+    if run.settings.report_error:
+        specs.append("gram")
+    return st.resolve(specs)
 
 
-@dataclasses.dataclass
-class PruneReport:
-    """What the run did: per-layer sparsity, error and time, per-block time, totals."""
+def prune_model(run: Run) -> PruneReport:
+    """Prune ``run.loaded.model`` in place, block by block, and return ``run.report``."""
+    import torch
 
-    layers: list[LayerReport] = dataclasses.field(default_factory=list)
-    block_seconds: list[float] = dataclasses.field(default_factory=list)
-    capture_seconds: float = 0.0
-    seconds: float = 0.0
+    report, t0 = run.report, time.perf_counter()
+    specs = [s for s in needed_statistics(run) if s.source == "inputs"]
+    block_solver = run.solver is not None and type(run.solver).solve_block is not Solver.solve_block
+    device, offload = torch.device(run.settings.device), torch.device(run.settings.offload)
+    run.hook.run_started(run=run)
+    bar = _progress(len(run.adapter.blocks(run.model)), run.settings.progress, f"pruning {run.metric.name}")
+    clock = [t0]
 
-    @property
-    def overall_sparsity(self) -> float:
-        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
-        return sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers) / max(total, 1)
+    def block_finished(step) -> None:  # after the walk computed the next block's inputs
+        report.block_seconds.append(time.perf_counter() - clock[0])
+        run.inputs = step.inputs
+        bar.update(1)
+        run.hook.block_done(run=run, block_index=step.index)
+        clock[0] = time.perf_counter()
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "overall_sparsity": self.overall_sparsity,
-            "seconds": self.seconds,
-            "capture_seconds": self.capture_seconds,
-            "block_seconds": self.block_seconds,
-            "layers": [dataclasses.asdict(r) for r in self.layers],
-        }
-
-
-class _Captured(Exception):
-    """Private sentinel that stops the forward pass once block 0's inputs are recorded."""
-
-
-def check_layers(adapter: ModelAdapter, model: nn.Module, pattern: MaskPattern, target: float) -> None:
-    """Run ``pattern.check`` on every target layer (fail fast, before any calibration)."""
-    for i, block in enumerate(adapter.blocks(model)):
-        for name, layer in adapter.prunable(block).items():
-            pattern.check(f"block {i} {name}", tuple(layer.weight.shape), target)
-
-
-def capture_block_inputs(
-    adapter: ModelAdapter, model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device
-) -> list[tuple[tuple, dict]]:
-    """Run the model on each batch until block 0 and record its (args, kwargs) on ``device``."""
-    blocks = list(adapter.blocks(model))
-    move_outside(model, blocks, device)
-    first = blocks[0]
-    first.to(device)
-    records: list[tuple[tuple, dict]] = []
-
-    def hook(module, args, kwargs):
-        records.append((to_device(args, device), to_device(kwargs, device)))
-        raise _Captured
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    adapter.forward(model, to_device(batch, device))
-                except _Captured:
-                    continue
-                raise RuntimeError(f"adapter {adapter.name!r}: the forward pass never reached block 0")
-    finally:
-        handle.remove()
-    return records
-
-
-def block_output(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Call a block and normalise its output: first element of a tuple, or the tensor."""
-    out = block(*args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def prune_model(
-    loaded: Loaded,
-    adapter: ModelAdapter,
-    metric: ScoreMetric,
-    pattern: MaskPattern,
-    batches: list[dict[str, torch.Tensor]],
-    settings: RunnerSettings,
-    grads: Mapping[str, torch.Tensor] | None = None,
-    on_block: Callable[[int, int], None] | None = None,
-) -> PruneReport:
-    """Prune ``loaded.model`` in place, block by block, and return the report.
-
-    Args:
-        loaded: the model and its processor, from ``adapter.load``.
-        batches: calibration batches (ignored when no forward pass is needed).
-        grads: gradient statistics keyed by ``adapter.gradient_key`` (gradient metrics only).
-        on_block: optional callback ``(block_index, n_blocks)`` after each block.
-    """
-    model, report = loaded.model, PruneReport()
-    target = pattern.implied_sparsity if pattern.implied_sparsity is not None else settings.sparsity
-    check_layers(adapter, model, pattern, target)
-    if metric.needs_gradients and grads is None:
-        raise ValueError(f"metric {metric.name!r} needs gradient statistics; use compresskit.prune() to collect them")
-    need_hessian = metric.needs_hessian or settings.update == "obs" or settings.report_error
-    need_forward = metric.needs_calibration or need_hessian
-    dev = settings.device
-    t0 = time.perf_counter()
-    blocks = list(adapter.blocks(model))
-    with adapter.run_context(model):
-        inputs: list[tuple[tuple, dict]] = []
-        if need_forward:
-            inputs = capture_block_inputs(adapter, model, batches, dev)
-        report.capture_seconds = time.perf_counter() - t0
-        bar = _progress(len(blocks), settings.progress, f"pruning {metric.name}")
-        for i, block in enumerate(blocks):
-            tb = time.perf_counter()
-            block.to(dev)
-            dense_out = _prune_block(i, block, adapter, metric, pattern, inputs, settings, target, grads, report, need_forward, need_hessian)
-            if need_forward:
-                with torch.no_grad():
-                    outs = dense_out if settings.propagate == "dense" else [block_output(block, a, k) for a, k in inputs]
-                inputs = [((o, *a[1:]), k) for o, (a, k) in zip(outs, inputs)]
-            block.to(settings.offload)
-            synchronize(dev)
-            report.block_seconds.append(time.perf_counter() - tb)
-            bar.update(1)
-            if on_block:
-                on_block(i, len(blocks))
-        bar.close()
-    move_outside(model, blocks, settings.offload)
+    with run.adapter.run_context(run.model):
+        walk = walk_blocks(run.adapter, run.model, run.batches if specs or block_solver else None, device, offload,
+                           run.settings.propagate, on_step=block_finished)
+        for step in walk:
+            if run.block_index is None:
+                report.capture_seconds = time.perf_counter() - t0
+                clock[0] = time.perf_counter()
+            run.block_index, run.inputs = step.index, step.inputs
+            for name in step.layers:
+                _check_target(run, step.index, name, step.layers[name])
+            if block_solver and step.dense_outputs is None:
+                step.forward()  # the dense block's outputs: the block solver's targets
+            decided = {}
+            for group in run.adapter.groups(step.block):
+                parts = _collect(step, group, specs)
+                for name in group:
+                    row, mask, dense, gram = _prune_layer(run, step.index, name, step.layers[name],
+                                                          parts.get(name, {}), specs)
+                    if block_solver:
+                        decided[name] = (row, mask, dense, gram)
+            if block_solver:
+                run.solver.solve_block(step.block, step.layers, {n: d[1] for n, d in decided.items()}, step.inputs,
+                                       step.dense_outputs)
+                _refresh_rows(run, step.layers, decided)
+    bar.close()
+    run.block_index = None
     report.seconds = time.perf_counter() - t0
+    run.hook.run_finished(run=run)
     return report
 
 
-def _prune_block(i, block, adapter, metric, pattern, inputs, settings, target, grads, report, need_forward, need_hessian):
-    layers = adapter.prunable(block)
-    dense_out = None
-    for group in adapter.groups(block):
-        states = {n: metric.init_state(layers[n]) if metric.needs_calibration else None for n in group}
-        grams = {n: torch.zeros(layers[n].in_features, layers[n].in_features, device=settings.device) for n in group} if need_hessian else {}
-        tokens = dict.fromkeys(group, 0)
-        if need_forward:
-            handles = [layers[n].register_forward_pre_hook(_feeder(n, metric, states, grams, tokens)) for n in group]
-            try:
-                with torch.no_grad():
-                    outs = [block_output(block, a, k) for a, k in inputs]
-            finally:
-                for h in handles:
-                    h.remove()
-            if dense_out is None:
-                dense_out = outs
-        for name in group:
-            _prune_layer(i, name, layers[name], metric, pattern, states[name], grams.get(name), tokens[name], settings, target, grads, adapter, report)
-    return dense_out
+def _check_target(run: Run, block_index: int, name: str, layer: nn.Linear) -> None:
+    target = run.target(block_index, name)
+    if target != run.settings.sparsity:  # the uniform target was checked before calibration
+        try:
+            run.pattern.check(f"block {block_index} {name}", tuple(layer.weight.shape), target)
+        except IncompatiblePatternError as exc:
+            raise IncompatiblePatternError(f"{exc} (per-layer target {target:g} from the sparsity map, "
+                                           "--allocation or a layer_sparsity plugin)") from exc
 
 
-def _feeder(name, metric, states, grams, tokens):
-    def hook(module, args):
-        x = flatten_inputs(args[0])
-        if metric.needs_calibration:
-            metric.update(states[name], x)
-        if name in grams:
-            gram_update(grams[name], x)
-        tokens[name] += x.shape[0]
+def _collect(step, group: list[str], specs: list[st.Statistic]) -> dict[str, dict[str, st.Parts]]:
+    """Run the block over its inputs once and return every layer's statistic parts."""
+    if not specs:
+        return {}
+    counts = st.Counts()
+    parts = {n: {s.key(): s.init(step.layers[n]) for s in specs} | {"counts": counts.init(step.layers[n])}
+             for n in group}
 
-    return hook
+    def tap(name: str):
+        def fold(x: torch.Tensor, samples: int) -> None:
+            for s in specs:
+                s.update(parts[name][s.key()], x)
+            counts.count(parts[name]["counts"], x.shape[0], samples)
+
+        return fold
+
+    step.forward({n: tap(n) for n in group})
+    return parts
 
 
-def _prune_layer(i, name, layer, metric, pattern, state, gram, tokens, settings, target, grads, adapter, report):
+def layer_stats(run: Run, block_index: int, name: str, parts: dict[str, st.Parts], specs: list[st.Statistic]) -> st.LayerStats:
+    """Finish a layer's collected parts and add its gradient statistics."""
+    values = {s.name: s.finish(parts[s.key()]) for s in specs if s.key() in parts}
+    values.update(run.gradients.get(run.adapter.gradient_key(block_index, name), {}))
+    counts = st.Counts().finish(parts["counts"]) if "counts" in parts else {"tokens": 0, "samples": 0}
+    return st.LayerStats(values, block_index, name, counts["tokens"], counts["samples"])
+
+
+def decide(run: Run, weight: torch.Tensor, stats: st.LayerStats, target: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, new weight)`` of one layer: the metric's scores through the pattern (or the
+    solver's own selection for a ``mask_solver`` metric), then the solver's update."""
+    metric, solver = run.metric, run.solver
+    if metric.mask_solver is not None:
+        return solver.select_and_solve(weight.clone(), stats, metric, run.pattern, target)
+    mask = run.pattern.mask(metric.score(weight.clone(), stats), target)
+    if solver is None:
+        return mask, weight.masked_fill(mask, 0.0)
+    return mask, solver.solve(weight, mask, stats)
+
+
+def _prune_layer(run: Run, i: int, name: str, layer: nn.Linear, parts: dict, specs: list[st.Statistic]):
+    """Decide and write one layer; returns ``(report row, mask, dense weight, gram or None)``."""
     t = time.perf_counter()
     w = layer.weight.data
     dense = w.float().clone()
-    grad = None
-    if metric.needs_gradients:
-        key = adapter.gradient_key(i, name)
-        if key not in grads:
-            raise KeyError(f"no gradient statistic for {key!r}; the gradient cache does not match this model")
-        grad = grads[key].to(w.device, torch.float32)
-    ctx = LayerContext(name=name, block_index=i, grad=grad, hessian=gram, tokens=tokens)
-    decision = metric.prune(dense.clone(), state, ctx, pattern, target)
-    new = decision.weight if decision.weight is not None else dense.masked_fill(decision.mask, 0.0)
-    if settings.update == "obs" and decision.weight is None:
-        from compresskit.obs import obs_update
-
-        new = obs_update(dense, decision.mask, gram)
+    stats = layer_stats(run, i, name, parts, specs)
+    target = run.target(i, name)
+    try:
+        mask, new = decide(run, dense, stats, target)
+    except CompressKitError as exc:
+        raise type(exc)(f"block {i} {name}: {exc}") from exc
     w.copy_(new.to(w.dtype))
-    err = reconstruction_error(dense, w.float(), gram) if settings.report_error and gram is not None else None
-    synchronize(settings.device)
-    report.layers.append(LayerReport(i, name, tuple(w.shape), sparsity(w), time.perf_counter() - t, err))
+    gram = stats.get("gram") if run.settings.report_error else None
+    err = reconstruction_error(dense, w.float(), gram) if gram is not None else None
+    synchronize(w.device)
+    row = LayerReport(i, name, tuple(w.shape), target, sparsity(w), time.perf_counter() - t, err)
+    run.report.layers.append(row)
+    return row, mask, dense, gram
+
+
+def _refresh_rows(run: Run, layers: dict[str, nn.Linear], decided: dict[str, tuple]) -> None:
+    """After a block solver changed the weights: check the masks held, redo sparsity and error."""
+    for name, (row, mask, dense, gram) in decided.items():
+        w = layers[name].weight.data
+        if w[mask].any():
+            raise CompressKitError(f"solver {run.solver.name!r} changed pruned weights of block {row.block} {name}; "
+                                   "a block solver must keep masked weights at zero")
+        row.sparsity = sparsity(w)
+        if gram is not None:
+            row.error = reconstruction_error(dense, w.float(), gram)
 
 
 class _NoBar:

@@ -25,16 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default=None, help="directory to save the pruned model and compresskit.json")
     args = parser.parse_args(argv)
 
-    pattern, pattern_options = args.pattern, {}
-    if ":" in pattern:  # the CLI's N:M shorthand, spelled out for the Python API
-        n, m = (int(v) for v in pattern.split(":"))
-        pattern, pattern_options = "nm", {"n": n, "m": m}
     result = compresskit.prune(
         adapter="llama",
         model="smollm2" if args.real else "random:tiny",
         metric=args.metric,
-        pattern=pattern,
-        pattern_options=pattern_options,
+        pattern=args.pattern,  # "unstructured", or the N:M shorthand "2:4" as on the command line
         sparsity=args.sparsity,
         nsamples=args.nsamples or (16 if args.real else 4),
         seqlen=args.seqlen or (128 if args.real else 32),

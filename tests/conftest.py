@@ -16,7 +16,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def _tiny_llama_master():
-    from compresskit.llama_sources import random_model
+    from compresskit_plugins.adapters.llama.sources import random_model
 
     return random_model("tiny")
 

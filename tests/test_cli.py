@@ -8,7 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from compresskit.cli import cli, parse_options, parse_pattern
+from compresskit.cli import cli, parse_options
+from compresskit.config import RunConfig
 
 TINY = ["--adapter", "llama", "--model", "random:tiny", "--nsamples", "2", "--seqlen", "16", "--no-progress"]
 
@@ -74,10 +75,11 @@ def test_list_info_plugins_dry_run():
 
 
 def test_parsers():
-    assert parse_pattern("4:8") == ("nm", {"n": 4, "m": 8})
-    assert parse_pattern("unstructured") == ("unstructured", {})
-    assert parse_options(("metric.alpha=0", "pattern.scope=layer")) == {
-        "metric": {"alpha": "0"}, "pattern": {"scope": "layer"}, "adapter": {}, "gradient": {}}
+    assert RunConfig(pattern="4:8").pattern_spec() == ("nm", {"n": 4, "m": 8})
+    assert RunConfig(pattern="unstructured").pattern_spec() == ("unstructured", {})
+    assert parse_options(("metric.alpha=0", "pattern.scope=layer", "update.percdamp=0.1")) == {
+        "adapter": {}, "metric": {"alpha": "0"}, "pattern": {"scope": "layer"}, "update": {"percdamp": "0.1"},
+        "allocation": {}, "gradient": {}}
     with pytest.raises(Exception):
         parse_options(("nodot=1",))
 

@@ -9,7 +9,9 @@ from compresskit.errors import IncompatiblePatternError, OptionError
 from compresskit.ops import adaptive_row_mask, reconstruction_error
 from compresskit.options import build, describe
 from compresskit_plugins.metrics.magnitude import MagnitudeMetric
-from compresskit_plugins.metrics.wanda import WandaMetric, act_norm_state, act_norm_update, wanda_score
+from compresskit import stats
+from compresskit.ops import wanda_score
+from compresskit_plugins.metrics.wanda import WandaMetric
 from compresskit_plugins.patterns.nm import NMPattern
 from compresskit_plugins.patterns.unstructured import UnstructuredPattern
 
@@ -17,21 +19,43 @@ from compresskit_plugins.patterns.unstructured import UnstructuredPattern
 def test_wanda_score_by_hand():
     w = torch.tensor([[1.0, -2.0, 3.0, -4.0], [0.5, 0.5, -0.5, 0.5]])
     x = torch.tensor([[1.0, 0.0, 2.0, 1.0], [1.0, 3.0, 0.0, 1.0]])  # [tokens, in]
-    st = act_norm_state(4, torch.device("cpu"))
-    act_norm_update(st, x)
+    act = stats.ActSq()
+    parts = act.init(torch.nn.Linear(4, 2, bias=False))
+    act.update(parts, x)
     col = torch.tensor([2.0, 9.0, 4.0, 2.0]).sqrt()  # column norms by hand
-    assert torch.allclose(wanda_score(w, st.sq), w.abs() * col)
-    assert st.tokens == 2
+    assert torch.allclose(wanda_score(w, act.finish(parts)), w.abs() * col)
 
 
-def test_wanda_update_is_batch_size_independent():
+def test_statistics_are_additive_and_merge():
     torch.manual_seed(0)
     x = torch.randn(8, 16)
-    a, b = act_norm_state(16, torch.device("cpu")), act_norm_state(16, torch.device("cpu"))
-    act_norm_update(a, x)
-    act_norm_update(b, x[:4])
-    act_norm_update(b, x[4:])
-    assert torch.allclose(a.sq, b.sq) and a.tokens == b.tokens
+    layer = torch.nn.Linear(16, 4, bias=False)
+    for stat in (stats.ActSq(), stats.Gram()):
+        a, b, c = stat.init(layer), stat.init(layer), stat.init(layer)
+        stat.update(a, x)
+        stat.update(b, x[:4])
+        stat.update(c, x[4:])
+        merged = stats.merge(b, c)
+        assert torch.allclose(stat.finish(a), stat.finish(merged), rtol=1e-5, atol=1e-6), stat.name
+        stats.merge_into(b, c)
+        assert torch.equal(stat.finish(b), stat.finish(merged))
+    g = stats.GradNorm("l2", 100.0)
+    whole, half1, half2 = g.init(layer), g.init(layer), g.init(layer)
+    grads = torch.randn(3, 4, 16)
+    for k in range(3):
+        g.fold(whole, grads[k])
+        g.fold(half1 if k < 2 else half2, grads[k])
+    assert torch.allclose(g.finish(whole), g.finish(stats.merge(half1, half2)))
+    assert torch.allclose(g.finish(whole), (100 * grads).pow(2).sum(0).sqrt())
+    with pytest.raises(ValueError, match="different parts"):
+        stats.merge({"a": torch.zeros(1)}, {"b": torch.zeros(1)})
+
+
+def test_layer_stats_name_what_was_not_collected():
+    s = stats.LayerStats({"act_sq": torch.zeros(2)}, 3, "mlp.up_proj", tokens=5, samples=1)
+    assert s.tokens == 5 and s["act_sq"].shape == (2,)
+    with pytest.raises(KeyError, match="'gram' was not collected for layer 3.mlp.up_proj.*statistics"):
+        s["gram"]
 
 
 def test_row_scope_prunes_exact_count_per_row():
@@ -76,23 +100,27 @@ def test_nm_check_fails_fast_with_fix():
         NMPattern(NMPattern.Options(n=4, m=4))
 
 
-def test_magnitude_defaults_to_layer_scope():
-    from compresskit.interfaces import LayerContext
+def test_magnitude_defaults_to_layer_scope_at_planning():
+    from compresskit.api import RunConfig, plan
 
     w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
-    d = MagnitudeMetric().prune(w, None, LayerContext("l", 0), UnstructuredPattern(), 0.5)
-    assert d.mask.tolist() == [[True] * 4, [False] * 4]
-    d = MagnitudeMetric(MagnitudeMetric.Options(scope="row")).prune(w, None, LayerContext("l", 0), UnstructuredPattern(), 0.5)
-    assert d.mask.sum(dim=1).tolist() == [2, 2]
+    p = plan(RunConfig(metric="magnitude"))
+    assert p.pattern.structure.group == "layer"
+    assert p.pattern.mask(p.metric.score(w, None), 0.5).tolist() == [[True] * 4, [False] * 4]
+    p = plan(RunConfig(metric="magnitude", metric_options={"scope": "row"}))
+    assert p.pattern.mask(p.metric.score(w, None), 0.5).sum(dim=1).tolist() == [2, 2]
+    assert plan(RunConfig(metric="magnitude", pattern_options={"scope": "row"})).pattern.structure.group == "row"
+    assert plan(RunConfig(metric="magnitude", pattern="2:4")).pattern.structure.group == "nm"  # default: N:M keeps groups
+    with pytest.raises(IncompatiblePatternError, match="does not offer"):
+        plan(RunConfig(metric="magnitude", pattern="2:4", metric_options={"scope": "row"}))
 
 
 def test_wanda_with_unit_activations_equals_row_magnitude():
     torch.manual_seed(0)
     w = torch.randn(6, 16)
-    st = act_norm_state(16, torch.device("cpu"))
-    st.sq += 1.0
+    st = stats.LayerStats({"act_sq": torch.ones(16)}, 0, "probe")
     m = WandaMetric()
-    assert torch.equal(UnstructuredPattern().mask(m.score(w, st, None), 0.5), UnstructuredPattern().mask(w.abs(), 0.5))
+    assert torch.equal(UnstructuredPattern().mask(m.score(w, st), 0.5), UnstructuredPattern().mask(w.abs(), 0.5))
 
 
 def test_adaptive_variant_hits_layer_sparsity_and_guards_rows():

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 import compresskit
 from compresskit.errors import IncompatiblePatternError, OptionError
 from compresskit.options import build
+from compresskit.stats import ActSq, LayerStats
 from compresskit_plugins.adapters.llama import LlamaAdapter
 from compresskit_plugins.metrics.gblm import GBLMMetric, gblm_score_paper
 from compresskit_plugins.metrics.gradient import GradientMetric
@@ -40,9 +41,8 @@ def test_paper_formula_on_a_hand_example():
                              [0.5 * 2 + 10 * 0.5, 0.0, 1 * 3 + 10 * 1, 2 * 0.5 + 0.0]])
     assert torch.allclose(gblm_score_paper(w, col_sq, g, alpha=10.0), expected)
     metric = GBLMMetric(GBLMMetric.Options(alpha=10.0))
-    state = metric.init_state(torch.nn.Linear(4, 2))
-    metric.update(state, torch.tensor([[2.0, 1.0, 3.0, 0.5]]))
-    assert torch.allclose(metric.score(w, state, g), expected)
+    stats = LayerStats({"act_sq": torch.tensor([2.0, 1.0, 3.0, 0.5]) ** 2, "grad_l1": g}, 0, "probe", 1, 1)
+    assert torch.allclose(metric.score(w, stats), expected)
 
 
 def test_reference_score_restates_spec_s_code():
@@ -50,18 +50,19 @@ def test_reference_score_restates_spec_s_code():
     gen = torch.Generator().manual_seed(0)
     w, g_file = torch.randn(16, 24, generator=gen), torch.rand(16, 24, generator=gen) * 50
     metric = GBLMMetric(GBLMMetric.Options(semantics="reference"))
-    state, a, n = metric.init_state(torch.nn.Linear(24, 16)), torch.zeros(24), 0
+    act, parts = ActSq(), ActSq().init(torch.nn.Linear(24, 16))
+    a, n = torch.zeros(24), 0
     for _ in range(5):
         x = torch.randn(32, 24, generator=gen) * 3  # one sequence of 32 tokens
-        metric.update(state, x)
+        act.update(parts, x)
         a = a * n / (n + 1)
         n += 1
         a += x.pow(2).sum(0) / n
     s_code = w.abs() * a.sqrt() + (w.abs().half() * g_file.half()).float()
-    got = metric.score(w, state, g_file)
+    got = metric.score(w, LayerStats({"act_sq": act.finish(parts), "grad_l1": g_file}, 0, "probe", 160, 5))
     assert torch.allclose(got, s_code, rtol=1e-6)
     assert torch.equal(row_mask(got), row_mask(s_code))
-    assert metric.gradient_scale() == 100.0 and GBLMMetric().gradient_scale() == 1.0
+    assert metric.statistics()[1].scale == 100.0 and GBLMMetric().statistics()[1].scale == 1.0
 
 
 def test_reference_semantics_rejects_alpha():
@@ -82,7 +83,8 @@ def test_alpha_zero_is_wanda_and_default_alpha_differs():
 
 def test_norms_are_passed_and_change_the_mask():
     l1, l2 = prune(), prune(metric_options={"grad_norm": "l2"})
-    assert l1.manifest["gradients"]["norm"] == "l1" and l2.manifest["gradients"]["norm"] == "l2"
+    assert list(l1.manifest["gradients"]["statistics"]) == ["grad_l1"]
+    assert l2.manifest["gradients"]["statistics"]["grad_l2"]["norm"] == "l2"
     w1, w2 = weights(l1), weights(l2)
     assert any(not torch.equal(w1[n] == 0, w2[n] == 0) for n in w1 if n.endswith("proj.weight"))
 
@@ -119,7 +121,7 @@ def test_reference_semantics_end_to_end_on_block_0(tmp_path):
         a = sums[name] / calls[name]
         s_code = w.abs() * a.sqrt() + (w.abs().half() * files[f"{name}_layer_0"]).float()
         assert torch.equal(pruned[name].weight == 0, row_mask(s_code)), name
-    assert result.manifest["gradients"]["cache"] == "imported"
+    assert result.manifest["gradients"]["statistics"]["grad_l1"]["cache"] == "imported"
 
 
 def test_two_four_pattern():
@@ -137,17 +139,18 @@ def test_adaptive_variant():
             rows = (p.detach() == 0).float().mean(1)
             assert abs(float(rows.mean()) - 0.5) <= 2e-3, name
             assert rows.std() > 0, name  # per-row thresholds: rows differ
-    with pytest.raises(IncompatiblePatternError, match="unstructured sparsity only"):
+    with pytest.raises(IncompatiblePatternError, match="comparison group 'adaptive'.*--pattern unstructured"):
         prune(metric_options={"variant": True}, pattern="nm", pattern_options={"n": 2, "m": 4}, sparsity=None)
 
 
 @pytest.mark.parametrize("inverse", [False, True])
 def test_gradient_metric_is_per_row_w_times_g(inverse):
-    assert not GradientMetric.needs_calibration and GradientMetric.needs_gradients
+    stats = GradientMetric(GradientMetric.Options(grad_norm="l2")).statistics()
+    assert [(s.name, s.scale, s.source) for s in stats] == [("grad_l2", 100.0, "gradients")]
     result = prune("gradient", metric_options={"grad_norm": "l2", "inverse": inverse})
-    info = result.manifest["gradients"]
+    info = result.manifest["gradients"]["statistics"]["grad_l2"]
     assert info["norm"] == "l2" and info["scale"] == 100.0
-    grads = load_file(info["path"])
+    grads = {k: v.sqrt() for k, v in load_file(info["path"]).items()}  # the cache holds the sum of squares
     adapter = LlamaAdapter()
     dense = adapter.load("random:tiny").model
     for i, (bd, bp) in enumerate(zip(adapter.blocks(dense), adapter.blocks(result.model))):
@@ -175,7 +178,7 @@ def test_cli_imports_a_reference_file_and_reports_it(tmp_path):
             "--output", str(tmp_path / "out")]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    info = read_manifest(tmp_path / "out")["gradients"]
+    info = read_manifest(tmp_path / "out")["gradients"]["statistics"]["grad_l1"]
     assert info["cache"] == "imported" and info["file_scale"] == 100.0 and info["path"] == str(tmp_path / "g.pth")
     bad = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "out2"), "-o", "metric.alpha=5"])
     assert bad.exit_code != 0 and "drop metric.alpha or use metric.semantics=paper" in bad.output
@@ -188,8 +191,9 @@ def test_gblm_on_packaged_smollm2(tmp_path):
     run = dict(model="smollm2", nsamples=2, seqlen=64, gradient_options={"cache_dir": str(tmp_path)})
     l1 = prune(**run)
     l2 = prune(**run, metric_options={"grad_norm": "l2"})
-    g1, g2 = load_file(l1.manifest["gradients"]["path"]), load_file(l2.manifest["gradients"]["path"])
+    g1 = load_file(l1.manifest["gradients"]["statistics"]["grad_l1"]["path"])
+    g2 = {k: v.sqrt() for k, v in load_file(l2.manifest["gradients"]["statistics"]["grad_l2"]["path"]).items()}
     assert len(g1) == 30 * 7
     assert all(torch.isfinite(g1[k]).all() and g1[k].sum() > 0 and (g2[k] <= g1[k] * (1 + 1e-6)).all() for k in g1)
     assert abs(l1.report.overall_sparsity - 0.5) < 1e-6
-    assert prune(**run).manifest["gradients"]["cache"] == "hit"
+    assert prune(**run).manifest["gradients"]["statistics"]["grad_l1"]["cache"] == "hit"

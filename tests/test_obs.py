@@ -180,7 +180,7 @@ def test_cholesky_retry_logs_and_succeeds(caplog):
 def test_cholesky_failure_after_retries_names_the_fix():
     h = torch.eye(32)
     h[0, 1] = h[1, 0] = 10.0  # eigenvalue -9: needs percdamp >= 9
-    with pytest.raises(CompressKitError, match=r"percdamp.*metric.percdamp"):
+    with pytest.raises(CompressKitError, match=r"percdamp.*update.percdamp"):
         inverse_hessian_factor(h, max_retries=2)
     assert inverse_hessian_factor(h, max_retries=3).percdamp == pytest.approx(10.0)
 

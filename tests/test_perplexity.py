@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from compresskit import perplexity
+from compresskit_plugins.adapters.llama import perplexity
 from compresskit.errors import CompressKitError
-from compresskit.llama_sources import random_model
+from compresskit_plugins.adapters.llama.sources import random_model
 
 
 @pytest.fixture(autouse=True)

@@ -7,12 +7,13 @@ import torch
 
 import compresskit
 from compresskit.errors import CompressKitError
-from compresskit.interfaces import LayerContext
-from compresskit.obs import inverse_hessian_factor, obs_saliency, sparsegpt_prune
+from compresskit.obs import obs_update, sparsegpt_prune
 from compresskit.ops import find_linears
 from compresskit.options import build
-from compresskit.testing import check_metric
+from compresskit.stats import LayerStats
+from compresskit.testing import check_metric, check_solver
 from compresskit_plugins.metrics.sparsegpt import SparseGPTMetric
+from compresskit_plugins.solvers.obs import OBSSolver
 from compresskit_plugins.patterns.nm import NMPattern
 from compresskit_plugins.patterns.unstructured import UnstructuredPattern
 
@@ -40,56 +41,64 @@ def runs():
 
 
 def test_registered_with_typed_options(registry):
-    entry = registry.get("metric", "sparsegpt")
-    assert entry.cls is SparseGPTMetric
-    opts = build(SparseGPTMetric.Options, {"percdamp": "0.1", "blocksize": "64", "mask_scope": "pattern"})
-    assert (opts.percdamp, opts.blocksize, opts.mask_scope) == (0.1, 64, "pattern")
-    assert SparseGPTMetric.Options() == SparseGPTMetric.Options(0.01, 128, "block", 4)
-    assert SparseGPTMetric.needs_hessian and not SparseGPTMetric.needs_gradients
+    assert registry.get("metric", "sparsegpt").cls is SparseGPTMetric
+    assert SparseGPTMetric.mask_solver == "obs" and SparseGPTMetric().statistics() == ("gram",)
+    assert build(SparseGPTMetric.Options, {"mask_scope": "pattern"}).mask_scope == "pattern"
+    solver = registry.get("solver", "obs").cls
+    assert solver is OBSSolver and OBSSolver.Options() == OBSSolver.Options(0.01, 128, 4)
+    opts = build(OBSSolver.Options, {"percdamp": "0.1", "blocksize": "64"})
+    assert (opts.percdamp, opts.blocksize) == (0.1, 64)
     with pytest.raises(CompressKitError, match="percdamp"):
-        SparseGPTMetric(SparseGPTMetric.Options(percdamp=0.0))
+        OBSSolver.Options(percdamp=0.0)
 
 
-def test_conforms_to_the_metric_contract():
-    assert "prune decision" in check_metric(SparseGPTMetric, end_to_end=False)
+def test_old_metric_options_point_at_the_solver():
+    with pytest.raises(CompressKitError, match=r"'percdamp' is an option of the update scope: -o update.percdamp"):
+        compresskit.prune(**RUN, metric="sparsegpt", metric_options={"percdamp": 0.1})
 
 
-def test_score_is_the_obs_saliency_from_its_own_hessian():
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(32, 8, bias=False)
-    metric = SparseGPTMetric()
-    state = metric.init_state(layer)
-    x = torch.randn(100, 32)
-    metric.update(state, x[:60])
-    metric.update(state, x[60:])
-    assert torch.allclose(state, x.t() @ x, rtol=1e-5, atol=1e-4)
-    w = layer.weight.detach().clone()
-    expected = obs_saliency(w, inverse_hessian_factor(x.t() @ x).u.diagonal())
-    assert torch.allclose(metric.score(w, state, None), expected, rtol=1e-4)
-    with pytest.raises(CompressKitError, match="Hessian"):
-        metric.score(w, None, None)
+def test_conforms_to_the_metric_and_solver_contracts():
+    assert "select mask" in check_metric(SparseGPTMetric, end_to_end=False)
+    assert "solve" in check_solver(OBSSolver, end_to_end=False)
 
 
-def test_prune_is_the_pure_function_with_the_options():
+def _stats(h):
+    return LayerStats({"gram": h}, 0, "mlp.up_proj")
+
+
+def test_select_and_solve_is_the_pure_function_with_the_options():
     torch.manual_seed(1)
     w, x = torch.randn(16, 64), torch.randn(200, 64)
-    ctx = LayerContext(name="mlp.up_proj", block_index=0, hessian=x.t() @ x, tokens=200)
-    metric = SparseGPTMetric(SparseGPTMetric.Options(percdamp=0.05, blocksize=32))
-    got = metric.prune(w.clone(), None, ctx, UnstructuredPattern(), 0.6)
-    new, mask = sparsegpt_prune(w, ctx.hessian, 0.6, None, 32, 0.05)
-    assert torch.equal(got.mask, mask) and torch.equal(got.weight, new)
-    nm = NMPattern(NMPattern.Options(4, 8))
-    got = metric.prune(w.clone(), None, ctx, nm, 0.5)
-    assert (got.mask.reshape(16, -1, 8).sum(-1) == 4).all()
+    h = x.t() @ x
+    solver, metric = OBSSolver(OBSSolver.Options(percdamp=0.05, blocksize=32)), SparseGPTMetric()
+    mask, new = solver.select_and_solve(w.clone(), _stats(h), metric, UnstructuredPattern(), 0.6)
+    ref_new, ref_mask = sparsegpt_prune(w, h, 0.6, None, 32, 0.05)
+    assert torch.equal(mask, ref_mask) and torch.equal(new, ref_new)
+    mask, _ = solver.select_and_solve(w.clone(), _stats(h), metric, NMPattern(NMPattern.Options(4, 8)), 0.5)
+    assert (mask.reshape(16, -1, 8).sum(-1) == 4).all()
+    assert torch.equal(solver.solve(w, ref_mask, _stats(h)), obs_update(w, ref_mask, h, 32, 0.05))
 
 
 def test_cholesky_failure_names_the_layer_and_the_fix():
-    h = torch.eye(16)
+    h = torch.eye(64)
     h[0, 1] = h[1, 0] = 10.0  # indefinite: 1% dampening with no retry cannot fix it
-    ctx = LayerContext(name="self_attn.q_proj", block_index=3, hessian=h)
-    metric = SparseGPTMetric(SparseGPTMetric.Options(max_retries=0))
-    with pytest.raises(CompressKitError, match=r"block 3 self_attn.q_proj: .*metric.percdamp"):
-        metric.prune(torch.randn(4, 16), None, ctx, UnstructuredPattern(), 0.5)
+    with pytest.raises(CompressKitError, match=r"block \d+ \S+: .*update.percdamp"):
+        run = dict(RUN, metric="sparsegpt", update_options={"max_retries": 0})
+        from compresskit_plugins.solvers import obs as obs_plugin
+
+        real = obs_plugin.OBSSolver.select_and_solve
+
+        def indefinite(self, weight, stats, metric, pattern, sparsity):
+            n = weight.shape[1]
+            bad = torch.eye(n)
+            bad[0, 1] = bad[1, 0] = 10.0
+            return real(self, weight, LayerStats({"gram": bad}, 0, "x"), metric, pattern, sparsity)
+
+        obs_plugin.OBSSolver.select_and_solve = indefinite
+        try:
+            compresskit.prune(**run)
+        finally:
+            obs_plugin.OBSSolver.select_and_solve = real
 
 
 def test_unstructured_sparsity_and_lower_error_than_wanda_on_every_layer(runs):
@@ -130,6 +139,20 @@ def test_wanda_obs_update_with_pruned_propagation_keeps_block_zero_masks(runs):
 
 
 def test_runs_without_error_report_and_update_flag_is_not_applied_twice(runs):
+    import types
+
+    from compresskit import Solver, hookimpl
+    from compresskit.testing import fresh_registry
+
+    class Other(Solver):
+        """Another solver."""
+
+        name = "other"
+        summary = "test"
+
+    mod = types.SimpleNamespace(register_solvers=hookimpl(lambda register: register(Other)))
+    with pytest.raises(CompressKitError, match="chooses its mask inside the 'obs' solver"):
+        compresskit.prune(**RUN, metric="sparsegpt", update="other", registry=fresh_registry(mod))
     quiet = compresskit.prune(**RUN, metric="sparsegpt", report_error=False, update="obs")
     assert all(r.error is None for r in quiet.report.layers)
     ref, got = _weights(runs["sgpt"]), _weights(quiet)
@@ -137,7 +160,8 @@ def test_runs_without_error_report_and_update_flag_is_not_applied_twice(runs):
 
 
 def test_pattern_scope_gives_exact_counts_per_row_and_block():
-    res = compresskit.prune(**RUN, metric="sparsegpt", metric_options={"mask_scope": "pattern", "blocksize": 32})
+    res = compresskit.prune(**RUN, metric="sparsegpt", metric_options={"mask_scope": "pattern"},
+                            update_options={"blocksize": 32})
     for name, w in _weights(res).items():
         per_block = (w == 0).reshape(w.shape[0], -1, 32).sum(-1)
         assert (per_block == 16).all(), name
@@ -149,7 +173,7 @@ def test_smollm2_sparsegpt_reconstructs_better_than_wanda(monkeypatch):
     import math
     import statistics
 
-    from compresskit import perplexity
+    from compresskit_plugins.adapters.llama import perplexity
 
     monkeypatch.delenv("COMPRESSKIT_CACHE")  # reuse the developer's real cache
     kw = dict(adapter="llama", model="smollm2", nsamples=8, seqlen=128, calibration="handbook", progress=False)

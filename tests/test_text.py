@@ -8,9 +8,11 @@ import random
 import pytest
 import torch
 
-from compresskit import text
+from compresskit import data
+from compresskit_plugins.adapters.llama import cleaning
+from compresskit_plugins.adapters.llama import corpora as text
 from compresskit.errors import CompressKitError
-from compresskit.llama_sources import byte_tokenizer
+from compresskit_plugins.adapters.llama.sources import byte_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -105,11 +107,11 @@ def test_too_short_corpus_raises_with_fix(txt):
     with pytest.raises(CompressKitError, match=r"corpus\.txt.*smaller --seqlen"):
         text.calibration_token_ids(byte_tokenizer(), str(path), 2, 10_000, 0, 256)
     with pytest.raises(CompressKitError, match="no documents"):
-        text.sample_windows(text.Corpus("empty", [], {}), list, 1, 4, 0)
+        data.sample_windows(data.Corpus("empty", [], {}), list, 1, 4, 0)
 
 
 def test_handbook_html_paragraphs():
-    parser = text._ParaParser()
+    parser = cleaning.ParaParser()
     parser.feed('<div class="para">Keep <code>this</code> text<pre>not this</pre> here.<img src="x"/></div>'
                 '<p class="title">Also a paragraph</p><div>outside</div><table><tr><td>t</td></tr></table>')
     assert parser.paras == ["Keep this text here.", "Also a paragraph"]
@@ -120,7 +122,7 @@ def test_wikitext_cleaning_drops_markup():
     body = ("{{Infobox|x=1}}\n'''Albedo''' is the [[reflection|diffuse reflection]] of solar radiation out of "
             "the total.<ref>cite</ref>\n== History ==\n* short item here only\n[[Category:Physics]]\n"
             "* a list item that is long enough to be kept here ok\nTiny line.")
-    assert text._clean_wikitext(mw, body) == (
+    assert cleaning._clean_wikitext(mw, body) == (
         "Albedo is the diffuse reflection of solar radiation out of the total.\n"
         "a list item that is long enough to be kept here ok")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import compresskit
+from compresskit.interfaces import EvalRequest
 from compresskit.api import RunConfig, plan
 
 timm = pytest.importorskip("timm")
@@ -34,7 +35,7 @@ def untouched(model) -> dict[str, torch.Tensor]:
 
 def test_conformance():
     from compresskit.testing import check_adapter
-    from compresskit_plugins.adapters.timm_vit import TimmViTAdapter
+    from compresskit_plugins.adapters.vit import TimmViTAdapter
 
     passed = check_adapter(TimmViTAdapter)
     assert "capture and replay" in passed and "loss" in passed
@@ -50,7 +51,7 @@ def test_tiny_structure(adapter, tiny):
 
 
 def test_capture_and_replay_equals_plain_forward(adapter, tiny):
-    from compresskit.runner import block_output, capture_block_inputs
+    from compresskit.walk import block_output, capture_block_inputs
 
     model = tiny.model
     batches = adapter.calibration_batches(tiny, 3, 0, 0, "random")
@@ -115,7 +116,7 @@ def test_saved_directory_reloads_in_timm_and_adapter(adapter, tmp_path):
         torch.testing.assert_close(model(x), result.model(x), rtol=0, atol=0)
         reloaded = adapter.load(str(out))
         torch.testing.assert_close(reloaded.model(x), result.model(x), rtol=0, atol=0)
-    ev = adapter.evaluate(reloaded, "random", 0, 16)  # dense reference rebuilt from the recorded source
+    ev = adapter.evaluate(reloaded, EvalRequest("random", 16))  # dense reference rebuilt from the recorded source
     assert ev["accuracy"] is None and 0.0 <= ev["agreement"] <= 1.0 and 0.0 < ev["feature_cosine"] < 1.0
 
 

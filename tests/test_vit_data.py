@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import compresskit
-from compresskit import images
+from compresskit.interfaces import EvalRequest
+from compresskit_plugins.adapters.vit import evaluation, images, probe
 
 pytest.importorskip("timm")
 Image = pytest.importorskip("PIL.Image")
@@ -71,7 +72,7 @@ def test_probe_head_labels_and_evaluation(vit_cls, folder):
     assert loaded.info["timm_kwargs"]["num_classes"] == 3
     batches = adapter.calibration_batches(loaded, 4, 0, 0, str(folder))
     assert all(b["labels"].shape == (1,) for b in batches)
-    dense = adapter.evaluate(loaded, str(folder), 0, None)
+    dense = adapter.evaluate(loaded, EvalRequest(str(folder), None))
     # brightness separates the classes even through random features: the probe must fit them
     assert dense["accuracy"] >= 0.9 and dense["agreement"] == 1.0 and "linear-probe" in dense["protocol"]
     result = compresskit.prune(adapter="vit", model="random:tiny", metric="gblm" if _has_gblm(adapter) else "wanda",
@@ -93,21 +94,21 @@ def test_linear_probe_fits_separable_data():
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(60) % 3
     feats = torch.randn(60, 8, generator=g) + 5 * torch.nn.functional.one_hot(labels, 8).float()
-    w, b = images.fit_linear_probe(feats, labels, 3)
+    w, b = probe.fit_linear_probe(feats, labels, 3)
     assert w.shape == (3, 8) and b.shape == (3,)
-    assert images.accuracy(feats @ w.t() + b, labels) == 1.0
+    assert evaluation.accuracy(feats @ w.t() + b, labels) == 1.0
 
 
 def test_metrics_helpers():
     ref = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    assert images.agreement(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), ref) == 0.5
-    assert images.feature_cosine(ref, ref * 3) == pytest.approx(1.0)
+    assert evaluation.agreement(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), ref) == 0.5
+    assert evaluation.feature_cosine(ref, ref * 3) == pytest.approx(1.0)
 
 
 def test_fashion_mnist_without_apt_names_the_fix(monkeypatch):
-    from compresskit import assets
+    from compresskit import data
 
-    monkeypatch.setattr(assets.shutil, "which", lambda name: None)
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
     images._fashion_arrays.cache_clear()
     with pytest.raises(compresskit.MissingDependencyError, match="apt-get download dataset-fashion-mnist.*ImageFolder"):
         images.open_images("fashion-mnist", "train")
@@ -129,7 +130,7 @@ def test_fashion_mnist_package():
 
 @pytest.mark.slow
 def test_packaged_dinov2_conversion(vit_cls):
-    from compresskit import vit_sources
+    from compresskit_plugins.adapters.vit import sources as vit_sources
 
     model, info = vit_sources.load("dinov2_s", 224)
     assert model.pos_embed.shape == (1, 257, 384) and len(model.blocks) == 12
@@ -144,11 +145,11 @@ def test_packaged_dinov2_conversion(vit_cls):
 def test_packaged_dinov2_probe_accuracy_and_pruning_damage(vit_cls):
     adapter = vit_cls(vit_cls.Options(img_size=56, probe_samples=500))
     loaded = adapter.load("dinov2_s")
-    dense = adapter.evaluate(loaded, "fashion-mnist", 0, 200)
+    dense = adapter.evaluate(loaded, EvalRequest("fashion-mnist", 200))
     assert dense["accuracy"] > 0.6  # real features: far above the 0.1 of chance
     result = compresskit.prune(adapter="vit", model="dinov2_s", metric="magnitude", sparsity=0.7, nsamples=4,
                                device="cpu", progress=False, adapter_options={"img_size": 56, "probe_samples": 500})
-    pruned = adapter.evaluate(result.loaded, "fashion-mnist", 0, 200)
+    pruned = adapter.evaluate(result.loaded, EvalRequest("fashion-mnist", 200))
     assert pruned["accuracy"] < dense["accuracy"] and pruned["agreement"] < 1.0
 
 
@@ -166,7 +167,7 @@ def test_packaged_dinov2_matches_the_onnx_graph():
     onnx = pytest.importorskip("onnx")
     from onnx.reference import ReferenceEvaluator
 
-    from compresskit import vit_sources
+    from compresskit_plugins.adapters.vit import sources as vit_sources
 
     graph = onnx.load(str(vit_sources._onnx_path()))
     target = "/backbone/layernorm/Add_1_output_0"  # the backbone's final LayerNorm, before the saliency decoder

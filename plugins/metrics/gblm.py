@@ -5,15 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import torch
-
 from compresskit import hookimpl
-from compresskit.errors import GradientError, OptionError
-from compresskit.interfaces import LayerContext, MaskPattern, PruneDecision, ScoreMetric
+from compresskit.errors import OptionError
+from compresskit.interfaces import ScoreMetric
+from compresskit.ops import wanda_score
 from compresskit.options import option
-from compresskit_plugins.metrics.wanda import ActNorm, act_norm_state, act_norm_update, select, wanda_score
+from compresskit.stats import REFERENCE_SCALE, GradNorm
 
-REFERENCE_SCALE = 100.0  # the reference's --scale, baked into its gradient files
 PAPER_ALPHA = 100.0
 
 
@@ -22,36 +20,25 @@ def register_metrics(register):
     register(GBLMMetric)
 
 
-@dataclasses.dataclass
-class GBLMState:
-    """Wanda's activation accumulator plus the number of sequences (update calls) seen."""
-
-    act: ActNorm
-    sequences: int = 0
-
-
-def gblm_score_paper(weight: torch.Tensor, col_sq: torch.Tensor, grad: torch.Tensor, alpha: float) -> torch.Tensor:
+def gblm_score_paper(weight, act_sq, grad, alpha: float):
     """``|W|*||X_j||_2 + alpha*|W|*G``: true column norm over all tokens, un-scaled gradient norm.
 
-    ``col_sq`` is the sum of squared inputs per column over every calibration token. With
-    ``alpha == 0`` the result is exactly :func:`wanda_score`.
+    With ``alpha == 0`` the result is exactly Wanda's score.
     """
-    score = wanda_score(weight, col_sq)
+    score = wanda_score(weight, act_sq)
     if alpha != 0:
         score = score + alpha * (weight.abs() * grad)
     return score
 
 
-def gblm_score_reference(
-    weight: torch.Tensor, col_sq: torch.Tensor, sequences: int, grad_file: torch.Tensor
-) -> torch.Tensor:
-    """The reference code's ``S = |W|*sqrt(A) + (|W|*G_file)`` (SPEC 2.4, S_code).
+def gblm_score_reference(weight, act_sq, samples: int, grad_file):
+    """The reference code's ``S = |W|*sqrt(A) + (|W|*G_file)``.
 
-    ``A = col_sq / sequences`` (mean over sequences of per-sequence squared column norms), so
-    the activation term is ``||X_j||_2 / sqrt(N)``; ``grad_file`` already contains scale 100;
-    the gradient product is computed in float16 and cast to float32, as in the reference.
+    ``A = act_sq / samples`` (mean over sequences of per-sequence squared column norms), so the
+    activation term is ``||X_j||_2 / sqrt(N)``; ``grad_file`` already contains scale 100; the
+    gradient product is computed in float16 and cast to float32, as in the reference.
     """
-    act = wanda_score(weight, col_sq / max(sequences, 1))
+    act = wanda_score(weight, act_sq / max(samples, 1))
     return act + (weight.abs().half() * grad_file.half()).float()
 
 
@@ -61,24 +48,21 @@ class GBLMMetric(ScoreMetric):
     Score ``S[i,j] = |W[i,j]| * ||X_j||_2 + alpha * |W[i,j]| * ||G[:,i,j]||_p``, compared per
     output row (or in N:M groups): Wanda's weight-times-activation term plus a first-order term
     from per-sample gradients of the dense model's loss, aggregated over the calibration samples
-    with the l1 or l2 norm (``grad_norm``; the paper's best is l1). Gradients come from
-    :mod:`compresskit.gradients` (computed once, cached; ``--gradients FILE`` imports the
-    reference repo's file).
+    with the l1 or l2 norm (``grad_norm``; the paper's best is l1). Statistics: ``act_sq`` and
+    ``grad_l1``/``grad_l2`` (computed once on the dense model, cached; ``--gradients FILE``
+    imports the reference repo's file).
 
     Two ``semantics``:
 
     * ``paper`` (default): ``||X_j||_2`` is the true column norm over all N*L calibration tokens
       and ``G`` the un-scaled aggregate (``sum_n |g_n|`` or ``sqrt(sum_n g_n^2)``), so ``alpha``
       (default 100, the paper's best) means what the paper's formula says.
-    * ``reference``: reproduces VILA-Lab/GBLM-Pruner's ranking: ``G_file`` has scale 100 baked
-      into every per-sample gradient, the activation term is ``sqrt(A)`` with ``A`` the mean over
+    * ``reference``: reproduces VILA-Lab/GBLM-Pruner's ranking: ``G`` has scale 100 baked into
+      every per-sample gradient, the activation term is ``sqrt(A)`` with ``A`` the mean over
       sequences of per-sequence squared column norms (effective alpha = 100*sqrt(N)), and
-      ``|W|*G_file`` is computed in float16 then cast to float32. ``alpha`` must stay at its
-      default there (an error otherwise): the reference has no alpha, only the baked-in scale.
-      Gradients are accumulated in float32 unless the gradient option ``precision=reference``
-      asks for the reference's float16 l1 running sum. ``A`` is kept as sum / N (the reference:
-      a running mean), so rankings agree up to float32 rounding of near-ties. An imported
-      reference file supplies the reference's own gradient values.
+      ``|W|*G`` is computed in float16 then cast to float32. ``alpha`` must stay at its default
+      there (an error otherwise). Gradients are accumulated in float32 unless the gradient option
+      ``precision=reference`` asks for the reference's float16 l1 running sum.
 
     ``variant=true`` applies Wanda's adaptive per-row threshold to S (unstructured only).
     With ``alpha=0`` (paper semantics) the mask equals Wanda's exactly.
@@ -90,7 +74,6 @@ class GBLMMetric(ScoreMetric):
 
     name = "gblm"
     summary = "GBLM-Pruner: |W|*||X_j||_2 + alpha*|W|*||G||_p (gradients + activations), per output row"
-    needs_gradients = True
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -108,32 +91,23 @@ class GBLMMetric(ScoreMetric):
         variant: bool = option(False, "Wanda's adaptive per-row threshold on the GBLM score (unstructured only)")
 
         def __post_init__(self) -> None:
+            if self.alpha != self.alpha or self.alpha in (float("inf"), float("-inf")):
+                raise OptionError(f"metric.alpha must be a finite number, got {self.alpha}")
             if self.semantics == "reference" and self.alpha != PAPER_ALPHA:
                 raise OptionError(
                     f"metric.alpha={self.alpha:g} has no effect with metric.semantics=reference (the reference "
                     f"bakes scale {REFERENCE_SCALE:g} into G); drop metric.alpha or use metric.semantics=paper"
                 )
 
-    def gradient_norm(self) -> str:
-        return self.options.grad_norm
+    def statistics(self):
+        scale = REFERENCE_SCALE if self.options.semantics == "reference" else 1.0
+        return ("act_sq", GradNorm(self.options.grad_norm, scale))
 
-    def gradient_scale(self) -> float:
-        return REFERENCE_SCALE if self.options.semantics == "reference" else 1.0
+    def comparison_group(self) -> str | None:
+        return "adaptive" if self.options.variant else None
 
-    def init_state(self, layer) -> GBLMState:
-        return GBLMState(act_norm_state(layer.in_features, layer.weight.device))
-
-    def update(self, state: GBLMState, inputs: torch.Tensor) -> None:
-        act_norm_update(state.act, inputs)
-        state.sequences += 1  # the runner feeds one calibration sequence per call
-
-    def score(self, weight: torch.Tensor, state: GBLMState, grad: torch.Tensor | None) -> torch.Tensor:
-        if grad is None:
-            raise GradientError("metric 'gblm' got no gradient statistic; run it through compresskit.prune(), "
-                                "which computes or imports them")
+    def score(self, weight, stats):
+        grad = stats[f"grad_{self.options.grad_norm}"]
         if self.options.semantics == "reference":
-            return gblm_score_reference(weight, state.act.sq, state.sequences, grad)
-        return gblm_score_paper(weight, state.act.sq, grad, self.options.alpha)
-
-    def prune(self, weight, state, ctx: LayerContext, pattern: MaskPattern, sparsity: float) -> PruneDecision:
-        return PruneDecision(mask=select(self.score(weight, state, ctx.grad), pattern, sparsity, self.options.variant))
+            return gblm_score_reference(weight, stats["act_sq"], stats.samples, grad)
+        return gblm_score_paper(weight, stats["act_sq"], grad, self.options.alpha)

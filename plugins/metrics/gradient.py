@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import torch
-
 from compresskit import hookimpl
-from compresskit.errors import GradientError
 from compresskit.interfaces import ScoreMetric
 from compresskit.options import option
+from compresskit.stats import REFERENCE_SCALE, GradNorm
 
-REFERENCE_SCALE = 100.0
 INVERSE_EPS = 1e-8
 
 
@@ -21,7 +18,7 @@ def register_metrics(register):
     register(GradientMetric)
 
 
-def gradient_score(weight: torch.Tensor, grad: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def gradient_score(weight, grad, inverse: bool = False):
     """``|W| * G``, or ``|W| / (G + 1e-8)`` for the reference's ``--gradient_inv`` ablation."""
     if inverse:
         return weight.abs() / (grad + INVERSE_EPS)
@@ -44,22 +41,14 @@ class GradientMetric(ScoreMetric):
 
     name = "gradient"
     summary = "GBLM ablation: |W| * ||G||_p from per-sample gradients, no activations"
-    needs_calibration = False
-    needs_gradients = True
 
     @dataclasses.dataclass(frozen=True)
     class Options:
         grad_norm: Literal["l1", "l2"] = option("l1", "aggregate of per-sample gradients: l1 or l2")
         inverse: bool = option(False, "score |W| / (G + 1e-8) instead of |W| * G (reference --gradient_inv)")
 
-    def gradient_norm(self) -> str:
-        return self.options.grad_norm
+    def statistics(self):
+        return (GradNorm(self.options.grad_norm, REFERENCE_SCALE),)
 
-    def gradient_scale(self) -> float:
-        return REFERENCE_SCALE
-
-    def score(self, weight: torch.Tensor, state, grad: torch.Tensor | None) -> torch.Tensor:
-        if grad is None:
-            raise GradientError("metric 'gradient' got no gradient statistic; run it through compresskit.prune(), "
-                                "which computes or imports them")
-        return gradient_score(weight, grad, self.options.inverse)
+    def score(self, weight, stats):
+        return gradient_score(weight, stats[f"grad_{self.options.grad_norm}"], self.options.inverse)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import torch
-
 from compresskit import hookimpl
-from compresskit.interfaces import LayerContext, MaskPattern, PruneDecision, ScoreMetric
+from compresskit.interfaces import ScoreMetric
 from compresskit.options import option
 
 
@@ -20,16 +18,17 @@ def register_metrics(register):
 class MagnitudeMetric(ScoreMetric):
     """Magnitude baseline (Han et al. 2015; the ``magnitude`` method of Wanda/GBLM/SparseGPT).
 
-    Score = ``|W|``. The reference code compares weights across the whole layer, so
-    ``scope=layer`` (default) overrides an unstructured pattern's row scope; ``scope=pattern``
-    leaves the pattern's own group (per row). With N:M patterns the N:M groups always apply.
+    Score = ``|W|``. The reference code compares weights across the whole layer, so by default
+    (``scope=layer``) planning gives an unstructured pattern the ``layer`` comparison group,
+    unless you set ``-o pattern.scope`` yourself; ``scope=row`` asks for per-row groups;
+    ``scope=pattern`` leaves the pattern's own. N:M patterns keep their groups (an explicit
+    ``scope`` other than the default is then an error).
 
         compresskit prune --metric magnitude --sparsity 0.5
     """
 
     name = "magnitude"
     summary = "|W| (no calibration); per-layer threshold by default, as the reference"
-    needs_calibration = False
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -37,12 +36,8 @@ class MagnitudeMetric(ScoreMetric):
             "layer", "comparison group for unstructured masks: layer (reference), row, or the pattern's own"
         )
 
-    def score(self, weight: torch.Tensor, state, grad) -> torch.Tensor:
-        return weight.abs()
+    def comparison_group(self) -> str | None:
+        return None if self.options.scope == "pattern" else self.options.scope
 
-    def prune(self, weight, state, ctx: LayerContext, pattern: MaskPattern, sparsity: float) -> PruneDecision:
-        scores = self.score(weight, state, None)
-        scope = self.options.scope
-        if pattern.nm is None and scope != "pattern" and getattr(pattern.options, "scope", scope) != scope:
-            pattern = type(pattern)(dataclasses.replace(pattern.options, scope=scope))
-        return PruneDecision(mask=pattern.mask(scores, sparsity))
+    def score(self, weight, stats):
+        return weight.abs()

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from compresskit import hookimpl
 from compresskit.errors import IncompatiblePatternError
-from compresskit.interfaces import MaskPattern
+from compresskit.interfaces import MaskPattern, Structure
 from compresskit.options import option
 
 
@@ -24,7 +22,8 @@ class NMPattern(MaskPattern):
     **n counts pruned weights**, as in the Wanda/GBLM reference code (``prune_n``). For 2:4 and
     4:8 this equals NVIDIA's "n kept of m" convention because n = m/2; for other ratios it does
     not (``--pattern 1:4`` prunes 1 of every 4, i.e. 25% sparsity). The pattern implies the
-    sparsity ``n/m``; an explicit ``--sparsity`` that differs is an error.
+    sparsity ``n/m``; an explicit ``--sparsity`` that differs, a sparsity map or a non-uniform
+    allocation is an error.
 
         compresskit prune --metric wanda --pattern 2:4
     """
@@ -44,15 +43,11 @@ class NMPattern(MaskPattern):
             raise IncompatiblePatternError(f"N:M pattern needs 0 < n < m, got n={n}, m={m} (e.g. --pattern 2:4)")
 
     @property
-    def implied_sparsity(self) -> float:
-        return self.options.n / self.options.m
-
-    @property
-    def nm(self) -> tuple[int, int]:
-        return self.options.n, self.options.m
+    def structure(self) -> Structure:
+        return Structure("nm", self.options.n, self.options.m)
 
     def check(self, layer_name: str, weight_shape: tuple[int, int], sparsity: float) -> None:
-        n, m = self.nm
+        n, m = self.options.n, self.options.m
         if weight_shape[-1] % m:
             raise IncompatiblePatternError(
                 f"layer {layer_name} has in_features={weight_shape[-1]}, not divisible by m={m}, so "
@@ -60,12 +55,14 @@ class NMPattern(MaskPattern):
             )
         if abs(sparsity - n / m) > 1e-9:
             raise IncompatiblePatternError(
-                f"--sparsity {sparsity} contradicts --pattern {n}:{m}, which implies {n / m:g}; "
-                f"drop --sparsity or use --pattern unstructured"
+                f"layer {layer_name}: sparsity {sparsity:g} contradicts --pattern {n}:{m}, which implies {n / m:g}; "
+                f"drop --sparsity (and per-layer targets) or use --pattern unstructured"
             )
 
-    def mask(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-        n, m = self.nm
+    def mask(self, scores, sparsity: float):
+        import torch
+
+        n, m = self.options.n, self.options.m
         groups = scores.float().reshape(*scores.shape[:-1], -1, m)  # [out, in/m, m]
         idx = torch.topk(groups, n, dim=-1, largest=False)[1]
         return torch.zeros_like(groups, dtype=torch.bool).scatter(-1, idx, True).reshape(scores.shape)

@@ -3,8 +3,6 @@
 # --8<-- [start:minimal]
 from __future__ import annotations
 
-import torch
-
 from compresskit import ScoreMetric, hookimpl
 
 
@@ -24,9 +22,8 @@ class RelativeImportanceMetric(ScoreMetric):
 
     name = "ri"
     summary = "relative importance |W|/colsum + |W|/rowsum (data-free; example plugin)"
-    needs_calibration = False
 
-    def score(self, weight: torch.Tensor, state, grad) -> torch.Tensor:
+    def score(self, weight, stats):
         a = weight.abs()
         return a / a.sum(dim=0, keepdim=True) + a / a.sum(dim=1, keepdim=True)
 # --8<-- [end:minimal]

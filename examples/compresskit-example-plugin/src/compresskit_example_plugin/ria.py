@@ -4,11 +4,12 @@ from __future__ import annotations
 
 # --8<-- [start:math]
 import dataclasses
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+from compresskit import ScoreMetric, hookimpl, option
 
-from compresskit import LayerContext, MaskPattern, PruneDecision, ScoreMetric, hookimpl, option
+if TYPE_CHECKING:  # torch is only needed when a run starts: `compresskit list` stays fast
+    import torch
 
 
 def relative_importance(weight: torch.Tensor) -> torch.Tensor:
@@ -16,32 +17,17 @@ def relative_importance(weight: torch.Tensor) -> torch.Tensor:
     a = weight.abs()
     col = a.sum(dim=0, keepdim=True)  # [1, in]: total of input channel j over all outputs
     row = a.sum(dim=1, keepdim=True)  # [out, 1]: total of output row i over all inputs
-    return a / torch.where(col > 0, col, 1.0) + a / torch.where(row > 0, row, 1.0)
+    return a / col.where(col > 0, 1.0) + a / row.where(row > 0, 1.0)
 
 
-def ria_score(weight: torch.Tensor, col_sq_norm: torch.Tensor, power: float) -> torch.Tensor:
-    """``RI[i,j] * ||X_j||_2 ** power`` where ``col_sq_norm[j] = sum_t X[t,j]^2``.
+def ria_score(weight: torch.Tensor, act_sq: torch.Tensor, power: float) -> torch.Tensor:
+    """``RI[i,j] * ||X_j||_2 ** power`` where ``act_sq[j] = sum_t X[t,j]^2``.
 
-    The reference divides ``col_sq_norm`` by the number of calibration sequences first; that
-    factor is the same for every weight of the layer, so the ranking is unchanged.
+    The reference divides ``act_sq`` by the number of calibration sequences first; that factor
+    is the same for every weight of the layer, so the ranking is unchanged.
     """
-    return relative_importance(weight) * col_sq_norm.sqrt().pow(power).unsqueeze(0)
+    return relative_importance(weight) * act_sq.sqrt().pow(power).unsqueeze(0)
 # --8<-- [end:math]
-
-
-# --8<-- [start:state]
-@dataclasses.dataclass
-class SquaredNorms:
-    """Per-input-column sum of squared activations over every calibration token."""
-
-    sq: torch.Tensor
-    tokens: int = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """Fold a ``[tokens, in_features]`` float32 batch in (sums, so batch-size independent)."""
-        self.sq += x.pow(2).sum(dim=0)
-        self.tokens += x.shape[0]
-# --8<-- [end:state]
 
 
 # --8<-- [start:register]
@@ -60,8 +46,9 @@ class RIAMetric(ScoreMetric):
 
     ``S[i,j] = (|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) * ||X_j||_2 ** a`` with
     ``a = 0.5``. The reference compares weights across the whole layer by default (its
-    ``--per_outneuron`` flag switches to Wanda's per-row groups), so ``scope=layer`` overrides
-    an unstructured pattern's scope; N:M patterns keep their own groups.
+    ``--per_outneuron`` flag switches to Wanda's per-row groups), so ``scope=layer`` asks for
+    the unstructured pattern's ``layer`` group (unless you set ``-o pattern.scope``); N:M
+    patterns keep their own groups.
 
         compresskit prune --metric ria --sparsity 0.5 [-o metric.power=0.5 -o metric.scope=row]
 
@@ -82,20 +69,14 @@ class RIAMetric(ScoreMetric):
 # --8<-- [end:metric]
 
     # --8<-- [start:lifecycle]
-    def init_state(self, layer: torch.nn.Linear) -> SquaredNorms:
-        return SquaredNorms(torch.zeros(layer.in_features, dtype=torch.float32, device=layer.weight.device))
+    def statistics(self):
+        return ("act_sq",)  # per input column: sum of squared inputs over every calibration token
 
-    def update(self, state: SquaredNorms, inputs: torch.Tensor) -> None:
-        state.add(inputs)
-
-    def score(self, weight: torch.Tensor, state: SquaredNorms, grad) -> torch.Tensor:
-        return ria_score(weight, state.sq, self.options.power)
+    def score(self, weight: torch.Tensor, stats) -> torch.Tensor:
+        return ria_score(weight, stats["act_sq"], self.options.power)
     # --8<-- [end:lifecycle]
 
     # --8<-- [start:prune]
-    def prune(self, weight, state, ctx: LayerContext, pattern: MaskPattern, sparsity: float) -> PruneDecision:
-        scope = self.options.scope
-        if pattern.nm is None and scope != "pattern" and getattr(pattern.options, "scope", scope) != scope:
-            pattern = type(pattern)(dataclasses.replace(pattern.options, scope=scope))
-        return PruneDecision(mask=pattern.mask(self.score(weight, state, None), sparsity))
+    def comparison_group(self) -> str | None:
+        return None if self.options.scope == "pattern" else self.options.scope
     # --8<-- [end:prune]

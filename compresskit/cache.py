@@ -1,0 +1,175 @@
+"""The shared storage layer: one cache root, atomic directories and files, one tensor fingerprint.
+
+* :func:`cache_dir` — ``$COMPRESSKIT_CACHE`` or ``~/.cache/compresskit``.
+* :func:`atomic_directory` — write into a hidden temporary sibling, then one rename; a failure
+  leaves nothing that looks complete (used for outputs and cache entries).
+* :func:`atomic_write` — the same for one file.
+* :func:`tensor_fingerprint` — sha256 over names, shapes, dtypes and bytes of (nested) tensors.
+
+Files and directories are created with the user's umask (not the 0600/0700 of ``tempfile``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from compresskit.errors import CompressKitError
+
+log = logging.getLogger(__name__)
+
+TMP_MARK = ".tmp-"
+
+
+def cache_dir() -> Path:
+    """The compresskit cache root: ``$COMPRESSKIT_CACHE`` or ``~/.cache/compresskit``.
+
+    Raises:
+        CompressKitError: ``$COMPRESSKIT_CACHE`` names something that is not a directory.
+    """
+    root = Path(os.environ.get("COMPRESSKIT_CACHE") or Path.home() / ".cache" / "compresskit").expanduser()
+    if root.exists() and not root.is_dir():
+        raise CompressKitError(f"the cache location {root} (COMPRESSKIT_CACHE) is a file, not a directory; "
+                               "point COMPRESSKIT_CACHE at a directory")
+    return root
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path, mode: int) -> None:
+    os.chmod(path, mode & ~_umask())
+
+
+def temp_sibling(final: Path, directory: bool = True) -> Path:
+    """A new hidden temporary file or directory next to ``final`` (``.<name>.tmp-XXXX``)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
+        _apply_umask(tmp, 0o777)
+        return tmp
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent)
+    os.close(fd)
+    _apply_umask(Path(name), 0o666)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike, replace: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling directory; on success it becomes ``final`` in one rename.
+
+    Args:
+        final: the directory to create.
+        replace: an existing ``final`` is replaced (moved aside, then deleted after the rename;
+            restored if the rename fails).
+        keep_existing: an existing ``final`` (made concurrently by another process) wins and
+            ours is discarded (cache entries).
+
+    On any exception, or an interrupt, the temporary directory is removed and ``final`` is left
+    as it was.
+    """
+    final = Path(final)
+    tmp = temp_sibling(final)
+    try:
+        yield tmp
+        if final.exists() or final.is_symlink():
+            if keep_existing:
+                log.info("%s appeared concurrently; keeping it", final)
+                return
+            if not replace:
+                raise FileExistsError(f"{final} exists")
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, trash / "old")
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(trash / "old", final)  # put the previous one back
+                shutil.rmtree(trash, ignore_errors=True)
+                raise
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary sibling file, then rename it to ``path``."""
+    path = Path(path)
+    tmp = temp_sibling(path, directory=False)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Temporary siblings a killed process left behind for ``final`` (``.<name>.tmp-*``, ``.<name>.old-*``)."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    return sorted(p for p in final.parent.iterdir()
+                  if p.name.startswith(f".{final.name}{TMP_MARK}") or p.name.startswith(f".{final.name}.old-"))
+
+
+def hash_into(h: Any, name: str, obj: Any) -> None:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            hash_into(h, f"{name}.{k}", obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            hash_into(h, f"{name}[{i}]", v)
+    else:
+        h.update(f"{name}={obj!r}|".encode())
+
+
+def tensor_fingerprint(obj: Any, *extra: Any) -> str:
+    """sha256 (hex) of tensors in nested dicts/lists/tuples (names, shapes, dtypes, bytes) and ``extra``."""
+    h = hashlib.sha256(repr(extra).encode())
+    hash_into(h, "", obj)
+    return h.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of a large file, memoised in the cache keyed by path, size and mtime."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    memo = cache_dir() / "sha256" / f"{key}.txt"
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = sha256_file(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(memo, lambda p: p.write_text(digest))
+    except OSError as exc:
+        log.warning("could not memoise a checksum in %s (%s); continuing", memo, exc)
+    return digest

@@ -1,0 +1,135 @@
+"""``RunConfig``: everything that defines a run, typed and validated; the CLI takes its defaults here.
+
+Plugin names are strings resolved by :func:`compresskit.api.plan`; plugin options are plain
+dicts validated against each plugin's ``Options`` there. ``pattern`` accepts the N:M shorthand
+(``"2:4"``) as the CLI does. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Literal, Mapping
+
+from compresskit.errors import OptionError
+from compresskit.targets import check_fraction, parse_sparsity_map
+
+_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+PROPAGATE = ("pruned", "dense")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Everything that defines a run.
+
+    ``sparsity=None`` means "the pattern's implied sparsity, else 0.5". A mapping given as
+    ``sparsity`` is taken as ``sparsity_map`` (``{layer glob: sparsity}``, see
+    :mod:`compresskit.targets`). ``update`` names the solver (``none``: zero the pruned weights
+    and change nothing else; ``obs``: SparseGPT's reconstruction), ``allocation`` how the target
+    is spread over layers. ``eval_limit`` ``None`` is the adapter's CPU-sized cap, ``0`` everything.
+    """
+
+    adapter: str = "llama"
+    model: str | None = None
+    metric: str = "gblm"
+    pattern: str = "unstructured"
+    sparsity: float | None = None
+    sparsity_map: dict[str, float] | None = None
+    update: str = "none"
+    allocation: str = "uniform"
+    nsamples: int = 32
+    seqlen: int = 256
+    seed: int = 0
+    calibration: str | None = None
+    device: str = "auto"
+    propagate: Literal["pruned", "dense"] = "pruned"
+    report_error: bool = True
+    evaluate: bool = False
+    eval_data: str | None = None
+    eval_limit: int | None = None
+    eval_tasks: tuple[str, ...] = ()
+    adapter_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metric_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pattern_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    update_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    allocation_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    gradient_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sparsity, Mapping):
+            if self.sparsity_map is not None:
+                raise OptionError("give the per-layer map either as sparsity=... or as sparsity_map=..., not both")
+            self.sparsity_map, self.sparsity = dict(self.sparsity), None
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's type and range; :class:`OptionError` names the field and the fix."""
+        for name in ("adapter", "metric", "pattern", "update", "allocation", "device"):
+            _expect(self, name, str, "a name")
+        for name in ("model", "calibration", "eval_data"):
+            if getattr(self, name) is not None:
+                _expect(self, name, str, "a string")
+        _expect(self, "nsamples", int, "an integer >= 1")
+        _expect(self, "seqlen", int, "an integer >= 2")
+        _expect(self, "seed", int, "an integer")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise OptionError(f"nsamples must be >= 1 and seqlen >= 2 (got {self.nsamples}, {self.seqlen})")
+        if self.sparsity is not None:
+            check_fraction(self.sparsity, "sparsity")
+        if self.sparsity_map is not None:
+            self.sparsity_map = parse_sparsity_map(self.sparsity_map)
+        if self.propagate not in PROPAGATE:
+            raise OptionError(f"propagate must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
+        if self.eval_limit is not None:
+            _expect(self, "eval_limit", int, "an integer >= 0 (0: everything)")
+            if self.eval_limit < 0:
+                raise OptionError(f"eval_limit must be >= 0 (0: everything), got {self.eval_limit}")
+        for name in ("report_error", "evaluate", "progress"):
+            _expect(self, name, bool, "True or False")
+        if isinstance(self.eval_tasks, str):
+            self.eval_tasks = tuple(t.strip() for t in self.eval_tasks.split(",") if t.strip())
+        self.eval_tasks = tuple(self.eval_tasks)
+        for name in ("adapter", "metric", "pattern", "update", "allocation", "gradient"):
+            if not isinstance(getattr(self, f"{name}_options"), dict):
+                raise OptionError(f"{name}_options must be a dict of option names to values")
+
+    def pattern_spec(self) -> tuple[str, dict[str, Any]]:
+        """The pattern name and options, with the ``N:M`` shorthand expanded (``2:4`` -> ``nm``, n=2, m=4).
+
+        Raises:
+            OptionError: the shorthand contradicts an explicit ``n``/``m`` option.
+        """
+        m = _NM.match(self.pattern)
+        if not m:
+            return self.pattern, dict(self.pattern_options)
+        short = {"n": int(m.group(1)), "m": int(m.group(2))}
+        for key, value in short.items():
+            given = self.pattern_options.get(key)
+            if given is not None and str(given) != str(value):
+                raise OptionError(f"--pattern {self.pattern} sets {key}={value} but -o pattern.{key}={given} says "
+                                  f"otherwise; drop one of them")
+        return "nm", {**self.pattern_options, **short}
+
+
+def _expect(config: RunConfig, name: str, tp: type, what: str) -> None:
+    value = getattr(config, name)
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise OptionError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(values: Mapping[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from a plain dict; unknown keys are errors with the closest valid key."""
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise OptionError(f"unknown run setting {key!r}.{hint} Valid settings: {', '.join(names)}")
+    return RunConfig(**values)

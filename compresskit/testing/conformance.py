@@ -1,0 +1,506 @@
+"""Conformance checks for every plugin kind (public via :mod:`compresskit.testing`).
+
+Each check verifies the rules of one interface (see docs/plugins/testing.md) on small seeded
+tensors, with the default options and with ``options=`` you pass, then prunes ``random:tiny``
+end to end through :func:`compresskit.api.prune`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from compresskit import stats as st
+from compresskit.errors import CompressKitError, IncompatiblePatternError
+from compresskit.interfaces import Allocation, Loaded, MaskPattern, ModelAdapter, ScoreMetric, Solver
+from compresskit.options import build
+from compresskit.registry import Origin, Registry
+from compresskit.testing.factories import fresh_registry, random_inputs, random_linear
+
+
+class PluginConformanceError(CompressKitError, AssertionError):
+    """A plugin class breaks a rule of its interface (the message says which and the fix)."""
+
+
+def _fail(cls: type, rule: str, fix: str) -> None:
+    raise PluginConformanceError(f"{cls.__module__}.{cls.__qualname__}: {rule}; {fix}")
+
+
+def _registry_with(kind: str, cls: type, registry: Registry | None) -> Registry:
+    """``registry`` (default: built-ins only) with ``cls`` added unless its name is taken by it."""
+    reg = registry or fresh_registry()
+    try:
+        if reg.get(kind, cls.name).cls is cls:
+            return reg
+    except KeyError:
+        pass
+    reg.add(kind, cls, Origin(f"{cls.__module__} (under test)"))
+    return reg
+
+
+def _instance(cls: type, options: dict[str, Any] | None) -> Any:
+    return cls(build(cls.Options, options or {}, "")) if options else cls()
+
+
+def _check_class(cls: type, base: type, options: dict[str, Any] | None) -> list[str]:
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        _fail(cls, f"does not subclass {base.__name__}", f"derive from compresskit.{base.__name__}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name or name != name.lower() or " " in name:
+        _fail(cls, f"name {name!r} is not a lowercase registry key", "set `name = \"my_thing\"` (snake case)")
+    if not isinstance(getattr(cls, "summary", None), str) or not cls.summary.strip():
+        _fail(cls, "has no `summary`", "set a one-line `summary` shown by `compresskit list`")
+    if not (cls.__doc__ or "").strip():
+        _fail(cls, "has no docstring", "document the plugin (paper link, summary, example CLI line)")
+    opts = cls.Options
+    if not dataclasses.is_dataclass(opts) or not opts.__dataclass_params__.frozen:
+        _fail(cls, "Options is not a frozen dataclass", "use @dataclasses.dataclass(frozen=True) with option() fields")
+    for f in dataclasses.fields(opts):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            _fail(cls, f"option {f.name!r} has no default", "declare it with compresskit.option(default, help)")
+        if not str(f.metadata.get("help", "")).strip():
+            _fail(cls, f"option {f.name!r} has no help text", "declare it with compresskit.option(default, help)")
+    for inst in (cls(), _instance(cls, options)):
+        if not isinstance(inst.options, opts):
+            _fail(cls, "cls(options) does not store its Options instance", "call super().__init__(options)")
+    return ["class attributes", "options"]
+
+
+def _end_to_end(cls: type, registry: Registry, **config: Any) -> dict[str, Any]:
+    """Prune through :func:`compresskit.api.prune` and check the result is a sane pruned model."""
+    import torch
+
+    from compresskit.api import prune
+
+    base = dict(model="random:tiny", nsamples=4, seqlen=16, device="cpu", progress=False)
+    result = prune(registry=registry, **{**base, **config})
+    report = result.report
+    if not report.layers:
+        _fail(cls, "end-to-end prune reported no pruned layers", "check blocks()/prunable() of the adapter")
+    for row in report.layers:
+        if abs(row.sparsity - row.target) > 1.0 / row.shape[1] + 0.02:
+            _fail(cls, f"end-to-end sparsity {row.sparsity:.4f} of layer {row.block}.{row.name} misses its target "
+                  f"{row.target:.4f}", "make the mask prune the requested fraction")
+    batch = result.adapter.calibration_batches(result.loaded, 1, 16, 123, None)[0]
+    with torch.no_grad():
+        out = result.adapter.forward(result.loaded.model, batch)
+    out = getattr(out, "logits", out)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if not torch.isfinite(out.float()).all():
+        _fail(cls, "the pruned model produces non-finite outputs", "keep scores finite and weights untouched by NaN")
+    return {"overall_sparsity": report.overall_sparsity, "layers": len(report.layers)}
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _parts(stat: st.Statistic, layer, chunks) -> st.Parts:
+    parts = stat.init(layer)
+    for x in chunks:
+        if stat.source == "inputs":
+            stat.update(parts, x.clone())
+        else:
+            for g in x:  # one "sample gradient" per row, shaped like the weight
+                stat.fold(parts, g.reshape(layer.weight.shape))
+    return parts
+
+
+def _same(a: Any, b: Any) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def check_statistic(cls_for_messages: type, stat: st.Statistic) -> None:
+    """A statistic's parts are sums: one batch == two batches merged == reversed; update changes them."""
+    import torch
+
+    layer = random_linear()
+    shape = (8, layer.in_features) if stat.source == "inputs" else (3, layer.weight.numel())
+    x = random_inputs(tokens=shape[0], in_features=shape[1], seed=2).abs() + 0.1
+    one = _parts(stat, layer, [x])
+    halves = st.merge(_parts(stat, layer, [x[: shape[0] // 2]]), _parts(stat, layer, [x[shape[0] // 2:]]))
+    rev = _parts(stat, layer, [x[shape[0] // 2:], x[: shape[0] // 2]])
+    if not all(isinstance(v, torch.Tensor) for _, v in st.leaves(one)):
+        _fail(cls_for_messages, f"statistic {stat.name!r}: init() parts must be tensors", "keep counts as 0-d tensors")
+    if all(torch.equal(v, w) for (_, v), (_, w) in zip(st.leaves(one), st.leaves(stat.init(layer)))):
+        _fail(cls_for_messages, f"statistic {stat.name!r}: update() did not change its parts",
+              "fold the inputs into the parts in place (e.g. parts['sum'] += x.pow(2).sum(0))")
+    for label, other in (("two batches merged", halves), ("reversed order", rev)):
+        if not _same(stat.finish(one), stat.finish(other)):
+            _fail(cls_for_messages, f"statistic {stat.name!r} is not additive ({label} differ from one batch)",
+                  "accumulate sums (and counts) rather than per-batch means")
+
+
+def _layer_stats(metric_or_solver: Any, layer, extra: dict[str, Any] | None = None) -> st.LayerStats:
+    specs = st.resolve(metric_or_solver.statistics())
+    x = random_inputs(tokens=8, in_features=layer.in_features)
+    values = {}
+    for s in specs:
+        data = [x] if s.source == "inputs" else [random_inputs(tokens=3, in_features=layer.weight.numel(), seed=5)]
+        values[s.name] = s.finish(_parts(s, layer, data))
+    return st.LayerStats({**values, **(extra or {})}, 0, "probe", tokens=8, samples=8)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def check_metric(cls: type, registry: Registry | None = None, end_to_end: bool = True, adapter: str = "llama",
+                 pattern: str = "unstructured", options: dict[str, Any] | None = None) -> list[str]:
+    """Check a :class:`~compresskit.interfaces.ScoreMetric` subclass against its contract.
+
+    Checks: class attributes and typed ``Options`` (defaults and ``options``); every statistic
+    it names exists and is additive (one batch == two merged == reversed; ``update`` changes
+    it); ``score`` returns finite float scores of the weight's shape without modifying the
+    weight (or, for a ``mask_solver`` metric, ``select`` returns a boolean mask and the solver
+    exists); and, unless ``end_to_end`` is False, a real run on ``random:tiny`` with ``options``.
+
+    Returns:
+        Names of the checks that passed.
+
+    Raises:
+        PluginConformanceError: on the first broken rule.
+    """
+    import torch
+
+    passed = _check_class(cls, ScoreMetric, options)
+    metric = _instance(cls, options)
+    try:
+        specs = st.resolve(metric.statistics())
+    except CompressKitError as exc:
+        _fail(cls, f"statistics() is invalid ({exc})", "name built-in statistics or return Statistic instances")
+    for s in specs:
+        check_statistic(cls, s)
+    passed.append("statistics additive")
+    layer = random_linear()
+    weight = layer.weight.detach().clone()
+    if metric.mask_solver is None:
+        if type(metric).score is ScoreMetric.score:
+            _fail(cls, "defines neither score() nor mask_solver", "implement score(weight, stats)")
+        scores = metric.score(weight, _layer_stats(metric, layer))
+        if not torch.equal(weight, layer.weight.detach()):
+            _fail(cls, "score() modified the weight it was given", "work on weight.abs()/clones, never in place")
+        if not isinstance(scores, torch.Tensor) or scores.shape != weight.shape or not scores.is_floating_point():
+            _fail(cls, f"score() returned {getattr(scores, 'shape', type(scores))}, not a float tensor of shape "
+                  f"{tuple(weight.shape)}", "return one importance value per weight")
+        if not torch.isfinite(scores).all():
+            _fail(cls, "score() returned non-finite values", "guard divisions (e.g. add an epsilon)")
+        passed.append("score shape/finite/no mutation")
+    else:
+        reg = registry or fresh_registry()
+        try:
+            reg.get("solver", metric.mask_solver)
+        except KeyError:
+            _fail(cls, f"mask_solver {metric.mask_solver!r} is not a registered solver", "name an installed solver")
+        saliency = weight.pow(2)
+        mask = metric.select(saliency, _ProbeRowPattern(), 0.5)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+            _fail(cls, "select() must return a boolean mask of the saliencies' shape", "return pattern.mask(...)")
+        passed.append("select mask")
+    if end_to_end:
+        reg = _registry_with("metric", cls, registry)
+        _end_to_end(cls, reg, adapter=adapter, metric=cls.name, pattern=pattern, sparsity=0.5,
+                    metric_options=dict(options or {}))
+        passed.append(f"end-to-end prune ({adapter}, {pattern})")
+    return passed
+
+
+class _ProbeRowPattern(MaskPattern):
+    """Lowest half per row, stable; used to probe metrics and solvers without a registry."""
+
+    name = "probe_rows"
+    summary = "test probe"
+
+    @property
+    def structure(self):
+        from compresskit.interfaces import Structure
+
+        return Structure("row")
+
+    def mask(self, scores, sparsity):
+        from compresskit.ops import lowest_mask
+
+        return lowest_mask(scores, int(scores.shape[-1] * sparsity))
+
+
+# --------------------------------------------------------------------------- patterns
+
+
+def _expected_count(structure, out_f: int, in_f: int, s: float) -> tuple[int, float]:
+    """(exact number pruned or -1 when only a tolerance applies, tolerance on the fraction)."""
+    from compresskit.ops import row_prune_count
+
+    if structure.group == "row":
+        return out_f * row_prune_count(in_f, s), 0.0
+    if structure.group == "layer":
+        return row_prune_count(out_f * in_f, s), 0.0
+    if structure.group == "nm":
+        return out_f * in_f * structure.n // structure.m, 0.0
+    return -1, 1.0 / in_f + 2e-3
+
+
+def check_pattern(cls: type, registry: Registry | None = None, end_to_end: bool = True, metric: str = "wanda",
+                  adapter: str = "llama", options: dict[str, Any] | None = None) -> list[str]:
+    """Check a :class:`~compresskit.interfaces.MaskPattern` subclass against its contract.
+
+    Checks: class attributes and typed ``Options`` (defaults and ``options``); ``structure`` is a
+    :class:`~compresskit.interfaces.Structure`; on a probe whose width fits the structure,
+    ``mask`` returns a boolean tensor of the scores' shape without modifying them, prunes the
+    count its structure promises (per row, per layer, ``n`` per aligned group of ``m``; within
+    rounding otherwise) and is monotone; ``check`` accepts the probe and rejects a contradicting
+    sparsity (patterns that fix their own) and an indivisible width (N:M) with
+    :class:`~compresskit.errors.IncompatiblePatternError`; and an end-to-end prune.
+
+    Returns:
+        Names of the checks that passed.
+
+    Raises:
+        PluginConformanceError: on the first broken rule.
+    """
+    import torch
+
+    from compresskit.interfaces import Structure
+
+    passed = _check_class(cls, MaskPattern, options)
+    pattern = _instance(cls, options)
+    structure = pattern.structure
+    if not isinstance(structure, Structure):
+        _fail(cls, "structure is not a compresskit.Structure", "return Structure('row') (or 'layer', 'nm', ...)")
+    implied = pattern.implied_sparsity
+    out_f, in_f = 16, 64 * (structure.m if structure.m and 64 % structure.m else 1)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(out_f, in_f, generator=g)
+    for s in [implied] if implied is not None else [0.25, 0.5, 0.75]:
+        try:
+            pattern.check("probe", (out_f, in_f), s)
+        except IncompatiblePatternError as exc:
+            _fail(cls, f"check() rejected a {out_f}x{in_f} probe at sparsity {s} ({exc})", "accept layers that fit")
+        before = scores.clone()
+        mask = pattern.mask(scores, s)
+        if not torch.equal(before, scores):
+            _fail(cls, "mask() modified the scores", "never write into the scores tensor")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != scores.shape:
+            _fail(cls, "mask() must return a bool tensor of the scores' shape", "return e.g. scores < threshold")
+        exact, tol = _expected_count(structure, out_f, in_f, s)
+        got = int(mask.sum())
+        if (exact >= 0 and got != exact) or (exact < 0 and abs(got / mask.numel() - s) > tol):
+            _fail(cls, f"mask() pruned {got / mask.numel():.4f} of the weights at sparsity {s} (structure "
+                  f"{structure.group!r})", "prune floor(sparsity * group size) weights per comparison group")
+        if structure.group == "nm" and not (mask.reshape(out_f, -1, structure.m).sum(-1) == structure.n).all():
+            _fail(cls, f"mask() does not prune exactly {structure.n} in every aligned group of {structure.m}",
+                  "take the n lowest scores of each group of m consecutive input columns")
+        kept, pruned = (~mask).nonzero()[0].tolist(), mask.nonzero()[0].tolist()
+        up, down = scores.clone(), scores.clone()
+        up[tuple(kept)] = scores.max() + 1.0
+        down[tuple(pruned)] = scores.min() - 1.0
+        if pattern.mask(up, s)[tuple(kept)] or not pattern.mask(down, s)[tuple(pruned)]:
+            _fail(cls, "mask() is not monotone in the scores", "prune the lowest scores (higher score = keep)")
+    passed.append("mask shape/dtype/count/monotone")
+    if implied is not None:
+        _expect_incompatible(cls, pattern, "probe", (out_f, in_f), min(implied + 0.1, 0.95), "a contradicting sparsity")
+    if structure.group == "nm":
+        _expect_incompatible(cls, pattern, "probe_layer", (out_f, structure.m * 4 + 1), implied, "an indivisible width")
+    passed.append("check")
+    if end_to_end:
+        reg = _registry_with("pattern", cls, registry)
+        _end_to_end(cls, reg, adapter=adapter, metric=metric, pattern=cls.name, sparsity=implied,
+                    pattern_options=dict(options or {}))
+        passed.append(f"end-to-end prune ({adapter}, {metric})")
+    return passed
+
+
+def _expect_incompatible(cls, pattern, layer, shape, sparsity, what) -> None:
+    try:
+        pattern.check(layer, shape, sparsity)
+    except IncompatiblePatternError as exc:
+        if layer != "probe" and layer not in str(exc):
+            _fail(cls, f"check() error for {what} does not name the layer", "include layer_name in the message")
+        return
+    _fail(cls, f"check() accepted {what}", "raise IncompatiblePatternError naming the layer and the fix")
+
+
+# --------------------------------------------------------------------------- solvers
+
+
+def check_solver(cls: type, registry: Registry | None = None, end_to_end: bool = True, metric: str = "wanda",
+                 options: dict[str, Any] | None = None) -> list[str]:
+    """Check a :class:`~compresskit.interfaces.Solver` subclass against its contract.
+
+    Checks: class attributes and typed ``Options``; its statistics are additive; ``solve`` on a
+    probe layer returns finite float32 weights of the weight's shape, zero wherever the mask
+    prunes, without modifying its inputs, and with a reconstruction error (from the ``gram``
+    statistic) no larger than plain masking; and an end-to-end prune with ``--update`` it.
+
+    Raises:
+        PluginConformanceError: on the first broken rule.
+    """
+    import torch
+
+    from compresskit.ops import lowest_mask, reconstruction_error
+
+    passed = _check_class(cls, Solver, options)
+    solver = _instance(cls, options)
+    for s in st.resolve(solver.statistics()):
+        check_statistic(cls, s)
+    layer = random_linear(out_features=16, in_features=32)
+    x = random_inputs(tokens=64, in_features=32)
+    gram = x.t() @ x
+    stats = _layer_stats(solver, layer, {"gram": gram})
+    weight = layer.weight.detach().clone()
+    mask = lowest_mask(weight.abs(), 16)
+    new = solver.solve(weight.clone(), mask.clone(), stats)
+    if not isinstance(new, torch.Tensor) or new.shape != weight.shape or not torch.isfinite(new).all():
+        _fail(cls, "solve() must return finite weights of the weight's shape", "return the reconstructed weight")
+    if new[mask].any():
+        _fail(cls, "solve() left pruned weights non-zero", "zero the entries where mask is True")
+    plain = reconstruction_error(weight, weight.masked_fill(mask, 0.0), gram)
+    if reconstruction_error(weight, new, gram) > plain * (1 + 1e-4) + 1e-9:
+        _fail(cls, "solve() reconstructs the layer output worse than plain masking", "minimise ||WX - W'X||")
+    passed.append("solve")
+    if end_to_end:
+        reg = _registry_with("solver", cls, registry)
+        _end_to_end(cls, reg, metric=metric, update=cls.name, update_options=dict(options or {}))
+        passed.append(f"end-to-end prune ({metric})")
+    return passed
+
+
+# --------------------------------------------------------------------------- allocations and hooks
+
+
+def _check_targets(cls: type, result, sparsity: float) -> None:
+    for row in result.report.layers:
+        if not 0.0 <= row.target < 1.0:
+            _fail(cls, f"target {row.target} of layer {row.block}.{row.name} is outside [0, 1)", "return fractions")
+
+
+def check_allocation(cls: type, registry: Registry | None = None, options: dict[str, Any] | None = None,
+                     sparsity: float = 0.5) -> list[str]:
+    """Check a :class:`~compresskit.interfaces.Allocation` subclass: class rules, then an end-to-end
+    prune of ``random:tiny`` where every layer's target is a fraction and is achieved (row-exact).
+
+    Raises:
+        PluginConformanceError: on the first broken rule.
+    """
+    passed = _check_class(cls, Allocation, options)
+    reg = _registry_with("allocation", cls, registry)
+    from compresskit.api import prune
+
+    result = prune(registry=reg, model="random:tiny", metric="wanda", allocation=cls.name, sparsity=sparsity,
+                   allocation_options=dict(options or {}), nsamples=4, seqlen=16, device="cpu", progress=False)
+    _check_targets(cls, result, sparsity)
+    _end_to_end(cls, reg, metric="wanda", allocation=cls.name, sparsity=sparsity, allocation_options=dict(options or {}))
+    return passed + ["targets", "end-to-end prune"]
+
+
+def check_hooks(module: Any, registry: Registry | None = None, sparsity: float = 0.5) -> list[str]:
+    """Check a plugin module's lifecycle hooks: it registers without failures (known hook names),
+    and a prune of ``random:tiny`` with it installed runs every hook and achieves the targets
+    its ``layer_sparsity`` returns.
+
+    Raises:
+        PluginConformanceError: on the first broken rule.
+    """
+    reg = registry or fresh_registry(module)
+    name = getattr(module, "__name__", repr(module))
+    if not any(p is module for _, p in reg.pm.list_name_plugin()):
+        _fail(type(module), f"plugin {name} did not register ({'; '.join(f.message() for f in reg.failures)})",
+              "spell every hook as in compresskit.hookspecs and mark it with compresskit.hookimpl")
+    from compresskit.api import prune
+
+    result = prune(registry=reg, model="random:tiny", metric="wanda", sparsity=sparsity, nsamples=4, seqlen=16,
+                   device="cpu", progress=False)
+    _check_targets(type(module), result, sparsity)
+    for row in result.report.layers:
+        if abs(row.sparsity - row.target) > 1.0 / row.shape[1]:
+            _fail(type(module), f"layer {row.block}.{row.name} reached {row.sparsity:.4f}, not its target "
+                  f"{row.target:.4f}", "return a fraction in [0, 1) from layer_sparsity")
+    return ["registers", "targets achieved"]
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def check_adapter(cls: type, source: str = "random:tiny", registry: Registry | None = None, end_to_end: bool = True,
+                  metric: str = "wanda", options: dict[str, Any] | None = None) -> list[str]:
+    """Check a :class:`~compresskit.interfaces.ModelAdapter` subclass against its contract.
+
+    Checks: class attributes and typed ``Options``; ``load(source)`` gives an eval-mode model;
+    ``blocks`` is non-empty and every block has prunable ``nn.Linear`` layers that ``groups``
+    covers exactly once; ``calibration_batches`` is deterministic in the seed; capturing block
+    0's inputs and replaying them through every block reproduces the plain forward's last block
+    output; ``loss`` (when defined) is a finite scalar with gradients; ``save`` writes files; and
+    an end-to-end prune.
+
+    Raises:
+        PluginConformanceError: on the first broken rule.
+    """
+    import torch
+    from torch import nn
+
+    from compresskit.walk import block_output, capture_block_inputs
+
+    passed = _check_class(cls, ModelAdapter, options)
+    if not isinstance(cls.aliases, dict) or not isinstance(cls.default_model, str):
+        _fail(cls, "aliases must be a dict and default_model a str", "fix the class attributes")
+    adapter = _instance(cls, options)
+    loaded = adapter.load(source)
+    model = loaded.model
+    if not isinstance(loaded, Loaded) or not isinstance(model, nn.Module) or model.training:
+        _fail(cls, f"load({source!r}) must return a Loaded with an eval-mode nn.Module", "call model.eval()")
+    blocks = list(adapter.blocks(model))
+    if not blocks:
+        _fail(cls, "blocks() returned no blocks", "return the repeated blocks, e.g. model.blocks")
+    for i, block in enumerate(blocks):
+        layers = adapter.prunable(block)
+        if not layers or not all(isinstance(m, nn.Linear) for m in layers.values()):
+            _fail(cls, f"prunable(block {i}) must map names to nn.Linear layers", "use compresskit.ops.find_linears")
+        if sorted(n for grp in adapter.groups(block) for n in grp) != sorted(layers):
+            _fail(cls, f"groups(block {i}) does not cover each prunable layer exactly once", "list every name once")
+    passed.append("blocks/prunable/groups")
+    batches = adapter.calibration_batches(loaded, 2, 16, 0, None)
+    again = adapter.calibration_batches(loaded, 2, 16, 0, None)
+    if len(batches) != 2 or any(not torch.equal(a[k], b[k]) for a, b in zip(batches, again) for k in a):
+        _fail(cls, "calibration_batches() must return nsamples batches, identical for the same seed",
+              "draw samples from a torch.Generator seeded with `seed`")
+    passed.append("calibration determinism")
+    with adapter.run_context(model):
+        last: list = []
+        handle = blocks[-1].register_forward_hook(lambda m, a, out: last.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            with torch.no_grad():
+                adapter.forward(model, batches[0])
+        finally:
+            handle.remove()
+        if len(last) != 1:
+            _fail(cls, "forward() did not run the last block exactly once", "run the full model in forward()")
+        args, kwargs = capture_block_inputs(adapter, model, batches[:1], torch.device("cpu"))[0]
+        with torch.no_grad():
+            for block in blocks:
+                args = (block_output(block, args, kwargs), *args[1:])
+        if not torch.allclose(args[0], last[0], rtol=1e-4, atol=1e-5):
+            _fail(cls, "replaying captured block-0 inputs through the blocks differs from the plain forward",
+                  "make blocks() return the model's blocks in execution order")
+    passed += ["forward", "capture and replay"]
+    if type(adapter).loss is not ModelAdapter.loss:
+        loss = adapter.loss(model, batches[0])
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not torch.isfinite(loss) or not loss.requires_grad:
+            _fail(cls, "loss() must return a finite scalar tensor with a graph", "return the model's training loss")
+        model.zero_grad(set_to_none=True)
+        passed.append("loss")
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter.save(loaded, Path(tmp))
+        if not any(Path(tmp).iterdir()):
+            _fail(cls, "save() wrote nothing", "write the model (safetensors) into the directory")
+    passed.append("save")
+    if end_to_end:
+        reg = _registry_with("adapter", cls, registry)
+        _end_to_end(cls, reg, adapter=cls.name, model=source, metric=metric, pattern="unstructured", sparsity=0.5,
+                    adapter_options=dict(options or {}))
+        passed.append(f"end-to-end prune ({metric})")
+    return passed

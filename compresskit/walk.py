@@ -1,0 +1,181 @@
+"""The walk over blocks: capture block 0's inputs, replay a block over them, propagate outputs.
+
+Every pass that goes block by block uses this one function: the pruning runner, pre-passes
+such as an allocation's dense statistics, and any later streamed engine::
+
+    for step in walk_blocks(adapter, model, batches, device):
+        outs = step.forward(taps={"mlp.down_proj": lambda x, samples: ...})
+        ...                                   # change the block's weights if you like
+    # after each step the walk computes the next block's inputs from the (changed) block
+
+Block 0's inputs are captured with a forward pre-hook that records the positional *and every
+keyword* argument (attention masks, position ids, rotary ``position_embeddings``, cache
+positions...) and then stops the forward with a private exception, so nothing is hard-coded per
+model family or ``transformers`` version. Only the current block lives on the compute device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from compresskit.device import move_outside, synchronize, to_device
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from compresskit.interfaces import ModelAdapter
+
+BlockInput = tuple[tuple, dict]
+"""One sample's ``(args, kwargs)`` for a block call."""
+
+Tap = Callable[["torch.Tensor", int], None]
+"""Receives a layer's input flattened to float32 ``[tokens, in_features]`` and its sample count."""
+
+
+class _Captured(Exception):
+    """Private sentinel that stops the forward pass once block 0's inputs are recorded."""
+
+
+def capture_block_inputs(adapter: ModelAdapter, model: nn.Module, batches: Sequence[dict], device: torch.device) -> list[BlockInput]:
+    """Run the model on each batch until block 0 and record its ``(args, kwargs)`` on ``device``.
+
+    Every module outside the blocks is moved to ``device`` (and stays there); the blocks stay put.
+    """
+    import torch
+
+    blocks = list(adapter.blocks(model))
+    move_outside(model, blocks, device)
+    first = blocks[0]
+    home = _device_of(first)
+    first.to(device)
+    records: list[BlockInput] = []
+
+    def hook(module, args, kwargs):
+        records.append((to_device(args, device), to_device(kwargs, device)))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    adapter.forward(model, to_device(batch, device))
+                except _Captured:
+                    continue
+                raise RuntimeError(f"adapter {adapter.name!r}: the forward pass never reached block 0")
+    finally:
+        handle.remove()
+        first.to(home)
+    return records
+
+
+def block_output(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Call a block and normalise its output: first element of a tuple, or the tensor."""
+    out = block(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def flatten_inputs(x: torch.Tensor) -> torch.Tensor:
+    """Detach, cast to float32 and flatten a layer input to ``[tokens, in_features]``."""
+    return x.detach().reshape(-1, x.shape[-1]).float()
+
+
+def sample_count(x: torch.Tensor) -> int:
+    """Calibration samples in one layer input: its batch dimension (1 for a 2-D input)."""
+    return int(x.shape[0]) if x.dim() > 2 else 1
+
+
+def replay(block: nn.Module, inputs: Sequence[BlockInput], layers: dict[str, nn.Module] | None = None,
+           taps: dict[str, Tap] | None = None) -> list[torch.Tensor]:
+    """Run ``block`` over every input (no gradients); ``taps[name]`` sees ``layers[name]``'s inputs."""
+    import torch
+
+    handles = []
+    for name, tap in (taps or {}).items():
+        def hook(module, args, _tap=tap):
+            _tap(flatten_inputs(args[0]), sample_count(args[0]))
+
+        handles.append(layers[name].register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            return [block_output(block, a, k) for a, k in inputs]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def advance(inputs: Sequence[BlockInput], outputs: Sequence[torch.Tensor]) -> list[BlockInput]:
+    """The next block's inputs: each output replaces the first positional argument."""
+    return [((o, *a[1:]), k) for o, (a, k) in zip(outputs, inputs)]
+
+
+@dataclasses.dataclass
+class BlockStep:
+    """One block of a walk: the block (on the compute device), its index and its inputs.
+
+    ``forward(taps)`` runs the block over its inputs (first call's outputs are remembered as
+    ``dense_outputs``); set ``outputs`` yourself to decide the next block's inputs.
+    """
+
+    index: int
+    block: nn.Module
+    inputs: list[BlockInput]
+    layers: dict[str, nn.Module]
+    dense_outputs: list[torch.Tensor] | None = None
+    outputs: list[torch.Tensor] | None = None
+
+    def forward(self, taps: dict[str, Tap] | None = None) -> list[torch.Tensor]:
+        """Outputs of the block over every input, feeding each tapped layer's inputs to its tap."""
+        outs = replay(self.block, self.inputs, self.layers, taps)
+        if self.dense_outputs is None:
+            self.dense_outputs = outs
+        return outs
+
+
+def walk_blocks(adapter: ModelAdapter, model: nn.Module, batches: Sequence[dict] | None, device: torch.device,
+                offload: torch.device | None = None, propagate: str = "pruned", start: int = 0,
+                inputs: list[BlockInput] | None = None, on_step: Callable[[BlockStep], Any] | None = None
+                ) -> Iterator[BlockStep]:
+    """Visit the blocks in order with their calibration inputs (see the module docstring).
+
+    Args:
+        batches: calibration batches; None walks the blocks without inputs (data-free passes).
+        device: compute device (one block at a time); ``offload``: where blocks rest (CPU).
+        propagate: the next block's inputs come from the block as it is after the step
+            (``pruned``, the reference LLM procedure) or from its first forward (``dense``).
+        start, inputs: resume at block ``start`` with its inputs (skips the capture).
+        on_step: called after each step's outputs are computed (progress, checkpoints).
+    """
+    import torch
+
+    offload = offload or torch.device("cpu")
+    blocks = list(adapter.blocks(model))
+    if inputs is None and batches is not None:
+        inputs = capture_block_inputs(adapter, model, batches, device)
+    for i in range(start, len(blocks)):
+        block = blocks[i]
+        block.to(device)
+        step = BlockStep(i, block, inputs or [], adapter.prunable(block))
+        yield step
+        if inputs is not None and step.outputs is None:
+            if propagate == "dense":
+                step.outputs = step.dense_outputs if step.dense_outputs is not None else step.forward()
+            else:
+                step.outputs = replay(block, inputs)
+        if inputs is not None:
+            inputs = advance(inputs, step.outputs)
+            step.inputs = inputs
+        block.to(offload)
+        synchronize(device)
+        if on_step is not None:
+            on_step(step)
+    move_outside(model, blocks, offload)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    import torch
+
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

@@ -1,0 +1,1 @@
+"""Built-in allocations (the ``--allocation`` stage: per-layer targets)."""
