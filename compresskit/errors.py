@@ -40,3 +40,7 @@ class GradientError(CompressKitError, ValueError):
 
 class OutputExistsError(CompressKitError, FileExistsError):
     """The output directory exists and is not empty."""
+
+
+class NonFiniteError(CompressKitError, ValueError):
+    """A NaN or inf in weights, activations, statistics, scores or results (the message names the layer and source)."""
