@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compresskit import checks
 from compresskit._version import __version__
 from compresskit.config import RunConfig
 from compresskit.errors import CompressKitError, IncompatiblePatternError, OptionError
@@ -195,11 +196,17 @@ def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     p = plan(config, registry)
     device = resolve_device(config.device)
     loaded = p.adapter.load(p.adapter.resolve_source(config.model))
+    checks.check_model(loaded)  # a NaN in the checkpoint would decide masks silently
+    checks.check_seqlen(loaded, config.seqlen)
     settings = RunnerSettings(sparsity=p.sparsity, device=device, propagate=config.propagate,
                               report_error=config.report_error, progress=config.progress)
     run = Run(p.adapter, p.metric, p.pattern, loaded, settings, p.solver, p.allocation, hook=p.registry.pm.hook,
               sparsity_map=config.sparsity_map, pm=p.registry.pm)
     check_layers(run)  # fail fast, before calibration
+    rounding = checks.rounding_report(p.adapter, loaded.model, p.pattern, p.sparsity)
+    if rounding:
+        log.warning("%s", rounding)
+        run.notes.setdefault("compresskit", {}).setdefault("warnings", []).append(rounding)
     if config.sparsity_map:
         blocks = p.adapter.blocks(loaded.model)
         check_covers(config.sparsity_map, [layer_id(i, n) for i, b in enumerate(blocks) for n in p.adapter.prunable(b)])
@@ -318,8 +325,9 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
     entry = reg.get("adapter", adapter or recorded.get("adapter") or "llama")
     options = adapter_options if adapter_options is not None else (recorded.get("adapter_options", {}) if not adapter else {})
     ad = entry.cls(build(entry.cls.Options, options, "adapter."))
-    loaded = model if isinstance(model, Loaded) else ad.load(str(model))
     dev = resolve_device(device)
+    loaded = model if isinstance(model, Loaded) else ad.load(str(model))
+    checks.check_seqlen(loaded, seqlen)
     tasks = tuple(t.strip() for t in tasks.split(",") if t.strip()) if isinstance(tasks, str) else tuple(tasks)
     res = _evaluate_loaded(ad, loaded, EvalRequest(data, resolve_eval_limit(ad, limit), str(dev), seqlen, tasks, progress))
     name = loaded.source if isinstance(model, Loaded) else str(model)

@@ -88,6 +88,7 @@ class LlamaAdapter(ModelAdapter):
 
         model, tokenizer, info = sources.load(source, getattr(torch, self.options.dtype))
         info["model_type"] = model.config.model_type
+        info["context_length"] = getattr(model.config, "max_position_embeddings", None)
         info["blocks"] = sources.blocks_path(model, self.options.blocks)
         return Loaded(model=model.eval(), processor=tokenizer, source=source, info=info)
 
