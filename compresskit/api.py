@@ -226,12 +226,16 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
             "pattern": p.pattern.name, "sparsity": p.sparsity}
 
 
-def prune(config: RunConfig | None = None, registry: Registry | None = None, **overrides: Any) -> PruneResult:
-    """Prune a model end to end and return the result (not yet saved).
+def prune(config: RunConfig | None = None, registry: Registry | None = None, output: str | Path | None = None,
+          overwrite: bool = False, **overrides: Any) -> PruneResult:
+    """Prune a model end to end and return the result (saved only when ``output`` is given).
 
     Args:
         config: a :class:`RunConfig`; keyword ``overrides`` replace its fields.
         registry: plugin registry (default: every installed plugin).
+        output: save the result there; checked right after the model loads, before any
+            calibration work (writable, not someone else's data, room for the model's size).
+        overwrite: replace an earlier compresskit output at ``output``.
 
     Example:
         >>> result = prune(adapter="llama", model="random:tiny", metric="wanda", sparsity=0.5)
@@ -242,6 +246,11 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     config = dataclasses.replace(config or RunConfig(), **overrides)
     t0 = time.perf_counter()
     p, run = _start(config, registry)
+    if output is not None:
+        from compresskit.output import check_room, check_target, estimate_bytes
+
+        check_target(output, overwrite)
+        check_room(output, estimate_bytes(run.model))
     source, device = run.loaded.source, run.settings.device
     calibration = config.calibration or p.adapter.default_calibration(source)
     run.batches = p.adapter.calibration_batches(run.loaded, config.nsamples, config.seqlen, config.seed, calibration)
@@ -261,7 +270,10 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     manifest["total_seconds"] = time.perf_counter() - t0
     if config.evaluate:
         manifest["evaluation"]["pruned"] = _evaluate_loaded(p.adapter, run.loaded, request)
-    return PruneResult(run.loaded, p.adapter, report, manifest, run)
+    result = PruneResult(run.loaded, p.adapter, report, manifest, run)
+    if output is not None:
+        result.save(output, overwrite=overwrite)
+    return result
 
 
 def _manifest(config: RunConfig, p: Plan, run: Run, calibration: str | None, fingerprint: str) -> dict[str, Any]:

@@ -132,10 +132,9 @@ def prune(**kw: Any) -> None:
         click.echo(f"ok: {info['layers']} layers in {info['blocks']} blocks accept {info['pattern']} at sparsity "
                    f"{info['sparsity']:g}")
         return
-    result = api.prune(config, registry=registry())
+    result = api.prune(config, registry=registry(), output=kw["output"], overwrite=kw["overwrite"])
     _print_summary(result)
     if kw["output"]:
-        result.save(kw["output"], overwrite=kw["overwrite"])
         click.echo(f"saved to {kw['output']} (manifest: compresskit.json)")
     else:
         click.echo("note: no --output given; the pruned model was not saved", err=True)
