@@ -180,12 +180,22 @@ def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, win
     """Evaluate a dense model or a pruned output directory (perplexity or accuracy)."""
     from compresskit import api
 
+    from compresskit.checks import finite_result
+    from compresskit.errors import NonFiniteError
+
     res = api.evaluate(model, adapter=adapter, data=data, seqlen=seqlen, limit=windows, device=device,
                        progress=not no_progress, registry=registry())
+    clean, broken = finite_result(res)
     if as_json:
-        click.echo(json.dumps(res, default=str))
+        clean["status"] = "non_finite" if broken else "ok"
+        if broken:
+            clean["non_finite"] = broken
+        click.echo(json.dumps(clean, default=str, allow_nan=False))
     else:
         click.echo(f"{model}: {_headline(res)}")
+    if broken:
+        raise NonFiniteError(f"the model is numerically broken: {', '.join(broken)} is not finite (NaN or inf weights "
+                             "or activations); prune again from an intact checkpoint, or load in float32")
 
 
 @cli.command("list")
@@ -262,9 +272,13 @@ def plugins(as_json: bool) -> None:
 
 def main() -> None:
     """Console-script entry point: plugin commands, clear errors, exit 130 on Ctrl-C."""
+    from compresskit import diagnose
+    from compresskit.output import Terminated
+
+    reg = None
     try:
         reg = registry()
-        reg.pm.hook.register_commands(cli=cli)
+        reg.add_commands(cli)
         cli.main(prog_name="compresskit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -277,8 +291,18 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Terminated as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_code)
     except CompressKitError as exc:
         click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # a bug here or in a plugin: one line naming it, the traceback on request
+        if diagnose.want_traceback():
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"Error: {diagnose.unexpected(exc, reg)}", err=True)
         sys.exit(1)
 
 
