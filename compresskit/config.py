@@ -85,7 +85,7 @@ class RunConfig:
         if self.eval_limit is not None:
             _expect(self, "eval_limit", int, "an integer >= 0 (0: everything)")
             if self.eval_limit < 0:
-                raise OptionError(f"eval_limit must be >= 0 (0: everything), got {self.eval_limit}")
+                raise OptionError(f"eval_limit (--eval-windows) must be >= 0 (0: every window), got {self.eval_limit}")
         for name in ("report_error", "evaluate", "progress"):
             _expect(self, name, bool, "True or False")
         if isinstance(self.eval_tasks, str):
