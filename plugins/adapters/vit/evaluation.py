@@ -52,12 +52,16 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
     dense_fp = info.get("dense_fingerprint")
     path = cache_dir() / "vit-eval" / f"{dense_fp}-{tensor_fingerprint(x)[:16]}.safetensors"
     ref = None
-    if dense_fp and weights_fingerprint(model) == dense_fp:
+    is_dense = bool(dense_fp) and weights_fingerprint(model) == dense_fp
+    if is_dense:
         save_tensors_atomic({"logits": logits, "features": feats}, path)
         ref = {"logits": logits, "features": feats}  # the dense model is its own reference
     elif dense_fp and path.exists():
-        ref = load_file(str(path))
-    elif dense_fp and load_dense is not None:
+        try:
+            ref = load_file(str(path))
+        except Exception as exc:  # a damaged cache entry: rebuild the reference below
+            log.warning("the cached dense reference %s is unreadable (%s); recomputing it", path, exc)
+    if ref is None and dense_fp and load_dense is not None and not is_dense:
         try:
             ref_logits, ref_feats = forward_all(load_dense(), x, batch_size)
             ref = {"logits": ref_logits, "features": ref_feats}

