@@ -107,7 +107,8 @@ def _from_pretrained(source: str, dtype: Any):
     looks_local = path.exists() or source.startswith((".", "/", "~")) or os.sep in source and source.count("/") != 1
     if looks_local:
         if not path.is_dir():
-            raise CompressKitError(f"--model {source}: no such directory; give a save_pretrained directory, a hub "
+            what = "is a file, not a directory" if path.exists() else "no such directory"
+            raise CompressKitError(f"--model {source}: {what}; give a save_pretrained directory, a hub "
                                    "id (needs network), 'random:tiny' or 'smollm2'")
         if not (path / "config.json").is_file():
             raise CompressKitError(f"--model {source}: no config.json in that directory, so it is not a "
