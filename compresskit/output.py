@@ -65,6 +65,7 @@ def check_target(directory: str | os.PathLike, overwrite: bool) -> Path:
         CompressKitError: the parent is not a writable directory.
     """
     path = Path(directory)
+    restore_interrupted(path)
     if path.is_symlink():
         raise OutputExistsError(f"output {path} is a symbolic link; give the real directory "
                                 f"({os.path.realpath(path)}) or another --output")
@@ -167,12 +168,9 @@ def signals_as_exceptions() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def clean_stale(directory: str | os.PathLike) -> None:
-    """Remove temporary siblings an interrupted earlier run of this output left behind.
-
-    A run killed during ``--overwrite``'s two renames may have left the previous output only in
-    its ``.<name>.old-*`` sibling: when ``directory`` is missing, that output is put back first.
-    """
+def restore_interrupted(directory: str | os.PathLike) -> None:
+    """Put back a previous output that a run killed between ``--overwrite``'s two renames left only
+    in its ``.<name>.old-*`` sibling (when ``directory`` itself is missing)."""
     final = Path(directory)
     for tmp in stale_temporaries(final):
         old = tmp / "old"
@@ -180,6 +178,14 @@ def clean_stale(directory: str | os.PathLike) -> None:
             log.warning("restoring the previous output %s from %s (an earlier run was killed while replacing it)",
                         final, tmp)
             os.replace(old, final)
+
+
+def clean_stale(directory: str | os.PathLike) -> None:
+    """Remove temporary siblings an interrupted earlier run of this output left behind (after
+    :func:`restore_interrupted`)."""
+    final = Path(directory)
+    restore_interrupted(final)
+    for tmp in stale_temporaries(final):
         log.info("removing %s left by an interrupted run", tmp)
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
