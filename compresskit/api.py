@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from compresskit import checks
 from compresskit._version import __version__
 from compresskit.config import RunConfig
+from compresskit.config import replace as config_replace
 from compresskit.errors import CompressKitError, IncompatiblePatternError, OptionError
 from compresskit.interfaces import EvalRequest, Loaded, ModelAdapter
 from compresskit.kinds import KINDS
@@ -219,7 +220,7 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
     Returns:
         ``{"layers", "blocks", "pattern", "sparsity"}`` of the checked model.
     """
-    config = dataclasses.replace(config or RunConfig(), **overrides)
+    config = config_replace(config, **overrides)  # an unknown keyword is an OptionError with the fix
     p, run = _start(config, registry)
     blocks = p.adapter.blocks(run.model)
     return {"layers": sum(len(p.adapter.prunable(b)) for b in blocks), "blocks": len(blocks),
@@ -243,7 +244,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     from compresskit.cache import tensor_fingerprint
     from compresskit.runner import prune_model
 
-    config = dataclasses.replace(config or RunConfig(), **overrides)
+    config = config_replace(config, **overrides)  # an unknown keyword is an OptionError with the fix
     t0 = time.perf_counter()
     p, run = _start(config, registry)
     if output is not None:

@@ -122,8 +122,7 @@ def _expect(config: RunConfig, name: str, tp: type, what: str) -> None:
         raise OptionError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
 
 
-def from_dict(values: Mapping[str, Any]) -> RunConfig:
-    """A :class:`RunConfig` from a plain dict; unknown keys are errors with the closest valid key."""
+def _check_keys(values: Mapping[str, Any]) -> None:
     import difflib
 
     names = [f.name for f in dataclasses.fields(RunConfig)]
@@ -132,4 +131,15 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise OptionError(f"unknown run setting {key!r}.{hint} Valid settings: {', '.join(names)}")
+
+
+def from_dict(values: Mapping[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from a plain dict; unknown keys are errors with the closest valid key."""
+    _check_keys(values)
     return RunConfig(**values)
+
+
+def replace(config: RunConfig | None, **overrides: Any) -> RunConfig:
+    """``config`` (default: a new one) with ``overrides``; unknown keys are errors with the closest valid key."""
+    _check_keys(overrides)
+    return dataclasses.replace(config or RunConfig(), **overrides)
