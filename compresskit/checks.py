@@ -78,7 +78,8 @@ def check_tensor(t: Any, what: str, fix: str) -> None:
     if bad is not None:
         label, value = bad
         detail = describe_nonfinite(value) if hasattr(value, "isfinite") else repr(value)
-        raise NonFiniteError(f"{what}{label} holds non-finite values ({detail}); {fix}")
+        where = f" at {label}" if label else ""
+        raise NonFiniteError(f"{what}{where} holds non-finite values ({detail}); {fix}")
 
 
 def _first_bad(obj: Any, label: str = "") -> tuple[str, Any] | None:

@@ -139,7 +139,7 @@ def obtain(
         fresh = compute(adapter, model, batches, [s for s, _, _ in todo], device, opts.checkpointing, progress)
         for s, fp, path in todo:
             for k, p in fresh[s.key()].items():  # never cache (or prune with) an overflowed sum
-                check_tensor(p, f"gradient statistic {s.name!r} computed for layer {k!r} (parts)",
+                check_tensor(p, f"gradient statistic {s.name!r} computed for layer {k!r}",
                              "the per-sample gradients overflowed: load the model in float32 (-o adapter.dtype="
                              "float32) and keep -o gradient.precision=float32")
             parts[s.key()] = fresh[s.key()]

@@ -178,6 +178,7 @@ def restore_interrupted(directory: str | os.PathLike) -> None:
             log.warning("restoring the previous output %s from %s (an earlier run was killed while replacing it)",
                         final, tmp)
             os.replace(old, final)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def clean_stale(directory: str | os.PathLike) -> None:
