@@ -826,6 +826,25 @@ def test_damaged_corpus_cache_is_rebuilt(tmp_path, monkeypatch, caplog):
     assert [json.loads(x) for x in cached.read_text().splitlines()] == docs
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("timm") is None, reason="needs timm")
+def test_unwritable_probe_cache_is_a_warning(tmp_path, caplog):
+    import numpy as np
+    from PIL import Image
+
+    for label, name in enumerate(("dark", "light")):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for k in range(4):
+            Image.fromarray(np.full((24, 24, 3), 40 + 150 * label + k, np.uint8)).save(tmp_path / "imgs" / name / f"{k}.png")
+    (tmp_path / "f").write_text("x")
+    caplog.set_level(logging.WARNING, logger="compresskit")
+    r = invoke("prune", "--adapter", "vit", "--model", "random:tiny", "--metric", "wanda", "--nsamples", "2",
+               "--no-progress", "-o", "adapter.head=probe", "-o", f"adapter.probe_data={tmp_path / 'imgs'}",
+               "-o", "adapter.probe_samples=8", "--output", str(tmp_path / "o"),
+               env={"COMPRESSKIT_CACHE": str(tmp_path / "f" / "cache")})
+    assert r.exit_code == 0 and "could not write the cache file" in caplog.text and "vit-probe" in caplog.text
+    assert (tmp_path / "o" / "compresskit.json").is_file()
+
+
 def test_unwritable_package_cache_falls_back_to_a_temporary_directory(tmp_path, monkeypatch, caplog):
     from compresskit import cache
 
