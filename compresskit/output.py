@@ -147,7 +147,8 @@ def _size(n: int) -> str:
 @contextlib.contextmanager
 def signals_as_exceptions() -> Iterator[None]:
     """Inside: SIGTERM and SIGHUP raise :class:`Terminated`, SIGINT raises ``KeyboardInterrupt``;
-    the previous handlers are restored after. Outside the main thread this does nothing."""
+    the previous handlers are restored after. A signal the process ignores (``nohup``, a
+    background job's SIGINT) stays ignored. Outside the main thread this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -161,7 +162,8 @@ def signals_as_exceptions() -> Iterator[None]:
     previous = {}
     try:
         for sig, handler in wanted.items():
-            previous[sig] = signal.signal(sig, handler)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
         yield
     finally:
         for sig, handler in previous.items():

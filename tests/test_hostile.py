@@ -748,6 +748,19 @@ def test_signal_while_saving_removes_the_temporary_directory(earlier, tmp_path, 
     assert signal.getsignal(signal.SIGTERM) == handler  # restored after the save
 
 
+def test_ignored_signals_stay_ignored_while_saving(monkeypatch):
+    from compresskit.output import signals_as_exceptions
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        with signals_as_exceptions():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
 def test_sigterm_to_a_real_process_while_saving(earlier, tmp_path):
     out, before = earlier
     env = {**os.environ, "COMPRESSKIT_PLUGINS": plugin_file(tmp_path, "interrupted", SIGNAL_ADAPTER),
