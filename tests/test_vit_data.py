@@ -167,9 +167,10 @@ def test_packaged_dinov2_matches_the_onnx_graph():
     onnx = pytest.importorskip("onnx")
     from onnx.reference import ReferenceEvaluator
 
+    from compresskit_plugins.adapters.vit import dinov2
     from compresskit_plugins.adapters.vit import sources as vit_sources
 
-    graph = onnx.load(str(vit_sources._onnx_path()))
+    graph = onnx.load(str(dinov2._onnx_path()))
     target = "/backbone/layernorm/Add_1_output_0"  # the backbone's final LayerNorm, before the saliency decoder
     producer = {o: n for n in graph.graph.node for o in n.output}
     needed, todo = set(), [target]
