@@ -362,6 +362,27 @@ def test_tampered_gradient_cache_is_recomputed(monkeypatch, tmp_path, caplog):
     assert man["gradients"]["statistics"]["grad_l1"]["cache"] == "computed"
 
 
+def test_cached_gradients_with_nan_are_recomputed(monkeypatch, tmp_path, caplog):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from compresskit.cache import tensor_fingerprint
+
+    monkeypatch.setenv("COMPRESSKIT_CACHE", str(tmp_path / "cache"))
+    assert invoke("prune", *TINY, "--metric", "gblm", "--no-error-report").exit_code == 0
+    (cached,) = (tmp_path / "cache" / "gradients").glob("*.safetensors")
+    with safe_open(str(cached), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["mlp.down_proj_layer_1"][0, 0] = float("nan")
+    meta["content_sha256"] = tensor_fingerprint(tensors)  # a consistent file that holds a NaN
+    save_file(tensors, str(cached), metadata=meta)
+    caplog.set_level(logging.WARNING, logger="compresskit")
+    r = invoke("prune", *TINY, "--metric", "gblm", "--no-error-report", "--output", str(tmp_path / "o"))
+    assert r.exit_code == 0 and "non-finite or negative values (layer mlp.down_proj_layer_1)" in caplog.text
+    man = json.loads((tmp_path / "o" / "compresskit.json").read_text())
+    assert man["gradients"]["statistics"]["grad_l1"]["cache"] == "computed"
+
+
 def test_reconstruction_error_never_hides_nan():
     import math
 
