@@ -218,7 +218,8 @@ def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     run = Run(p.adapter, p.metric, p.pattern, loaded, settings, p.solver, p.allocation, hook=p.registry.pm.hook,
               sparsity_map=config.sparsity_map, pm=p.registry.pm)
     check_layers(run)  # fail fast, before calibration
-    rounding = checks.rounding_report(p.adapter, loaded.model, p.pattern, p.sparsity)
+    uniform = not config.sparsity_map and _norm(config.allocation) == "uniform"  # else per-layer targets decide
+    rounding = checks.rounding_report(p.adapter, loaded.model, p.pattern, p.sparsity) if uniform else None
     if rounding:
         log.warning("%s", rounding)
         run.notes.setdefault("compresskit", {}).setdefault("warnings", []).append(rounding)

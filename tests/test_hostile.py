@@ -439,6 +439,13 @@ def test_sparsity_that_prunes_nothing_is_an_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_sparsity_map_overrides_a_uniform_target_that_would_round_to_nothing(tmp_path):
+    (tmp_path / "map.json").write_text(json.dumps({"*": 0.5}))
+    r = invoke("prune", *WANDA, "--sparsity", "0.005", "--sparsity-map", str(tmp_path / "map.json"),
+               "--output", str(tmp_path / "o"))
+    assert r.exit_code == 0 and "overall sparsity 0.5000" in r.output
+
+
 @pytest.mark.parametrize("value", ["1.5", "nan"])
 def test_sparsity_out_of_range(value):
     r = invoke("prune", *WANDA, "--sparsity", value)
