@@ -61,8 +61,9 @@ def check_statistic(cls_for_messages: type, stat: st.Statistic) -> None:
         _fail(cls_for_messages, f"statistic {stat.name!r}: update() did not change its parts",
               "fold the inputs into the parts in place (e.g. parts['sum'] += x.pow(2).sum(0))")
     if not _same(stat.finish(one), stat.finish(seq)):
-        _fail(cls_for_messages, f"statistic {stat.name!r}: update() does not accumulate (two batches folded one "
-              "after the other differ from the same inputs folded at once; the second replaced the first?)",
+        _fail(cls_for_messages, f"statistic {stat.name!r} is not additive: update() does not accumulate (two "
+              "batches folded one after the other differ from the same inputs folded at once; the second replaced "
+              "the first?)",
               "add into the parts in place (parts['sum'] += ...), never assign them")
     for label, other in (("two batches merged", halves), ("reversed order", rev)):
         if not _same(stat.finish(one), stat.finish(other)):
