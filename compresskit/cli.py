@@ -264,6 +264,24 @@ def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, win
         click.echo(f"{model}: {_headline(res)}")
 
 
+@cli.command()
+@click.argument("outputs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "destination", type=click.Path(file_okay=False), default=None, help="Folder for the PNGs and index.html [default: A/report, or A/report-vs-B for two outputs].")
+@click.option("--layer", "layers", multiple=True, metavar="BLOCK:NAME", help="Layer whose mask to draw, e.g. 3:mlp.down_proj; repeatable [default: every layer of the middle block].")
+@click.option("--crop", type=int, default=128, show_default=True, help="Rows and columns of the mask crop.")
+def report(outputs: tuple[str, ...], destination: str | None, layers: tuple[str, ...], crop: int) -> None:
+    """Pictures of a pruned output: per-layer sparsity and error, mask structure; two outputs: their difference.
+
+    \b
+    compresskit report out/gblm
+    compresskit report out/gblm out/wanda --layer 15:mlp.down_proj
+    """
+    from compresskit import figures
+
+    page = figures.write_report(list(outputs), destination, list(layers) or None, crop)
+    click.echo(f"report: {page}")
+
+
 @cli.command("list")
 @click.argument("kind", required=False, type=click.Choice(list(KIND_PLURAL)))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
