@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -64,3 +65,22 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+    """Move a whole model to ``device`` (eval mode) for the block, then back where it was.
+
+    Evaluation uses it so that it runs on the run's device; pruning itself never holds more than
+    one block there.
+    """
+    try:
+        home = next(model.parameters()).device
+    except StopIteration:
+        home = torch.device("cpu")
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        yield model
+    finally:
+        model.to(home).train(was_training)

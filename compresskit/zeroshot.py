@@ -319,13 +319,9 @@ def evaluate_tasks(model, tokenizer, tasks: str | list[str], limit: int | None =
         raise CompressKitError(f"limit must be >= 0 (0 = all examples), got {limit}")
     import torch
 
-    from compresskit.device import resolve_device
+    from compresskit.device import on_device, resolve_device
 
     dev = resolve_device(device)
-    try:
-        home = next(model.parameters()).device
-    except StopIteration:
-        home = torch.device("cpu")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compresskit-tasks-") as tmp, _Quiet(progress):
         from lm_eval import evaluator
@@ -336,14 +332,10 @@ def evaluate_tasks(model, tokenizer, tasks: str | list[str], limit: int | None =
             requested = [LOCAL_PREFIX + n for n in names]
         else:
             manager, requested = TaskManager(), names
-        was_training = model.training
-        model.to(dev).eval()
-        try:
-            lm = _hflm(model, tokenizer, batch_size, progress)
-            out = evaluator.simple_evaluate(model=lm, tasks=requested, num_fewshot=0, limit=limit,
-                                            task_manager=manager, bootstrap_iters=1000, log_samples=False)
-        finally:
-            model.to(home).train(was_training)
+        with on_device(model, dev), torch.no_grad():
+            out = evaluator.simple_evaluate(model=_hflm(model, tokenizer, batch_size, progress), tasks=requested,
+                                            num_fewshot=0, limit=limit, task_manager=manager,
+                                            bootstrap_iters=1000, log_samples=False)
     seconds = time.perf_counter() - t0
     results: dict[str, Any] = {}
     for name, key in zip(names, requested):

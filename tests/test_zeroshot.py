@@ -143,3 +143,25 @@ def test_cli_eval_tasks_json(tmp_path):
     res = json.loads(r.stdout[r.stdout.index('{"model"'):])  # stdout alone (progress bars go to stderr)
     assert res["adapter"] == "llama" and 0.0 <= res["tasks"]["winogrande"]["acc"] <= 1.0
     assert res["protocol"]["limit"] == 2
+
+
+def test_on_device_restores_place_and_mode(tiny_llama):
+    from compresskit.device import on_device
+
+    model, _ = tiny_llama
+    model.train()
+    with on_device(model, "cpu") as m:
+        assert not m.training
+    assert model.training and next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_zeroshot_runs_on_the_given_cuda_device_and_returns_the_model(tiny_llama):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model, tok = tiny_llama
+    res = zeroshot.evaluate_tasks(model, tok, ["piqa"], limit=4, device="cuda", progress=False)
+    assert res["protocol"]["device"].startswith("cuda") and 0.0 <= res["tasks"]["piqa"]["acc"] <= 1.0
+    assert next(model.parameters()).device.type == "cpu"
