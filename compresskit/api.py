@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from compresskit import __version__
-from compresskit.device import resolve_device
+from compresskit.device import on_device, resolve_device
 from compresskit.errors import CompressKitError, IncompatiblePatternError, OptionError
 from compresskit.interfaces import Loaded, MaskPattern, ModelAdapter, ScoreMetric
 from compresskit.options import as_dict, build
@@ -186,7 +186,8 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     }
     limit = resolve_eval_limit(p.adapter, config.eval_limit)
     if config.evaluate:
-        manifest["evaluation"] = {"dense": p.adapter.evaluate(loaded, config.eval_data, config.seqlen, limit)}
+        with on_device(loaded.model, device):
+            manifest["evaluation"] = {"dense": p.adapter.evaluate(loaded, config.eval_data, config.seqlen, limit)}
     if config.eval_tasks:
         manifest["zeroshot"] = {"dense": _zeroshot(loaded, config, device)}
     grads = None
@@ -204,7 +205,8 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     manifest["report"] = report.to_dict()
     manifest["total_seconds"] = time.perf_counter() - t0
     if config.evaluate:
-        manifest["evaluation"]["pruned"] = p.adapter.evaluate(loaded, config.eval_data, config.seqlen, limit)
+        with on_device(loaded.model, device):
+            manifest["evaluation"]["pruned"] = p.adapter.evaluate(loaded, config.eval_data, config.seqlen, limit)
     if config.eval_tasks:
         manifest["zeroshot"]["pruned"] = _zeroshot(loaded, config, device)
     return PruneResult(loaded, p.adapter, report, manifest)
