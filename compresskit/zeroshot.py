@@ -233,13 +233,16 @@ def _check_model(model, tokenizer) -> None:
 
 
 def _hflm(model, tokenizer, batch_size: int, progress: bool):
+    import copy
+
     from lm_eval.models.huggingface import HFLM
 
     class _HFLM(HFLM):  # lm-eval's evaluator calls loglikelihood without a way to hide its bar
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
 
-    return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # a copy: lm-eval gives a tokenizer without a pad token one, which must not leak into a saved output
+    return _HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
 
 
 class _Quiet:

@@ -74,6 +74,7 @@ def test_documents_rebuilt_from_olmes_requests_match_the_arrow_rows(task):
 def test_tiny_run_returns_accuracies_with_the_protocol(tiny_llama):
     model, tok = tiny_llama
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert tok.pad_token is None
     res = zeroshot.evaluate_tasks(model, tok, "piqa, arc_easy,rte", limit=4, device="cpu", progress=False)
     assert list(res["tasks"]) == ["piqa", "arc_easy", "rte"]
     for name, row in res["tasks"].items():
@@ -87,6 +88,7 @@ def test_tiny_run_returns_accuracies_with_the_protocol(tiny_llama):
     assert p["lm_eval_version"] == zeroshot._version("lm-eval") != "unknown"
     json.dumps(res)  # goes into the manifest as it is
     assert all((before[k] == v).all() for k, v in model.state_dict().items())  # evaluation changes nothing
+    assert tok.pad_token is None  # lm-eval set a pad token on its own copy
     assert next(model.parameters()).device.type == "cpu"
 
 
