@@ -269,13 +269,21 @@ class _Quiet:
             lm_log.setLevel(logging.ERROR)
         if not self.progress:
             task_mod.tqdm = functools.partial(tqdm, disable=True)
+            import datasets.utils.logging as ds_logging  # lm-eval's process_docs runs datasets' map
+
+            self.saved.append(ds_logging.is_progress_bar_enabled())
+            ds_logging.disable_progress_bar()
         return self
 
     def __exit__(self, *exc):
-        (lm_log, level), (task_mod, bar), (evaluator_mod, git_hash) = self.saved
+        (lm_log, level), (task_mod, bar), (evaluator_mod, git_hash), *ds_bars = self.saved
         lm_log.setLevel(level)
         task_mod.tqdm = bar
         evaluator_mod.get_git_commit_hash = git_hash
+        if ds_bars and ds_bars[0]:
+            import datasets.utils.logging as ds_logging
+
+            ds_logging.enable_progress_bar()
         return False
 
 
