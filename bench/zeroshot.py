@@ -1,6 +1,6 @@
 """Zero-shot accuracy after pruning (the paper's accuracy table) on a packaged real model.
 
-    .venv/bin/python bench/zeroshot.py                 # full run (about 50 min on 2 busy CPU cores)
+    .venv/bin/python bench/zeroshot.py                 # full run (about 40 min on 2 busy CPU cores)
     .venv/bin/python bench/zeroshot.py --quick         # smoke run (a few minutes)
 
 1. Screen: the dense model on every packaged task (compresskit.zeroshot.PACKAGED_TASKS) with
@@ -185,8 +185,8 @@ def _stderr(data: dict) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--limit", type=int, default=200, help="documents per task in the method table")
-    ap.add_argument("--screen-limit", type=int, default=200, help="documents per task in the above-chance screen")
+    ap.add_argument("--limit", type=int, default=150, help="documents per task in the method table")
+    ap.add_argument("--screen-limit", type=int, default=150, help="documents per task in the above-chance screen")
     ap.add_argument("--tasks", default=None, help="table tasks (default: the above-chance ones)")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from: {', '.join(METHODS)}")
     ap.add_argument("--threads", type=int, default=2)
