@@ -106,7 +106,8 @@ def run(args, save) -> dict:
         print(f"{label}: " + ", ".join(f"{t} {res['tasks'][t]['acc']:.3f}" for t in tasks), flush=True)
         done({"method": label, "sparsity": result.report.overall_sparsity, "prune_s": pwall, "prune_cpu_s": pcpu,
               "eval_wall_s": wall, "eval_cpu_s": cpu, "zeroshot": res,
-              "calibration": {k: result.manifest["calibration"][k] for k in ("nsamples", "seqlen", "fingerprint")}})
+              "calibration": {k: result.manifest["calibration"][k] for k in ("nsamples", "seqlen", "fingerprint")},
+              "gradients": result.manifest.get("gradients", {}).get("cache")})
         del result
     return data
 
@@ -139,9 +140,10 @@ def markdown(data: dict) -> str:
         lines.append(f"| {t} | {r['split']} | {r['n']} | {_pct(r['acc'])} | {_pct(r.get('acc_norm'))} | "
                      f"{_pct(r['chance'])} | {'yes' if r['above_chance'] else 'no'} |")
     head = " | ".join(f"{t} acc | {t} acc_norm" for t in tasks)
-    shared = " (the dense row is the screen's)" if data["rows"][0].get("eval_shared_with_screen") else ""
+    shared = "; the dense row is the screen's" if data["rows"][0].get("eval_shared_with_screen") else ""
     lines += ["", f"**Accuracy (%) at 50 % unstructured sparsity** (first {data['limit']} documents per task{shared}; "
-              f"one standard error is at most {_pct(_stderr(data))} points):", "",
+              f"one standard error is at most {_pct(_stderr(data))} points; mean acc = mean of the `acc` columns; "
+              f"prune s and eval s are wall seconds):", "",
               f"| method | sparsity | {head} | mean acc | prune s | eval s |",
               "|---|---|" + "---|" * (2 * len(tasks)) + "---|---|---|"]
     for row in data["rows"]:
@@ -150,6 +152,8 @@ def markdown(data: dict) -> str:
         mean = sum(r[t]["acc"] for t in tasks) / len(tasks)
         prune_s = "-" if row["prune_s"] is None else f"{row['prune_s']:.0f}"
         eval_s = "(screen)" if row.get("eval_shared_with_screen") else f"{row['eval_wall_s']:.0f}"
+        if row.get("gradients"):
+            prune_s += f" (gradients: {row['gradients']})"
         lines.append(f"| {row['method']} | {row['sparsity']:.3f} | {cells} | {_pct(mean)} | {prune_s} | {eval_s} |")
     if data["model"] != "smollm2":
         return "\n".join(lines + ["", "Command: `.venv/bin/python bench/zeroshot.py`."]) + "\n"
@@ -192,7 +196,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 documents, screen 20, magnitude and wanda")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "zeroshot"))
+    ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from an existing OUT.json")
     args = ap.parse_args()
+    if args.render:
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())))
+        print(out.with_suffix(".md").read_text())
+        return
     if args.quick:
         args.limit, args.screen_limit, args.methods = 20, 20, "magnitude,wanda"
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
