@@ -145,8 +145,18 @@ class LlamaAdapter(ModelAdapter):
         if loaded.processor is not None and hasattr(loaded.processor, "save_pretrained"):
             loaded.processor.save_pretrained(directory)
 
-    def evaluate(self, loaded, request):
-        from . import perplexity
+    def check_request(self, request):
+        if request.tasks:
+            from . import zeroshot
 
+            zeroshot.check_tasks(list(request.tasks), request.task_source)
+
+    def evaluate(self, loaded, request):
+        from . import perplexity, zeroshot
+
+        if request.tasks:
+            limit = zeroshot.DEFAULT_LIMIT if request.task_limit is None else request.task_limit
+            return zeroshot.evaluate_tasks(loaded.model, loaded.processor, list(request.tasks), limit,
+                                           request.device, request.progress, request.task_source)
         return perplexity.evaluate(loaded.model, loaded.processor, request.data, request.seqlen, request.limit,
                                    progress=request.progress)
