@@ -97,6 +97,7 @@ def cli(verbose: int) -> None:
 @click.option("-o", "--option", "options", multiple=True, metavar="SCOPE.KEY=VALUE", help="Plugin option, e.g. -o metric.alpha=100; scopes metric, pattern, adapter, gradient (e.g. -o gradient.checkpointing=true). Repeatable.")
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Directory for the pruned model and compresskit.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --output.")
+@click.option("--save-format", type=click.Choice(["dense", "compressed-tensors"]), default="dense", show_default=True, help="How --output stores the weights: dense safetensors, or compressed-tensors sparse (see `compresskit export`).")
 @click.option("--dry-run", is_flag=True, help="Resolve plugins and check every layer against the pattern, then stop.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def prune(**kw: Any) -> None:
@@ -111,6 +112,10 @@ def prune(**kw: Any) -> None:
         kw["eval_windows"] = 0 if kw["eval_windows"] is None else kw["eval_windows"]
     if kw["output"]:
         check_target(kw["output"], kw["overwrite"])  # fail before any work
+    if kw["save_format"] != "dense":
+        from compresskit.export import preflight
+
+        preflight(kw["save_format"], kw["adapter"], kw["output"], kw["overwrite"])
     grad_opts: dict[str, Any] = dict(opts["gradient"])
     if kw["recompute_gradients"]:
         grad_opts["recompute"] = True
@@ -130,8 +135,10 @@ def prune(**kw: Any) -> None:
     result = api.prune(config)
     _print_summary(result)
     if kw["output"]:
-        result.save(kw["output"], overwrite=kw["overwrite"])
-        click.echo(f"saved to {kw['output']} (manifest: compresskit.json)")
+        from compresskit.export import save_result
+
+        save_result(result, kw["output"], kw["save_format"], overwrite=kw["overwrite"], progress=not kw["no_progress"])
+        click.echo(f"saved to {kw['output']} ({kw['save_format']}; manifest: compresskit.json)")
     else:
         click.echo("note: no --output given; the pruned model was not saved", err=True)
 
@@ -199,6 +206,28 @@ def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, win
         click.echo(json.dumps(res, default=str))
     else:
         click.echo(f"{model}: {_headline(res)}")
+
+
+@cli.command("export")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["dense", "compressed-tensors"]), default="dense", show_default=True, help="compressed-tensors: sparse-bitmask (unstructured, 4:8, any N:M) or sparse-24-bitmask (2:4), chosen from compresskit.json; dense: plain safetensors (decompresses an export).")
+@click.option("--output", type=click.Path(file_okay=False), default=None, help="New directory [default: DIRECTORY-FORMAT beside it].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Cast the floating weights [default: keep the saved dtype].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output (only if it is a compresskit output).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def export_cmd(directory: str, fmt: str, output: str | None, dtype: str | None, overwrite: bool, no_progress: bool) -> None:
+    """Write a pruned output directory in a deployable format (verified bit for bit).
+
+    \b
+    compresskit export out/ --format compressed-tensors --output out-ct/
+    compresskit export out-ct/ --format dense --output out-dense/
+    """
+    from compresskit.export import export
+
+    r = export(directory, output, format=fmt, overwrite=overwrite, dtype=dtype, progress=not no_progress)
+    kind = f"{r.format}, {r.sparsity_format} ({r.structure}), {r.layers} layers" if r.sparsity_format else r.format
+    click.echo(f"exported {directory} -> {r.path} ({kind}, {r.dtype}): weights {r.source_bytes / 1e6:.2f} MB -> "
+               f"{r.output_bytes / 1e6:.2f} MB ({r.output_bytes / r.source_bytes:.1%})")
 
 
 @cli.command("list")
