@@ -1,7 +1,7 @@
 """Deployable output benchmark: file size of dense vs compressed-tensors exports, and the speed of
 the pruned linear layers with the sparse kernels torch has.
 
-    flock /tmp/compresskit-heavy.lock .venv/bin/python bench/export.py     # SmolLM2, ~5 min on 2 cores
+    flock /tmp/compresskit-heavy.lock .venv/bin/python bench/export.py     # SmolLM2 (minutes)
     .venv/bin/python bench/export.py --model random:tiny --out /tmp/b      # smoke run, seconds
 
 1. Sizes: prunes the model with wanda (default calibration: 32 x 256 handbook tokens) at 50 %
