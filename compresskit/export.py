@@ -241,13 +241,10 @@ def _set_config(dst: Path, dtype: str | None, drop_quantization: bool) -> None:
 def _dtype_of(files: list[Path]) -> str:
     from safetensors import safe_open
 
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                t = f.get_slice(k)
-                if t.get_dtype() in ("F32", "BF16", "F16", "F64"):
-                    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}[t.get_dtype()]
-    return "float32"
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+    with safe_open(str(files[0]), framework="pt") as f:
+        found = (f.get_slice(k).get_dtype() for k in f.keys())
+        return next((names[d] for d in found if d in names), "float32")
 
 
 def export(source: str | os.PathLike, output: str | os.PathLike | None = None, format: str = "compressed-tensors",
