@@ -59,8 +59,13 @@ def load(source: str, dtype: torch.dtype = torch.float32):
         return model.to(dtype), tok, info
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from compresskit import export_load
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if export_load.is_compressed(source):  # a `compresskit export` in compressed-tensors format: decompress
+            model = export_load.load_causal_lm(source, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as exc:
         raise CompressKitError(
             f"could not load model {source!r} ({exc}). Give a local directory, a hub id (needs network), "

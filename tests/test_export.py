@@ -234,3 +234,18 @@ def test_cli_prune_save_format_refuses_vit_before_work(tmp_path):
     r = CliRunner().invoke(cli, ["prune", "--adapter", "vit", "--model", "random:tiny", "--save-format",
                                  "compressed-tensors", "--output", str(tmp_path / "D")])
     assert r.exit_code == 1 and "ViT" in r.output and not (tmp_path / "D").exists()
+
+
+def test_compresskit_loads_an_export_as_the_dense_model(outputs, tmp_path):
+    """The llama adapter decompresses an export (transformers 5 would not): same weights, same perplexity."""
+    from compresskit.llama_sources import load
+
+    export(outputs["2:4"], tmp_path / "ct", progress=False)
+    got = load(str(tmp_path / "ct"))[0].state_dict()
+    want = load(str(outputs["2:4"]))[0].state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    (tmp_path / "text.txt").write_text("Sparse weights are stored as values and a bitmask. " * 20)
+    args = ["--json", "--windows", "2", "--seqlen", "16", "--data", tmp_path / "text.txt"]
+    r_ct, r_dense = run("eval", tmp_path / "ct", *args), run("eval", outputs["2:4"], *args)
+    ppl = [json.loads(r.stdout)["perplexity"] for r in (r_ct, r_dense)]
+    assert ppl[0] == ppl[1] and ppl[0] > 1
