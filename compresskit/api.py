@@ -77,11 +77,30 @@ class PruneResult:
     def model(self) -> torch.nn.Module:
         return self.loaded.model
 
-    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write the model and ``compresskit.json`` into ``directory`` atomically."""
-        from compresskit.output import save_output
+    def save(self, directory: str | Path, overwrite: bool = False, format: str = "dense", progress: bool = True) -> Path:
+        """Write the model and ``compresskit.json`` into ``directory`` atomically.
 
-        return save_output(directory, lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest, overwrite)
+        ``format`` other than ``dense`` (one of the adapter's ``save_formats``) saves a dense copy
+        in a temporary sibling and exports it from there.
+        """
+        import shutil
+        import tempfile
+
+        from compresskit.output import check_target, save_output
+
+        if format == "dense":
+            return save_output(directory, lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest, overwrite)
+        self.adapter.check_save_format(format)
+        out = check_target(directory, overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.dense-", dir=out.parent))
+        try:
+            save_output(scratch / "dense", lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest)
+            self.adapter.export(scratch / "dense", out, format, overwrite=overwrite, progress=progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return out
+
 
 
 def _options(kind: str, entries: dict[str, Any], values: dict[str, Any]) -> Any:

@@ -103,6 +103,7 @@ def cli(verbose: int) -> None:
 @click.option("-o", "--option", "options", multiple=True, metavar="SCOPE.KEY=VALUE", help=f"Plugin option, e.g. -o metric.alpha=100; scopes {', '.join(SCOPES)}. Repeatable.")
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Directory for the pruned model and compresskit.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output that is a compresskit output.")
+@click.option("--save-format", default="dense", show_default=True, help="How --output stores the weights: dense, or another of the adapter's formats (llama: compressed-tensors; see `compresskit export`).")
 @click.option("--dry-run", is_flag=True, help="Resolve plugins and check every layer against the pattern, then stop.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def prune(**kw: Any) -> None:
@@ -119,6 +120,8 @@ def prune(**kw: Any) -> None:
         kw["eval_windows"] = 0 if kw["eval_windows"] is None else kw["eval_windows"]
     if kw["output"]:
         check_target(kw["output"], kw["overwrite"])  # fail before any work
+    if kw["save_format"] != "dense":
+        registry().get("adapter", kw["adapter"]).cls().check_save_format(kw["save_format"])
     grad_opts: dict[str, Any] = dict(opts["gradient"])
     if kw["recompute_gradients"]:
         grad_opts["recompute"] = True
@@ -142,8 +145,8 @@ def prune(**kw: Any) -> None:
     result = api.prune(config, registry=registry())
     _print_summary(result)
     if kw["output"]:
-        result.save(kw["output"], overwrite=kw["overwrite"])
-        click.echo(f"saved to {kw['output']} (manifest: compresskit.json)")
+        result.save(kw["output"], overwrite=kw["overwrite"], format=kw["save_format"], progress=not kw["no_progress"])
+        click.echo(f"saved to {kw['output']} ({kw['save_format']}; manifest: compresskit.json)")
         if kw["write_report"]:
             from compresskit import figures
 
@@ -251,6 +254,37 @@ def report(outputs: tuple[str, ...], destination: str | None, layers: tuple[str,
 
     page = figures.write_report(list(outputs), destination, list(layers) or None, crop)
     click.echo(f"report: {page}")
+
+
+@cli.command("export")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", default="dense", show_default=True, help="A format of the output's adapter: llama writes compressed-tensors (sparse-bitmask, or sparse-24-bitmask for 2:4, chosen from compresskit.json) or dense (decompresses an export).")
+@click.option("--output", type=click.Path(file_okay=False), default=None, help="New directory [default: DIRECTORY-FORMAT beside it].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Cast the floating weights [default: keep the saved dtype].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output (only if it is a compresskit output).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def export_cmd(directory: str, fmt: str, output: str | None, dtype: str | None, overwrite: bool, no_progress: bool) -> None:
+    """Write a pruned output directory in a deployable format (verified bit for bit).
+
+    \b
+    compresskit export out/ --format compressed-tensors --output out-ct/
+    compresskit export out-ct/ --format dense --output out-dense/
+    """
+    from compresskit.errors import OutputExistsError
+    from compresskit.output import read_manifest
+
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise OutputExistsError(f"{directory} is not a compresskit output (no compresskit.json); export converts "
+                                "directories written by `compresskit prune --output DIR`: prune the model first")
+    entry = registry().get("adapter", manifest.get("config", {}).get("adapter", "llama"))
+    adapter = entry.cls()
+    adapter.check_save_format(fmt)
+    r = adapter.export(directory, output, fmt, overwrite=overwrite, dtype=dtype, progress=not no_progress)
+    kind = f"{r['format']}, {r['sparsity_format']} ({r['structure']}), {r['layers']} layers" if r.get("sparsity_format") \
+        else r["format"]
+    click.echo(f"exported {directory} -> {r['path']} ({kind}, {r['dtype']}): weights {r['source_bytes'] / 1e6:.2f} MB -> "
+               f"{r['output_bytes'] / 1e6:.2f} MB ({r['output_bytes'] / r['source_bytes']:.1%})")
 
 
 @cli.command("list")

@@ -244,6 +244,8 @@ class ModelAdapter(Plugin):
     default_model: ClassVar[str] = "random:tiny"
     #: evaluation windows/batches used when the user gives no cap (None: all); CPU-sized default
     default_eval_limit: ClassVar[int | None] = None
+    #: formats ``save``/``export`` can write (``dense``: the family's own format, always)
+    save_formats: ClassVar[tuple[str, ...]] = ("dense",)
 
     def __init__(self, options: Any = None, alias: str | None = None) -> None:
         super().__init__(options)
@@ -310,6 +312,21 @@ class ModelAdapter(Plugin):
     @abstractmethod
     def save(self, loaded: Loaded, directory: Path) -> None:
         """Write the model in its family's own format into an existing empty ``directory``."""
+
+    def check_save_format(self, format: str) -> None:
+        """Refuse a save format this adapter cannot write (or whose library is missing), before any work."""
+        if format not in self.save_formats:
+            from compresskit.errors import OptionError
+
+            raise OptionError(f"adapter {self.name!r} saves {', '.join(self.save_formats)}, not {format!r}; "
+                              "use --save-format dense")
+
+    def export(self, directory: Path, output: Path | None, format: str, overwrite: bool = False,
+               dtype: str | None = None, progress: bool = True) -> dict[str, Any]:
+        """Rewrite a saved output in another of ``save_formats``, atomically; returns facts about it."""
+        from compresskit.errors import OptionError
+
+        raise OptionError(f"adapter {self.name!r} saves only {', '.join(self.save_formats)}; no {format!r} export")
 
     def check_request(self, request: EvalRequest) -> None:
         """Refuse an evaluation request this adapter cannot serve, before anything is loaded."""
