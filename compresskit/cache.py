@@ -151,12 +151,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 
 def stale_temporaries(final: str | os.PathLike) -> list[Path]:
-    """Temporary siblings a killed process left behind for ``final`` (``.<name>.tmp-*``, ``.<name>.old-*``)."""
+    """Temporary siblings a killed process left behind for ``final`` (``.<name>.tmp-*``, ``.<name>.old-*``,
+    and the ``.<name>.dense-*`` scratch copy of an export)."""
     final = Path(final)
     if not final.parent.is_dir():
         return []
-    return sorted(p for p in final.parent.iterdir()
-                  if p.name.startswith(f".{final.name}{TMP_MARK}") or p.name.startswith(f".{final.name}.old-"))
+    marks = (TMP_MARK, ".old-", ".dense-")
+    return sorted(p for p in final.parent.iterdir() if any(p.name.startswith(f".{final.name}{m}") for m in marks))
 
 
 def hash_into(h: Any, name: str, obj: Any) -> None:

@@ -113,9 +113,16 @@ def _from_pretrained(source: str, dtype: Any):
         if not (path / "config.json").is_file():
             raise CompressKitError(f"--model {source}: no config.json in that directory, so it is not a "
                                    "save_pretrained model (empty or the wrong folder?)")
+    from . import export_load
+
     try:
-        with _quiet_transformers():  # its load report would bury our one-line error
-            model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+        if looks_local and export_load.is_compressed(source):  # a compressed-tensors export: decompress it
+            model, loading = export_load.load_causal_lm(source, dtype), {}
+        else:
+            with _quiet_transformers():  # its load report would bury our one-line error
+                model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    except CompressKitError:
+        raise
     except Exception as exc:  # hub errors, corrupt safetensors, unknown architectures all land here
         detail = " ".join(str(exc).split())[:300]
         raise CompressKitError(f"could not load model {source!r} ({type(exc).__name__}: {detail}). Give an "
