@@ -89,7 +89,7 @@ def snapshot(directory: Path) -> dict[str, str]:
 def leftovers(parent: Path) -> list[str]:
     """Hidden temporary siblings (``.<name>.tmp-*``, ``.<name>.old-*``, probes) left in ``parent``."""
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and
-                  (".tmp-" in p.name or ".old-" in p.name or "probe" in p.name))
+                  any(mark in p.name for mark in (".tmp-", ".old-", ".dense-", "probe")))
 
 
 def save_tensors(directory: Path, mutate) -> Path:
@@ -789,6 +789,18 @@ def test_ignored_signals_stay_ignored_while_saving(monkeypatch):
         signal.signal(signal.SIGHUP, old)
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("compressed_tensors") is None,
+                    reason="needs the export extra")
+def test_sigterm_while_saving_another_format_removes_the_scratch_copy(earlier, tmp_path, monkeypatch, capsys):
+    out, before = earlier
+    monkeypatch.setenv("COMPRESSKIT_PLUGINS", plugin_file(tmp_path, "interrupted", SIGNAL_ADAPTER))
+    monkeypatch.setenv("HOSTILE_SIGNAL", "SIGTERM")
+    status, _, err = run_main(monkeypatch, capsys, "prune", "--adapter", "interrupted", *WANDA[2:], "--output",
+                              str(out), "--overwrite", "--save-format", "compressed-tensors")
+    assert status == 143 and "terminated" in err
+    assert snapshot(out) == before and leftovers(out.parent) == []
+
+
 def test_sigterm_to_a_real_process_while_saving(earlier, tmp_path):
     out, before = earlier
     env = {**os.environ, "COMPRESSKIT_PLUGINS": plugin_file(tmp_path, "interrupted", SIGNAL_ADAPTER),
@@ -814,6 +826,13 @@ def test_stale_temporaries_of_the_output_are_cleaned(tmp_path):
     other.mkdir()
     r = invoke("prune", *WANDA, "--output", str(tmp_path / "o"))
     assert r.exit_code == 0 and not stale.exists() and other.exists()
+
+
+def test_stale_export_scratch_copy_is_cleaned(tmp_path):
+    scratch = tmp_path / ".o.dense-k1ll3d"
+    (scratch / "dense").mkdir(parents=True)
+    r = invoke("prune", *WANDA, "--output", str(tmp_path / "o"))
+    assert r.exit_code == 0 and not scratch.exists() and leftovers(tmp_path) == []
 
 
 def test_output_orphaned_by_a_killed_overwrite_is_restored(world, tmp_path):
