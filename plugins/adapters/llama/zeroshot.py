@@ -9,8 +9,10 @@ The model is wrapped in lm-eval's ``HFLM`` as it is (no re-loading, no hub). Two
   and replaces only where the documents come from; the folder goes to ``TaskManager(include_path=)``.
 * ``lm-eval``: the names are passed to lm-eval unchanged (any lm-eval task; needs a dataset hub).
 
-    res = evaluate_tasks(model, tokenizer, ["hellaswag", "arc_easy", "piqa"], limit=200)
-    res["tasks"]["piqa"]["acc"], res["protocol"]
+```python
+res = evaluate_tasks(model, tokenizer, ["hellaswag", "arc_easy", "piqa"], limit=200)
+res["tasks"]["piqa"]["acc"], res["protocol"]
+```
 """
 
 from __future__ import annotations
