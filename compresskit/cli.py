@@ -23,15 +23,36 @@ from compresskit.kinds import BY_FIELD, BY_PLURAL, KINDS
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
 SCOPES = (*BY_FIELD, "gradient")
 _REGISTRY: list[Any] = []
+_PLUGIN_SPECS: list[tuple[str, ...]] = [()]
 
 
 def registry():
-    """The process's plugin registry (built once, on first use)."""
+    """The process's plugin registry (built once, on first use, with the ``-p`` modules)."""
     if not _REGISTRY:
         from compresskit.registry import Registry
 
-        _REGISTRY.append(Registry.from_entrypoints())
+        _REGISTRY.append(Registry.from_entrypoints(extra=_PLUGIN_SPECS[0]))
     return _REGISTRY[0]
+
+
+def use_plugins(specs: tuple[str, ...]) -> None:
+    """Make :func:`registry` load these ``-p`` values (modules, ``.py`` files, ``no:NAME``); rebuilt on change."""
+    if tuple(specs) != _PLUGIN_SPECS[0]:
+        _PLUGIN_SPECS[0] = tuple(specs)
+        _REGISTRY.clear()
+
+
+def plugin_args(argv: list[str]) -> tuple[str, ...]:
+    """The ``-p`` values of a command line, read before click runs it (as pytest pre-parses ``-p``).
+
+    ``main()`` needs them before it parses: plugin modules may add sub-commands through
+    ``register_commands``. Parsing errors are left to the real parse.
+    """
+    try:
+        ctx = cli.make_context("compresskit", list(argv), resilient_parsing=True)
+    except click.ClickException:
+        return ()
+    return tuple(ctx.params.get("plugins") or ())
 
 
 def parse_options(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -59,7 +80,10 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="compresskit")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("-p", "--plugin", "plugins", multiple=True, metavar="MODULE|FILE.py|no:NAME",
+              help="Load a plugin module for this run (dotted name or .py file), or disable one with no:NAME; "
+                   "repeatable; before the command (compresskit -p my.py prune ...). Also $COMPRESSKIT_PLUGINS.")
+def cli(verbose: int, plugins: tuple[str, ...]) -> None:
     """Prune pretrained transformers with calibration-based metrics (GBLM, Wanda, SparseGPT).
 
     \b
@@ -67,7 +91,9 @@ def cli(verbose: int) -> None:
     compresskit prune --adapter llama --model random:tiny --metric wanda --pattern 2:4
     compresskit eval out/ --json
     compresskit list metrics
+    compresskit -p my_metric.py prune --metric mine   # a plugin module without packaging
     """
+    use_plugins(plugins)
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose == 0:  # still show the few lines a user must see (cache reuse, retries)
@@ -264,6 +290,7 @@ def plugins(as_json: bool) -> None:
 def main() -> None:
     """Console-script entry point: plugin commands, clear errors, exit 130 on Ctrl-C."""
     try:
+        use_plugins(plugin_args(sys.argv[1:]))  # before the registry exists: -p modules may add commands
         reg = registry()
         reg.pm.hook.register_commands(cli=cli)
         cli.main(prog_name="compresskit", standalone_mode=False)
