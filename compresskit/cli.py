@@ -101,6 +101,7 @@ def cli(verbose: int, plugins: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@click.option("--recipe", default=None, metavar="FILE.toml", help="Run the settings in this TOML file (`compresskit recipe DIR` writes one; - reads stdin); options given here override it.")
 @click.option("--adapter", default=DEFAULTS["adapter"], show_default=True, help="Model family (see `compresskit list adapters`).")
 @click.option("--model", default=None, help="Model source: hub id, local dir, random:tiny, or packaged name. Default: the adapter's.")
 @click.option("--metric", default=DEFAULTS["metric"], show_default=True, help="Scoring metric (see `compresskit list metrics`).")
@@ -111,7 +112,7 @@ def cli(verbose: int, plugins: tuple[str, ...]) -> None:
 @click.option("--update", default=DEFAULTS["update"], show_default=True, help="Weight update after masking (see `compresskit list solvers`): none, obs (SparseGPT's reconstruction).")
 @click.option("--nsamples", type=int, default=DEFAULTS["nsamples"], show_default=True, help="Calibration samples.")
 @click.option("--seqlen", type=int, default=DEFAULTS["seqlen"], show_default=True, help="Tokens per calibration sample and per evaluation window.")
-@click.option("--paper", is_flag=True, help="The paper's settings: 128 samples x 2048 tokens, evaluation on every window (slow on CPU).")
+@click.option("--paper", is_flag=True, help="The paper's settings: 128 samples x 2048 tokens, evaluation on every window (slow on CPU); an explicit --nsamples/--seqlen/--eval-windows wins.")
 @click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True, help="Seed of the calibration sampler.")
 @click.option("--calibration", default=None, help="Calibration data: corpus name, local file, hf:name:split, image folder, or 'random'.")
 @click.option("--device", default=DEFAULTS["device"], show_default=True, help="auto (CUDA if present), cpu, cuda:1, ...")
@@ -129,14 +130,14 @@ def cli(verbose: int, plugins: tuple[str, ...]) -> None:
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def prune(**kw: Any) -> None:
     """Prune a model layer by layer and save it with a manifest."""
-    from compresskit import api
+    from compresskit import api, recipe
     from compresskit.output import check_target
     from compresskit.targets import load_sparsity_map
 
     opts = parse_options(kw["options"])
-    if kw["paper"]:
-        kw["nsamples"], kw["seqlen"] = 128, 2048
-        kw["eval_windows"] = 0 if kw["eval_windows"] is None else kw["eval_windows"]
+    kw, opts, notes = recipe.resolve(click.get_current_context(), kw, opts, recipe.read(kw["recipe"]) if kw["recipe"] else None)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     if kw["output"]:
         check_target(kw["output"], kw["overwrite"])  # fail before any work
     grad_opts: dict[str, Any] = dict(opts["gradient"])
@@ -146,7 +147,7 @@ def prune(**kw: Any) -> None:
         grad_opts["import_path"] = kw["gradient_file"]
     config = RunConfig(
         adapter=kw["adapter"], model=kw["model"], metric=kw["metric"], pattern=kw["pattern"], sparsity=kw["sparsity"],
-        sparsity_map=load_sparsity_map(kw["sparsity_map"]) if kw["sparsity_map"] else None,
+        sparsity_map=load_sparsity_map(kw["sparsity_map"]) if isinstance(kw["sparsity_map"], str) else kw["sparsity_map"],
         allocation=kw["allocation"], update=kw["update"], nsamples=kw["nsamples"], seqlen=kw["seqlen"],
         seed=kw["seed"], calibration=kw["calibration"], device=kw["device"], propagate=kw["propagate"],
         report_error=kw["error_report"], evaluate=kw["evaluate"], eval_data=kw["eval_data"],
@@ -285,6 +286,12 @@ def plugins(as_json: bool) -> None:
         click.echo(f"{r['name']:<{width}}{dist:<{dwidth}}{', '.join(r['hooks'])}")
     for f in reg.failures:
         click.echo(f"{'FAILED' if f.severity == 'error' else 'WARNING'}: {f.message()}")
+
+
+from compresskit.commands import COMMANDS  # noqa: E402  (recipe, new-plugin; they import this module lazily)
+
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:
