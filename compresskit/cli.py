@@ -27,12 +27,16 @@ _PLUGIN_SPECS: list[tuple[str, ...]] = [()]
 
 
 def registry():
-    """The process's plugin registry (built once, on first use, with the ``-p`` modules)."""
-    if not _REGISTRY:
-        from compresskit.registry import Registry
+    """The process's plugin registry: built on first use with the ``-p`` modules (and again when
+    they or ``$COMPRESSKIT_PLUGINS``/``$COMPRESSKIT_DISABLE_PLUGINS`` change, as in tests)."""
+    import os
 
-        _REGISTRY.append(Registry.from_entrypoints(extra=_PLUGIN_SPECS[0]))
-    return _REGISTRY[0]
+    from compresskit.registry import DISABLE_ENV, LOAD_ENV, Registry
+
+    key = (_PLUGIN_SPECS[0], os.environ.get(LOAD_ENV), os.environ.get(DISABLE_ENV))
+    if not _REGISTRY or _REGISTRY[0][0] != key:
+        _REGISTRY[:] = [(key, Registry.from_entrypoints(extra=_PLUGIN_SPECS[0]))]
+    return _REGISTRY[0][1]
 
 
 def use_plugins(specs: tuple[str, ...]) -> None:

@@ -45,6 +45,9 @@ FIELD_TO_PARAM = {"report_error": "error_report", "eval_limit": "eval_windows"}
 NOT_ON_CLI = {"progress"}
 """RunConfig fields a recipe does not carry (they do not change what a run computes)."""
 
+API_ONLY = {"eval_tasks"}
+"""RunConfig fields no ``prune`` option sets yet: :func:`from_manifest` refuses a non-default value."""
+
 PAPER = {"nsamples": 128, "seqlen": 2048, "eval_windows": 0}
 """What ``--paper`` (or ``paper = true``) sets, unless the same or a higher source sets it too."""
 
