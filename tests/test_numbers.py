@@ -87,7 +87,7 @@ def test_main_job_table_is_the_record():
 
 
 def test_report_example_is_what_its_command_prints(monkeypatch, tmp_path):
-    """The docs' example summary: same command, same numbers (only the seconds may differ)."""
+    """The docs' example summary and recipe: same command, same numbers (only the seconds may differ)."""
     from click.testing import CliRunner
 
     from compresskit.cli import cli
@@ -101,6 +101,12 @@ def test_report_example_is_what_its_command_prints(monkeypatch, tmp_path):
         return [re.sub(r"\s+\d+\.\d+$", "", re.sub(r" in \d+\.\d+s$", "", line)) for line in lines]
 
     assert timeless(out) == timeless(committed[1:])
+    recipe = CliRunner().invoke(cli, ["recipe", "example"], catch_exceptions=False).stdout
+
+    def settings(text):  # the header names the compresskit version: compare what follows it
+        return [line for line in text.splitlines() if not line.startswith("# compresskit recipe")]
+
+    assert settings(recipe) == settings((RESULTS / "recipe-example.toml").read_text())
 
 
 def _pages() -> list[Path]:
