@@ -80,3 +80,14 @@ def test_bad_names_taken_names_and_full_directories_are_refused(tmp_path):
         scaffold.write("fresh_name", "metric", tmp_path / "full")
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_the_tutorials_copy_is_what_new_plugin_writes():
+    """docs/plugins/tutorial.md shows examples/new-plugin/compresskit-ria: it must stay the generated package."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "new-plugin" / "compresskit-ria"
+    files = {p.relative_to(root).as_posix(): p.read_text() for p in root.rglob("*") if p.is_file()}
+    assert files == scaffold.render("ria", "metric"), (
+        "regenerate it: rm -r examples/new-plugin/compresskit-ria && compresskit -p no:ria new-plugin ria --kind metric "
+        "--output examples/new-plugin/compresskit-ria")
