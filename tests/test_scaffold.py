@@ -91,3 +91,18 @@ def test_the_tutorials_copy_is_what_new_plugin_writes():
     assert files == scaffold.render("ria", "metric"), (
         "regenerate it: rm -r examples/new-plugin/compresskit-ria && compresskit -p no:ria new-plugin ria --kind metric "
         "--output examples/new-plugin/compresskit-ria")
+
+
+def test_generated_plugin_modules_load_with_p_and_without_torch(tmp_path):
+    """Every kind's plugin.py registers through -p with no failure, and importing it does not import torch."""
+    paths = []
+    for kind in KINDS:
+        path = tmp_path / f"tpl_{kind}.py"
+        path.write_text(scaffold.render(f"tpl_{kind}", kind)[f"src/compresskit_tpl_{kind}/plugin.py"])
+        paths.append(str(path))
+    code = ("import sys; from compresskit import cli; cli.use_plugins(tuple(sys.argv[1:])); reg = cli.registry(); "
+            "assert not reg.failures, [f.message() for f in reg.failures]; "
+            "assert [reg.get(k, 'tpl_' + k).name for k in ('metric', 'pattern', 'adapter', 'solver', 'allocation')]; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    res = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
