@@ -68,7 +68,8 @@ def record(manifest: dict, argv: list[str], wall: float, load: float) -> dict:
             "dense_evaluation": round(ev["dense"]["protocol"]["seconds"], 1) if "dense" in ev else None,
             "pruned_evaluation": round(ev["pruned"]["protocol"]["seconds"], 1) if "pruned" in ev else None,
         },
-        "gradients": "computed" if caches == {"computed"} else ("cache" if caches else None),
+        "gradients": ("computed" if caches <= {"computed", "recomputed"} else "cache" if caches == {"hit"}
+                      else "imported" if caches == {"imported"} else "mixed") if caches else None,
         "perplexity": {w: ev[w]["perplexity"] for w in ("dense", "pruned") if w in ev},
         "evaluation": _protocol((ev.get("pruned") or {}).get("protocol", {})),
     }
