@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from compresskit._version import __version__
+from compresskit.commands import COMMANDS, REGISTRY
 from compresskit.config import RunConfig
 from compresskit.errors import CompressKitError
 from compresskit.kinds import BY_FIELD, BY_PLURAL, KINDS
@@ -98,6 +99,7 @@ def cli(verbose: int, plugins: tuple[str, ...]) -> None:
     compresskit -p my_metric.py prune --metric mine   # a plugin module without packaging
     """
     use_plugins(plugins)
+    click.get_current_context().meta[REGISTRY] = registry  # for commands defined outside this module
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose == 0:  # still show the few lines a user must see (cache reuse, retries)
@@ -292,9 +294,7 @@ def plugins(as_json: bool) -> None:
         click.echo(f"{'FAILED' if f.severity == 'error' else 'WARNING'}: {f.message()}")
 
 
-from compresskit.commands import COMMANDS  # noqa: E402  (recipe, new-plugin; they import this module lazily)
-
-for _command in COMMANDS:
+for _command in COMMANDS:  # recipe, new-plugin (compresskit/commands.py)
     cli.add_command(_command)
 
 

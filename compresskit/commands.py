@@ -1,6 +1,8 @@
 """Sub-commands beside ``prune``: ``recipe`` (a run's settings as TOML) and ``new-plugin`` (a plugin
 package from a template). :mod:`compresskit.cli` adds :data:`COMMANDS` to its group; the work is
-done in :mod:`compresskit.recipe` and :mod:`compresskit.scaffold`.
+done in :mod:`compresskit.recipe` and :mod:`compresskit.scaffold`. This module does not import the
+CLI: the group's ``prune`` command and its registry come through click's context
+(``ctx.meta[REGISTRY]``, set by the group).
 """
 
 from __future__ import annotations
@@ -13,6 +15,26 @@ import click
 from compresskit.errors import CompressKitError
 from compresskit.kinds import KINDS
 
+REGISTRY = "compresskit.registry"
+"""Key in ``click.Context.meta`` of a callable returning the CLI's plugin registry."""
+
+
+def _registry(ctx: click.Context):
+    get = ctx.meta.get(REGISTRY)
+    if get is not None:
+        return get()
+    from compresskit.registry import Registry
+
+    return Registry.from_entrypoints()
+
+
+def _prune_command(ctx: click.Context) -> click.Command:
+    root = ctx.find_root()
+    command = root.command.get_command(root, "prune") if isinstance(root.command, click.Group) else None
+    if command is None:
+        raise CompressKitError("`compresskit recipe` needs the compresskit command group (its prune command)")
+    return command
+
 
 @click.command("recipe")
 @click.argument("output", type=click.Path(exists=True))
@@ -24,7 +46,6 @@ def recipe_cmd(output: str) -> None:
     compresskit prune --recipe <(compresskit recipe out/) --output out2/   # the same masks again
     """
     from compresskit import recipe
-    from compresskit.cli import prune
     from compresskit.output import MANIFEST, read_manifest
 
     path = Path(output)
@@ -38,7 +59,7 @@ def recipe_cmd(output: str) -> None:
         if manifest is None:
             raise CompressKitError(f"{path} has no {MANIFEST}: it is not a finished compresskit output; give the "
                                    "--output directory of a run")
-    click.echo(recipe.from_manifest(manifest, prune, str(output)), nl=False)
+    click.echo(recipe.from_manifest(manifest, _prune_command(click.get_current_context()), str(output)), nl=False)
 
 
 @click.command("new-plugin")
@@ -54,9 +75,8 @@ def new_plugin_cmd(name: str, kind: str, directory: str | None) -> None:
     cd compresskit-my-metric && pip install -e . && pytest
     """
     from compresskit import scaffold
-    from compresskit.cli import registry
 
-    target = scaffold.write(name, kind, directory, registry=registry())
+    target = scaffold.write(name, kind, directory, registry=_registry(click.get_current_context()))
     click.echo(f"wrote {target}/ ({kind} {scaffold.plugin_name(name)!r}):")
     for f in sorted(p for p in target.rglob("*") if p.is_file()):
         click.echo(f"  {f.relative_to(target)}")
