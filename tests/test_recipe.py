@@ -129,7 +129,7 @@ def test_paper_yields_to_explicit_sizes_at_the_same_or_a_higher_level(tmp_path, 
 @pytest.mark.parametrize("text,message", [
     ("nsample = 3\n", "unknown key 'nsample'. Did you mean 'nsamples'?"),
     ("[metrik]\nalpha = 1\n", "unknown key 'metrik'. Did you mean '[metric]'?"),
-    ("eval_limit = 3\n", "Did you mean 'eval-windows' (the option for RunConfig.eval_limit)?"),
+    ("report_error = false\n", "Did you mean 'error-report' (the option for RunConfig.report_error)?"),
     ("recipe = 'x.toml'\n", "A recipe cannot name another recipe."),
     ("nsamples = 0.5\n", "nsamples must be an integer, got 0.5"),
     ("sparsity = true\n", "sparsity must be a finite number"),
@@ -182,8 +182,18 @@ def test_every_run_setting_has_a_recipe_key():
 
 
 def test_recipe_refuses_a_setting_no_option_can_express():
-    manifest = {"config": dataclasses.asdict(RunConfig(eval_tasks=("hellaswag",))), "resolved": {}}
-    if "eval_tasks" in {p.name for p in prune.params}:
-        pytest.skip("prune has --eval-tasks here")
-    with pytest.raises(Exception, match="eval_tasks=.*has no `compresskit prune` option"):
+    """A manifest from a newer compresskit with a setting this one cannot pass to prune: refused, not dropped."""
+    manifest = {"config": {**dataclasses.asdict(RunConfig()), "future_setting": 3}, "resolved": {}}
+    with pytest.raises(Exception, match="future_setting=3 has no `compresskit prune` option"):
         recipe.from_manifest(manifest, prune)
+
+
+def test_task_lists_round_trip_as_arrays(tmp_path, monkeypatch):
+    manifest = {"config": dataclasses.asdict(RunConfig(eval_tasks=("piqa", "arc_easy"), eval_task_limit=5)),
+                "resolved": {"model": "random:tiny"}}
+    text = recipe.from_manifest(manifest, prune)
+    assert 'eval-tasks = ["piqa", "arc_easy"]' in text and "eval-limit = 5" in text
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    config, _ = _resolved(monkeypatch, "--recipe", path)
+    assert config.eval_tasks == ("piqa", "arc_easy") and config.eval_task_limit == 5

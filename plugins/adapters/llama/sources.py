@@ -111,8 +111,15 @@ def _from_pretrained(source: str, dtype: Any):
         if not (path / "config.json").is_file():
             raise CompressKitError(f"--model {source}: no config.json in that directory, so it is not a "
                                    "save_pretrained model (empty or the wrong folder?)")
+    from . import export_load
+
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+        if looks_local and export_load.is_compressed(source):  # a compressed-tensors export: decompress it
+            model, loading = export_load.load_causal_lm(source, dtype), {}
+        else:
+            model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    except CompressKitError:
+        raise
     except Exception as exc:  # hub errors, corrupt safetensors, unknown architectures all land here
         raise CompressKitError(f"could not load model {source!r} ({type(exc).__name__}: {str(exc)[:300]}). Give an "
                                "intact local directory, a hub id (needs network), 'random:tiny' or 'smollm2'") from exc

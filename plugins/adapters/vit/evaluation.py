@@ -43,7 +43,7 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
     """
     from safetensors.torch import load_file
 
-    from .sources import save_tensors_atomic, weights_fingerprint
+    from .timm_models import save_tensors_atomic, weights_fingerprint
 
     images = open_images(data, "test")
     idx = sample_indices(images.size, limit or images.size, 0)

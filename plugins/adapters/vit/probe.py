@@ -75,7 +75,7 @@ def attach_probe_head(model: nn.Module, info: dict[str, Any], data: str, samples
     """
     from safetensors.torch import load_file
 
-    from .sources import save_tensors_atomic, weights_fingerprint
+    from .timm_models import save_tensors_atomic, weights_fingerprint
 
     images = open_images(data, "train")
     if images.labels is None:
