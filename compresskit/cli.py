@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from compresskit._version import __version__
+from compresskit.commands import COMMANDS, REGISTRY
 from compresskit.config import RunConfig
 from compresskit.errors import CompressKitError
 from compresskit.kinds import BY_FIELD, BY_PLURAL, KINDS
@@ -23,15 +24,40 @@ from compresskit.kinds import BY_FIELD, BY_PLURAL, KINDS
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
 SCOPES = (*BY_FIELD, "gradient")
 _REGISTRY: list[Any] = []
+_PLUGIN_SPECS: list[tuple[str, ...]] = [()]
 
 
 def registry():
-    """The process's plugin registry (built once, on first use)."""
-    if not _REGISTRY:
-        from compresskit.registry import Registry
+    """The process's plugin registry: built on first use with the ``-p`` modules (and again when
+    they or ``$COMPRESSKIT_PLUGINS``/``$COMPRESSKIT_DISABLE_PLUGINS`` change, as in tests)."""
+    import os
 
-        _REGISTRY.append(Registry.from_entrypoints())
-    return _REGISTRY[0]
+    from compresskit.registry import DISABLE_ENV, LOAD_ENV, Registry
+
+    key = (_PLUGIN_SPECS[0], os.environ.get(LOAD_ENV), os.environ.get(DISABLE_ENV))
+    if not _REGISTRY or _REGISTRY[0][0] != key:
+        _REGISTRY[:] = [(key, Registry.from_entrypoints(extra=_PLUGIN_SPECS[0]))]
+    return _REGISTRY[0][1]
+
+
+def use_plugins(specs: tuple[str, ...]) -> None:
+    """Make :func:`registry` load these ``-p`` values (modules, ``.py`` files, ``no:NAME``); rebuilt on change."""
+    if tuple(specs) != _PLUGIN_SPECS[0]:
+        _PLUGIN_SPECS[0] = tuple(specs)
+        _REGISTRY.clear()
+
+
+def plugin_args(argv: list[str]) -> tuple[str, ...]:
+    """The ``-p`` values of a command line, read before click runs it (as pytest pre-parses ``-p``).
+
+    ``main()`` needs them before it parses: plugin modules may add sub-commands through
+    ``register_commands``. Parsing errors are left to the real parse.
+    """
+    try:
+        ctx = cli.make_context("compresskit", list(argv), resilient_parsing=True)
+    except click.ClickException:
+        return ()
+    return tuple(ctx.params.get("plugins") or ())
 
 
 def parse_options(items: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -59,7 +85,10 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="compresskit")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("-p", "--plugin", "plugins", multiple=True, metavar="MODULE|FILE.py|no:NAME",
+              help="Load a plugin module for this run (dotted name or .py file), or disable one with no:NAME; "
+                   "repeatable; before the command (compresskit -p my.py prune ...). Also $COMPRESSKIT_PLUGINS.")
+def cli(verbose: int, plugins: tuple[str, ...]) -> None:
     """Prune pretrained transformers with calibration-based metrics (GBLM, Wanda, SparseGPT).
 
     \b
@@ -67,7 +96,10 @@ def cli(verbose: int) -> None:
     compresskit prune --adapter llama --model random:tiny --metric wanda --pattern 2:4
     compresskit eval out/ --json
     compresskit list metrics
+    compresskit -p my_metric.py prune --metric mine   # a plugin module without packaging
     """
+    use_plugins(plugins)
+    click.get_current_context().meta[REGISTRY] = registry  # for commands defined outside this module
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose == 0:  # still show the few lines a user must see (cache reuse, retries)
@@ -75,6 +107,7 @@ def cli(verbose: int) -> None:
 
 
 @cli.command()
+@click.option("--recipe", default=None, metavar="FILE.toml", help="Run the settings in this TOML file (`compresskit recipe DIR` writes one; - reads stdin); options given here override it.")
 @click.option("--adapter", default=DEFAULTS["adapter"], show_default=True, help="Model family (see `compresskit list adapters`).")
 @click.option("--model", default=None, help="Model source: hub id, local dir, random:tiny, or packaged name. Default: the adapter's.")
 @click.option("--metric", default=DEFAULTS["metric"], show_default=True, help="Scoring metric (see `compresskit list metrics`).")
@@ -85,7 +118,7 @@ def cli(verbose: int) -> None:
 @click.option("--update", default=DEFAULTS["update"], show_default=True, help="Weight update after masking (see `compresskit list solvers`): none, obs (SparseGPT's reconstruction).")
 @click.option("--nsamples", type=int, default=DEFAULTS["nsamples"], show_default=True, help="Calibration samples.")
 @click.option("--seqlen", type=int, default=DEFAULTS["seqlen"], show_default=True, help="Tokens per calibration sample and per evaluation window.")
-@click.option("--paper", is_flag=True, help="The paper's settings: 128 samples x 2048 tokens, evaluation on every window (slow on CPU).")
+@click.option("--paper", is_flag=True, help="The paper's settings: 128 samples x 2048 tokens, evaluation on every window (slow on CPU); an explicit --nsamples/--seqlen/--eval-windows wins.")
 @click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True, help="Seed of the calibration sampler.")
 @click.option("--calibration", default=None, help="Calibration data: corpus name, local file, hf:name:split, image folder, or 'random'.")
 @click.option("--device", default=DEFAULTS["device"], show_default=True, help="auto (CUDA if present), cpu, cuda:1, ...")
@@ -108,16 +141,16 @@ def cli(verbose: int) -> None:
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def prune(**kw: Any) -> None:
     """Prune a model layer by layer and save it with a manifest."""
-    from compresskit import api
+    from compresskit import api, recipe
     from compresskit.output import check_target
     from compresskit.targets import load_sparsity_map
 
     opts = parse_options(kw["options"])
+    kw, opts, notes = recipe.resolve(click.get_current_context(), kw, opts, recipe.read(kw["recipe"]) if kw["recipe"] else None)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     if kw["write_report"] and not kw["output"]:
         raise click.UsageError("--report writes into the output directory; pass --output DIR")
-    if kw["paper"]:
-        kw["nsamples"], kw["seqlen"] = 128, 2048
-        kw["eval_windows"] = 0 if kw["eval_windows"] is None else kw["eval_windows"]
     if kw["output"]:
         check_target(kw["output"], kw["overwrite"])  # fail before any work
     if kw["save_format"] != "dense":
@@ -129,7 +162,7 @@ def prune(**kw: Any) -> None:
         grad_opts["import_path"] = kw["gradient_file"]
     config = RunConfig(
         adapter=kw["adapter"], model=kw["model"], metric=kw["metric"], pattern=kw["pattern"], sparsity=kw["sparsity"],
-        sparsity_map=load_sparsity_map(kw["sparsity_map"]) if kw["sparsity_map"] else None,
+        sparsity_map=load_sparsity_map(kw["sparsity_map"]) if isinstance(kw["sparsity_map"], str) else kw["sparsity_map"],
         allocation=kw["allocation"], update=kw["update"], nsamples=kw["nsamples"], seqlen=kw["seqlen"],
         seed=kw["seed"], calibration=kw["calibration"], device=kw["device"], propagate=kw["propagate"],
         report_error=kw["error_report"], evaluate=kw["evaluate"], eval_data=kw["eval_data"],
@@ -369,6 +402,10 @@ def plugins(as_json: bool) -> None:
         click.echo(f"{'FAILED' if f.severity == 'error' else 'WARNING'}: {f.message()}")
 
 
+for _command in COMMANDS:  # recipe, new-plugin (compresskit/commands.py)
+    cli.add_command(_command)
+
+
 def main() -> None:
     """Console-script entry point: plugin commands, clear errors, exit 130 on Ctrl-C."""
     from compresskit import diagnose
@@ -376,6 +413,7 @@ def main() -> None:
 
     reg = None
     try:
+        use_plugins(plugin_args(sys.argv[1:]))  # before the registry exists: -p modules may add commands
         reg = registry()
         reg.add_commands(cli)
         cli.main(prog_name="compresskit", standalone_mode=False)

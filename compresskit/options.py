@@ -58,8 +58,12 @@ def build(options_cls: type, values: dict[str, Any], scope: str = "") -> Any:
     kwargs = {}
     for key, raw in values.items():
         if key not in names:
+            import difflib
+
             valid = ", ".join(names) or "(this plugin has no options)"
-            raise OptionError(f"unknown option '{scope}{key}'; valid options: {valid}")
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise OptionError(f"unknown option '{scope}{key}'{hint}; valid options: {valid}")
         kwargs[key] = _convert(hints[key], raw, f"{scope}{key}")
     return options_cls(**kwargs)
 

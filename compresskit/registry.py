@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.metadata as md
+import importlib.util
 import logging
 import os
 from typing import Any, Iterable
@@ -65,11 +66,13 @@ class PluginFailure:
     distribution: str | None
     error: str
     severity: str = "error"  # "error": skipped; "warning": loaded, but something looks wrong
+    fix: str | None = None  # how to get rid of the message; default: disable the plugin
 
     def message(self) -> str:
         dist = f" ({self.distribution})" if self.distribution else ""
-        fix = f"; disable it with {DISABLE_ENV}={self.plugin}" if self.severity == "error" else ""
-        return f"plugin {self.plugin}{dist}: {self.error}{fix}"
+        fix = self.fix or (f"disable it with {DISABLE_ENV}={self.plugin} or -p no:{self.plugin}"
+                           if self.severity == "error" else "")
+        return f"plugin {self.plugin}{dist}: {self.error}" + (f"; {fix}" if fix else "")
 
 
 @dataclasses.dataclass
@@ -89,8 +92,21 @@ def _names_from_env(var: str) -> list[str]:
 
 
 def disabled_plugins() -> set[str]:
-    """Names listed (comma-separated) in ``COMPRESSKIT_DISABLE_PLUGINS``."""
-    return set(_names_from_env(DISABLE_ENV))
+    """Names listed (comma-separated) in ``COMPRESSKIT_DISABLE_PLUGINS``, plus ``no:NAME`` entries of
+    ``COMPRESSKIT_PLUGINS``."""
+    return set(_names_from_env(DISABLE_ENV)) | split_specs(_names_from_env(LOAD_ENV))[1]
+
+
+def split_specs(specs: Iterable[str]) -> tuple[list[str], set[str]]:
+    """``-p`` values -> (modules or ``.py`` files to load, plugin names to disable: ``no:NAME``)."""
+    load, blocked = [], set()
+    for spec in specs:
+        spec = spec.strip()
+        if spec.startswith("no:"):
+            blocked.add(spec[3:].strip())
+        elif spec:
+            load.append(spec)
+    return load, blocked
 
 
 def new_plugin_manager() -> pluggy.PluginManager:
@@ -127,11 +143,12 @@ def get_plugin_manager(load_entrypoints: bool = True, extra: Iterable[str] = (),
     Args:
         load_entrypoints: load the ``compresskit`` entry-point group (built-ins first).
         extra: more plugin modules for this process (dotted names or ``.py`` paths), after
-            those in ``$COMPRESSKIT_PLUGINS``.
+            those in ``$COMPRESSKIT_PLUGINS`` (both may hold ``no:NAME`` to disable a plugin).
         disabled: plugin names to skip, besides those in ``$COMPRESSKIT_DISABLE_PLUGINS``.
     """
     pm, load = new_plugin_manager(), LoadInfo()
-    blocked = disabled_plugins() | set(disabled)
+    extra, no = split_specs(extra)
+    blocked = disabled_plugins() | set(disabled) | no
     if load_entrypoints:
         eps = sorted(md.entry_points(group=GROUP), key=lambda ep: getattr(ep.dist, "name", "") != BUILTIN_DIST)
         for ep in eps:
@@ -146,7 +163,7 @@ def get_plugin_manager(load_entrypoints: bool = True, extra: Iterable[str] = (),
                 continue
             if add_plugin(pm, module, ep.name, load, dname) and dist is not None:
                 load.distributions[ep.name] = (dist.name, dist.version)
-    for spec in [*_names_from_env(LOAD_ENV), *extra]:
+    for spec in [*split_specs(_names_from_env(LOAD_ENV))[0], *extra]:
         _load_module(pm, spec, load, blocked)
     for f in load.failures:
         log.warning("%s", f.message())
@@ -154,23 +171,46 @@ def get_plugin_manager(load_entrypoints: bool = True, extra: Iterable[str] = (),
 
 
 def _load_module(pm: pluggy.PluginManager, spec: str, load: LoadInfo, blocked: set[str]) -> None:
+    """Load one ``-p``/``$COMPRESSKIT_PLUGINS`` module (dotted name or ``.py`` file) as a plugin.
+
+    A file is imported under ``compresskit_local_<stem>`` and put in ``sys.modules`` (dataclass
+    ``Options`` and ``typing.get_type_hints`` look their module up there); failures are recorded
+    like those of installed plugins, with the fix that applies to a module given on the command line.
+    """
+    import sys
     from pathlib import Path
 
     name = Path(spec).stem if spec.endswith(".py") else spec
     if name in blocked:
         return
+    fix = f"fix or remove {spec!r} in -p / ${LOAD_ENV}"
     try:
         if spec.endswith(".py"):
             path = Path(spec)
             if not path.is_file():
-                raise FileNotFoundError(f"no such plugin file {spec}")
-            mspec = importlib.util.spec_from_file_location(f"compresskit_local_{name}", path)
+                raise FileNotFoundError(f"no such plugin file {spec} (relative paths start at {Path.cwd()})")
+            modname = f"compresskit_local_{name}"
+            mspec = importlib.util.spec_from_file_location(modname, path)
             module = importlib.util.module_from_spec(mspec)
-            mspec.loader.exec_module(module)
+            sys.modules[modname] = module
+            try:
+                mspec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(modname, None)
+                raise
         else:
             module = importlib.import_module(spec)
     except Exception as exc:
-        load.failures.append(PluginFailure(name, None, f"failed to import {spec!r}: {type(exc).__name__}: {exc}"))
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and Path(f"{spec}.py").is_file():
+            hint = f" (a file {spec}.py is here: pass -p {spec}.py to load a file)"
+        load.failures.append(PluginFailure(name, None, f"failed to import {spec!r}: {type(exc).__name__}: {exc}{hint}",
+                                           fix=fix))
+        return
+    other = pm.get_plugin(name)
+    if other is not None and other is not module:
+        load.failures.append(PluginFailure(name, None, f"{spec!r} was not loaded: a plugin named {name!r} is already "
+                                           "loaded", fix=f"rename it, or disable the other one with -p no:{name}"))
         return
     add_plugin(pm, module, name, load)
 
