@@ -428,7 +428,7 @@ def test_seqlen_beyond_context(tmp_path):
 def test_sparsity_that_rounds_to_little_warns(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="compresskit")
     r = invoke("prune", *WANDA, "--sparsity", "0.01", "--output", str(tmp_path / "o"))
-    assert r.exit_code == 0 and "rounds down" in caplog.text and "instead of 0.01" in caplog.text
+    assert r.exit_code == 0 and "rounds down" in caplog.text and "prunes 0.0017 overall instead of 0.01" in caplog.text  # docs/howto/errors.md quotes it
     man = json.loads((tmp_path / "o" / "compresskit.json").read_text())
     assert "rounds down" in man["notes"]["compresskit"]["warnings"][0]
 
@@ -943,7 +943,9 @@ def test_bad_plugin_is_reported_by_plugins_command(name, tmp_path, monkeypatch, 
     status, out, _ = run_main(monkeypatch, capsys, "plugins")
     line = next(ln for ln in out.splitlines() if ln.startswith(level))
     assert status == 0 and f"plugin {name}" in line and words in line and "wanda" in out
-    if level == "FAILED":
+    if name == "importerror":  # a module that never loaded: the fix is to drop it from $COMPRESSKIT_PLUGINS
+        assert "fix or remove" in line and "COMPRESSKIT_PLUGINS" in line
+    elif level == "FAILED":
         assert f"COMPRESSKIT_DISABLE_PLUGINS={name}" in line
 
 
