@@ -103,10 +103,12 @@ def plan(config: RunConfig, registry: Registry | None = None) -> Plan:
     entries = {k: reg.get(k, names[k]) for k in KINDS}
     metric_cls = entries["metric"].cls
     if metric_cls.mask_solver is not None:  # the metric's mask comes out of that solver's sweep
-        if _norm(config.update) not in ("none", _norm(metric_cls.mask_solver)):
+        chooses = _norm(config.update) != "none" and _overrides(entries["solver"].cls, "select_and_solve")
+        if _norm(config.update) not in ("none", _norm(metric_cls.mask_solver)) and not chooses:
             raise OptionError(f"metric {metric_cls.name!r} chooses its mask inside the {metric_cls.mask_solver!r} "
                               f"solver; --update {config.update} cannot apply: drop --update")
-        entries["solver"] = reg.get("solver", metric_cls.mask_solver)
+        if not chooses:  # a solver that can choose masks itself (e.g. ro, which runs the OBS sweep) stays
+            entries["solver"] = reg.get("solver", metric_cls.mask_solver)
     opts = {k: _options(k, entries, values[k]) for k in entries}
     plugins = {k: e.cls(opts[k]) for k, e in entries.items() if k != "adapter"}
     plugins["adapter"] = entries["adapter"].cls(opts["adapter"], alias=config.adapter)
@@ -139,7 +141,8 @@ def _norm(name: str) -> str:
 def _overrides(obj: Any, method: str) -> bool:
     from compresskit.interfaces import Solver
 
-    return getattr(type(obj), method) is not getattr(Solver, method)
+    cls = obj if isinstance(obj, type) else type(obj)
+    return getattr(cls, method) is not getattr(Solver, method)
 
 
 def _resolve_group(config: RunConfig, metric: Any, pattern: Any, pattern_opts: dict[str, Any]) -> Any:
