@@ -216,6 +216,13 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
         ``{"layers", "blocks", "pattern", "sparsity"}`` of the checked model.
     """
     config = dataclasses.replace(config or RunConfig(), **overrides)
+    if config.select is not None:  # every value of the sweep must plan
+        from compresskit.select import parse, with_value
+
+        sweep = parse(config.select)
+        registry = registry or Registry.from_entrypoints()
+        for value in sweep.values:
+            plan(with_value(config, sweep, value), registry)
     p, run = _start(config, registry)
     blocks = p.adapter.blocks(run.model)
     return {"layers": sum(len(p.adapter.prunable(b)) for b in blocks), "blocks": len(blocks),
@@ -226,7 +233,8 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     """Prune a model end to end and return the result (not yet saved).
 
     Args:
-        config: a :class:`RunConfig`; keyword ``overrides`` replace its fields.
+        config: a :class:`RunConfig`; keyword ``overrides`` replace its fields
+            (``select="metric.alpha=0,1,10"``: see :mod:`compresskit.select`).
         registry: plugin registry (default: every installed plugin).
 
     Example:
@@ -236,6 +244,10 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     from compresskit.runner import prune_model
 
     config = dataclasses.replace(config or RunConfig(), **overrides)
+    if config.select is not None:  # one prune per value, the best on held-out calibration data
+        from compresskit.select import prune_selected
+
+        return prune_selected(config, registry)
     t0 = time.perf_counter()
     p, run = _start(config, registry)
     source, device = run.loaded.source, run.settings.device
