@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/recipes.py                 # full grid (SmolLM2-135M; over an hour on 2 CPU cores)
     .venv/bin/python bench/recipes.py --resume        # continue an interrupted run (rows already in the JSON are kept)
+    .venv/bin/python bench/recipes.py --resume --max-rows 6   # the same, six rows at a time (shared machines)
     .venv/bin/python bench/recipes.py --quick --model random:tiny --calibration random --eval-data FILE --out /tmp/r
 
 Every row is one ``compresskit.api.prune`` call with the prune defaults (handbook calibration,
@@ -10,7 +11,7 @@ tokens), timed (wall and process CPU) with peak RSS sampled. Anchors (magnitude,
 sparsegpt, gblm as published) run at 50/60/70 % unstructured, 4:8 and 2:4; recipes: OWL x
 {wanda, gblm, sparsegpt} at 50/60/70 %, ``--update ro`` after wanda, gblm and sparsegpt, the
 Wanda++ score alone and with ro, and GBLM with alpha selected on held-out calibration samples
-at 50 %, 4:8 and 2:4. Writes ``recipes.md`` (tables), ``recipes.json`` (every number) and
+at 50 %, 4:8 and 2:4, and sparsegpt + ro with its learning rate selected the same way. Writes ``recipes.md`` (tables), ``recipes.json`` (every number) and
 ``recipes.png`` (perplexity vs sparsity) to ``bench/results/`` and prints the tables.
 """
 
@@ -40,6 +41,7 @@ SETTINGS = {"50%": ("unstructured", {}, 0.5), "60%": ("unstructured", {}, 0.6), 
             "4:8": ("nm", {"n": 4, "m": 8}, None), "2:4": ("nm", {"n": 2, "m": 4}, None)}
 ANCHORS = ("magnitude", "wanda", "sparsegpt", "gblm")
 ALPHAS = "0,1,10,100,1000"
+LRS = "3e-7,3e-6,3e-5"  # ro learning rates tried on held-out calibration: the paper's, 10x, 100x
 TARGETS = {"50%": 0.05, "2:4": 0.10, "70%": 0.30}  # issue 12: best recipe this much below the best anchor
 
 
@@ -50,10 +52,12 @@ def grid() -> list[tuple[str, str, dict]]:
     rows += [(f"owl + {m}", s, {"metric": m, "allocation": "owl"}) for m in ("wanda", "gblm", "sparsegpt")
              for s in ("50%", "60%", "70%")]
     nm = ("50%", "4:8", "2:4")
-    rows += [(f"{m} + ro", s, {"metric": m, "update": "ro"}) for m in ("wanda", "gblm", "sparsegpt") for s in nm]
     rows += [("wandapp", s, {"metric": "wandapp"}) for s in nm]
-    rows += [("wandapp + ro", s, {"metric": "wandapp", "update": "ro"}) for s in nm]
     rows += [("gblm (selected alpha)", s, {"metric": "gblm", "select": f"metric.alpha={ALPHAS}"}) for s in nm]
+    rows += [(f"{m} + ro", s, {"metric": m, "update": "ro"}) for m in ("wanda", "gblm", "sparsegpt") for s in nm]
+    rows += [("wandapp + ro", s, {"metric": "wandapp", "update": "ro"}) for s in nm]
+    rows += [("sparsegpt + ro (selected lr)", s, {"metric": "sparsegpt", "update": "ro", "select": f"update.lr={LRS}"})
+             for s in nm]
     return rows
 
 
@@ -103,7 +107,7 @@ def _note(r: dict) -> str:
     n = r["notes"]
     out = []
     if "selected" in n:
-        out.append(f"alpha={n['selected']:g}")
+        out.append(f"{r['kwargs']['select'].split('=')[0]}={n['selected']:g}")
     if "owl_targets" in n:
         out.append(f"targets {n['owl_targets'][0]:.3f}-{n['owl_targets'][1]:.3f}")
     if "ro_error" in n:
@@ -207,6 +211,8 @@ def main() -> None:
     ap.add_argument("--eval-data", default=None)
     ap.add_argument("--only", default=None, help="comma-separated recipe names to run (default: all)")
     ap.add_argument("--resume", action="store_true", help="keep rows already in <out>/recipes.json")
+    ap.add_argument("--max-rows", type=int, default=None,
+                    help="run at most this many new rows, then stop (with --resume: a long grid in chunks)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -230,9 +236,13 @@ def main() -> None:
         del loaded
     only = set(args.only.split(",")) if args.only else None
     done = {(r["recipe"], r["setting"]) for r in rows}
+    budget = args.max_rows
     for recipe, setting, kw in grid():
         if (recipe, setting) in done or (only and recipe not in only):
             continue
+        if budget is not None and budget <= 0:
+            break
+        budget = None if budget is None else budget - 1
         rows.append(run_row(s, recipe, setting, kw))
         save(out, s, dense, rows, start, complete=False, prior=prior)
     complete = all((r, st) in {(x["recipe"], x["setting"]) for x in rows} for r, st, _ in grid())
