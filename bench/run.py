@@ -26,10 +26,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from compresskit import api, perplexity
+from compresskit import api
 from compresskit.options import build
 from compresskit.registry import Registry
-from compresskit.runner import block_output, capture_block_inputs
+from compresskit.walk import block_output, capture_block_inputs
+from compresskit_plugins.adapters.llama import perplexity
 
 log = logging.getLogger("bench")
 CANDIDATES = ("magnitude", "wanda", "gblm", "sparsegpt")

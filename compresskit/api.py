@@ -139,10 +139,12 @@ def plan(config: RunConfig, registry: Registry | None = None) -> Plan:
     entries = {k: reg.get(k, names[k]) for k in KINDS}
     metric_cls = entries["metric"].cls
     if metric_cls.mask_solver is not None:  # the metric's mask comes out of that solver's sweep
-        if _norm(config.update) not in ("none", _norm(metric_cls.mask_solver)):
+        chooses = _norm(config.update) != "none" and _overrides(entries["solver"].cls, "select_and_solve")
+        if _norm(config.update) not in ("none", _norm(metric_cls.mask_solver)) and not chooses:
             raise OptionError(f"metric {metric_cls.name!r} chooses its mask inside the {metric_cls.mask_solver!r} "
                               f"solver; --update {config.update} cannot apply: drop --update")
-        entries["solver"] = reg.get("solver", metric_cls.mask_solver)
+        if not chooses:  # a solver that can choose masks itself (e.g. ro, which runs the OBS sweep) stays
+            entries["solver"] = reg.get("solver", metric_cls.mask_solver)
     opts = {k: _options(k, entries, values[k]) for k in entries}
     plugins = {k: e.cls(opts[k]) for k, e in entries.items() if k != "adapter"}
     plugins["adapter"] = entries["adapter"].cls(opts["adapter"], alias=config.adapter)
@@ -177,7 +179,8 @@ def _norm(name: str) -> str:
 def _overrides(obj: Any, method: str) -> bool:
     from compresskit.interfaces import Solver
 
-    return getattr(type(obj), method) is not getattr(Solver, method)
+    cls = obj if isinstance(obj, type) else type(obj)
+    return getattr(cls, method) is not getattr(Solver, method)
 
 
 def _resolve_group(config: RunConfig, metric: Any, pattern: Any, pattern_opts: dict[str, Any]) -> Any:
@@ -258,6 +261,13 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
         ``{"layers", "blocks", "pattern", "sparsity"}`` of the checked model.
     """
     config = config_replace(config, **overrides)  # an unknown keyword is an OptionError with the fix
+    if config.select is not None:  # every value of the sweep must plan
+        from compresskit.select import parse, with_value
+
+        sweep = parse(config.select)
+        registry = registry or Registry.from_entrypoints()
+        for value in sweep.values:
+            plan(with_value(config, sweep, value), registry)
     p, run = _start(config, registry)
     blocks = p.adapter.blocks(run.model)
     return {"layers": sum(len(p.adapter.prunable(b)) for b in blocks), "blocks": len(blocks),
@@ -269,7 +279,8 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     """Prune a model end to end and return the result (saved only when ``output`` is given).
 
     Args:
-        config: a :class:`RunConfig`; keyword ``overrides`` replace its fields.
+        config: a :class:`RunConfig`; keyword ``overrides`` replace its fields
+            (``select="metric.alpha=0,1,10"``: see :mod:`compresskit.select`).
         registry: plugin registry (default: every installed plugin).
         output: save the result there; checked right after the model loads, before any
             calibration work (writable, not someone else's data, room for the model's size).
@@ -283,6 +294,16 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     from compresskit.runner import prune_model
 
     config = config_replace(config, **overrides)  # an unknown keyword is an OptionError with the fix
+    if config.select is not None:  # one prune per value, the best on held-out calibration data
+        from compresskit.output import check_target
+        from compresskit.select import prune_selected
+
+        if output is not None:
+            check_target(output, overwrite)
+        result = prune_selected(config, registry, plan, prune, _evaluate_selected)
+        if output is not None:
+            result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
+        return result
     t0 = time.perf_counter()
     p, run = _start(config, registry)
     if output is not None:
@@ -297,10 +318,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     calibration = config.calibration or p.adapter.default_calibration(source)
     run.batches = p.adapter.calibration_batches(run.loaded, config.nsamples, config.seqlen, config.seed, calibration)
     manifest = _manifest(config, p, run, calibration, tensor_fingerprint(run.batches))
-    request = EvalRequest(config.eval_data, resolve_eval_limit(p.adapter, config.eval_limit), str(device),
-                          config.seqlen, progress=config.progress)
-    tasks = dataclasses.replace(request, tasks=config.eval_tasks, task_limit=config.eval_task_limit,
-                                task_source=config.eval_task_source)
+    request, tasks = _eval_requests(config, p.adapter, device)
     if config.evaluate:
         manifest["evaluation"] = {"dense": _evaluate_loaded(p.adapter, run.loaded, request)}
     if config.eval_tasks:
@@ -322,6 +340,28 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     if output is not None:
         result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
     return result
+
+
+def _eval_requests(config: RunConfig, adapter: ModelAdapter, device: Any) -> tuple[EvalRequest, EvalRequest]:
+    """The headline (``--eval``) and the zero-shot (``--eval-tasks``) requests of a run."""
+    request = EvalRequest(config.eval_data, resolve_eval_limit(adapter, config.eval_limit), str(device),
+                          config.seqlen, progress=config.progress)
+    return request, dataclasses.replace(request, tasks=config.eval_tasks, task_limit=config.eval_task_limit,
+                                        task_source=config.eval_task_source)
+
+
+def _evaluate_selected(config: RunConfig, best: PruneResult) -> None:
+    """The dense (freshly loaded) and pruned evaluations of a ``--select`` run's chosen model."""
+    adapter, loaded = best.adapter, best.loaded
+    request, tasks = _eval_requests(config, adapter, best.run.settings.device)
+    dense = adapter.load(loaded.source)
+    for key, req, wanted in (("evaluation", request, config.evaluate), ("zeroshot", tasks, config.eval_tasks)):
+        if wanted:
+            best.manifest[key] = {"dense": _evaluate_loaded(adapter, dense, req)}
+    del dense
+    for key, req, wanted in (("evaluation", request, config.evaluate), ("zeroshot", tasks, config.eval_tasks)):
+        if wanted:
+            best.manifest[key]["pruned"] = _evaluate_loaded(adapter, loaded, req)
 
 
 def _manifest(config: RunConfig, p: Plan, run: Run, calibration: str | None, fingerprint: str) -> dict[str, Any]:

@@ -134,6 +134,8 @@ def cli(verbose: int, plugins: tuple[str, ...]) -> None:
 @click.option("--recompute-gradients", is_flag=True, help="Ignore cached gradient statistics.")
 @click.option("--gradients", "gradient_file", default=None, type=click.Path(exists=True, dir_okay=False), help="Import a GBLM reference gradient file (.pth).")
 @click.option("-o", "--option", "options", multiple=True, metavar="SCOPE.KEY=VALUE", help=f"Plugin option, e.g. -o metric.alpha=100; scopes {', '.join(SCOPES)}. Repeatable.")
+@click.option("--select", "select", default=None, metavar="SCOPE.KEY=V1,V2,...", help="Prune once per value of one metric/update/allocation option and keep the lowest loss on held-out calibration samples, e.g. --select metric.alpha=0,1,10,100,1000.")
+@click.option("--select-samples", "select_nsamples", type=int, default=DEFAULTS["select_nsamples"], show_default=True, help="Held-out calibration samples that score each --select value (drawn after the calibration ones).")
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Directory for the pruned model and compresskit.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output that is a compresskit output.")
 @click.option("--save-format", default="dense", show_default=True, help="How --output stores the weights: dense, or another of the adapter's formats (llama: compressed-tensors; see `compresskit export`).")
@@ -168,6 +170,7 @@ def prune(**kw: Any) -> None:
         report_error=kw["error_report"], evaluate=kw["evaluate"], eval_data=kw["eval_data"],
         eval_limit=kw["eval_windows"], eval_tasks=_task_list(kw["eval_tasks"]) or (), eval_task_limit=kw["eval_limit"],
         eval_task_source=kw["task_source"], gradient_options=grad_opts, progress=not kw["no_progress"],
+        select=kw["select"], select_nsamples=kw["select_nsamples"],
         **{f"{field}_options": opts[field] for field in BY_FIELD},
     )
     if kw["dry_run"]:
@@ -203,6 +206,10 @@ def _print_summary(result) -> None:
         secs = rep.block_seconds[b] if b < len(rep.block_seconds) else sum(r.seconds for r in rows)
         click.echo(f"{b:>5}  {len(rows):>6}  {tg:>6.3f}  {sp:>8.4f}  {err:>15}  {secs:>7.2f}")
     click.echo(f"overall sparsity {rep.overall_sparsity:.4f} (target {rep.overall_target:.4f}) in {rep.seconds:.1f}s")
+    if "selection" in result.manifest:
+        from compresskit.select import describe
+
+        click.echo(describe(result.manifest["selection"]))
     ev = result.manifest.get("evaluation")
     if ev:
         for which in ("dense", "pruned"):

@@ -28,6 +28,8 @@ class RunConfig:
     :mod:`compresskit.targets`). ``update`` names the solver (``none``: zero the pruned weights
     and change nothing else; ``obs``: SparseGPT's reconstruction), ``allocation`` how the target
     is spread over layers. ``eval_limit`` ``None`` is the adapter's CPU-sized cap, ``0`` everything.
+    ``select`` (``"metric.alpha=0,1,10"``) prunes once per value of one option and keeps the model
+    with the lowest loss on ``select_nsamples`` held-out calibration samples (:mod:`compresskit.select`).
     """
 
     adapter: str = "llama"
@@ -58,6 +60,8 @@ class RunConfig:
     allocation_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     gradient_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: bool = True
+    select: str | None = None
+    select_nsamples: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, Mapping):
@@ -84,6 +88,13 @@ class RunConfig:
             self.sparsity_map = parse_sparsity_map(self.sparsity_map)
         if self.propagate not in PROPAGATE:
             raise OptionError(f"propagate must be one of {', '.join(PROPAGATE)}, got {self.propagate!r}")
+        _expect(self, "select_nsamples", int, "an integer >= 1")
+        if self.select_nsamples < 1:
+            raise OptionError(f"select_nsamples must be >= 1, got {self.select_nsamples}")
+        if self.select is not None:
+            from compresskit.select import parse
+
+            parse(self.select)
         if self.eval_limit is not None:
             _expect(self, "eval_limit", int, "an integer >= 0 (0: everything)")
             if self.eval_limit < 0:

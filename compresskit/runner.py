@@ -1,9 +1,10 @@
 """The single layerwise runner shared by every metric, pattern, solver and adapter.
 
 :func:`prune_model` walks the blocks (:func:`compresskit.walk.walk_blocks`) and, per block:
-asks every layer's target (``layer_sparsity`` hook), collects the statistics the metric, the
-solver and the error report need while the block runs over its calibration inputs (per group
-of layers, all from the unpruned block), decides each layer (score -> mask, or the solver's own
+asks every layer's target (``layer_sparsity`` hook), collects the block-local gradient
+statistics (:mod:`compresskit.blockgrad`, once per block, from the unpruned block) and the
+statistics the metric, the solver and the error report need while the block runs over its
+calibration inputs (per group of layers, all from the unpruned block), decides each layer (score -> mask, or the solver's own
 selection; then the solver's update) and writes it; the walk then propagates the block's
 outputs. Lifecycle hooks: ``run_started``, ``block_done``, ``run_finished`` (see
 docs/explanation/runner.md).
@@ -16,6 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from compresskit import checks
+from compresskit import blockgrad
 from compresskit import stats as st
 from compresskit.device import synchronize
 from compresskit.errors import CompressKitError, IncompatiblePatternError
@@ -62,7 +64,9 @@ def prune_model(run: Run) -> PruneReport:
         run.pm = run.pm or new_plugin_manager()
         run.hook = run.pm.hook
     report, t0 = run.report, time.perf_counter()
-    specs = [s for s in needed_statistics(run) if s.source == "inputs"]
+    needed = needed_statistics(run)
+    specs = [s for s in needed if s.source == "inputs"]
+    block_specs = [s for s in needed if s.source == "block_gradients"]  # see compresskit.blockgrad
     block_solver = run.solver is not None and type(run.solver).solve_block is not Solver.solve_block
     device, offload = torch.device(run.settings.device), torch.device(run.settings.offload)
     run.hook.run_started(run=run)
@@ -77,7 +81,7 @@ def prune_model(run: Run) -> PruneReport:
         clock[0] = time.perf_counter()
 
     with run.adapter.run_context(run.model):
-        walk = walk_blocks(run.adapter, run.model, run.batches if specs or block_solver else None, device, offload,
+        walk = walk_blocks(run.adapter, run.model, run.batches if specs or block_specs or block_solver else None, device, offload,
                            run.settings.propagate, on_step=block_finished)
         for step in walk:
             if run.block_index is None:
@@ -89,11 +93,13 @@ def prune_model(run: Run) -> PruneReport:
             if block_solver and step.dense_outputs is None:
                 step.forward()  # the dense block's outputs: the block solver's targets
             decided = {}
+            block_parts = blockgrad.collect(step.block, step.layers, step.inputs, block_specs) if block_specs else {}
             for group in run.adapter.groups(step.block):
                 parts = _collect(step, group, specs)
                 for name in group:
+                    layer_parts = {**parts.get(name, {}), **block_parts.get(name, {})}
                     row, mask, dense, gram = _prune_layer(run, step.index, name, step.layers[name],
-                                                          parts.get(name, {}), specs)
+                                                          layer_parts, specs + block_specs)
                     if block_solver:
                         decided[name] = (row, mask, dense, gram)
             if block_solver:

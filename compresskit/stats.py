@@ -9,8 +9,8 @@ Only :meth:`Statistic.finish` turns the sums into the value a metric reads (e.g.
 root), and it runs once, after every sample is in.
 
 Metrics and solvers name what they need (``statistics()``): a built-in name (``act_sq``,
-``gram``, ``grad_l1``, ``grad_l2``) or a :class:`Statistic` instance of their own. The runner
-collects each distinct statistic once per layer and passes the finished values in a
+``gram``, ``grad_l1``, ``grad_l2``, ``block_grad_rms``, ...) or a :class:`Statistic` instance of
+their own. The runner collects each distinct statistic once per layer and passes the finished values in a
 :class:`LayerStats`.
 
 This module imports torch only inside functions, so plugins can import it at module level.
@@ -38,8 +38,10 @@ class Statistic(ABC):
 
     Attributes:
         name: key under which the finished value appears in :class:`LayerStats`.
-        source: ``inputs`` (folded from every calibration input of the layer by :meth:`update`)
-            or ``gradients`` (folded by the gradient engine from per-sample weight gradients).
+        source: ``inputs`` (folded from every calibration input of the layer by :meth:`update`),
+            ``gradients`` (folded by the gradient engine from per-sample weight gradients of the
+            model's loss) or ``block_gradients`` (folded by :mod:`compresskit.blockgrad` from
+            per-sample weight gradients of a block-local ``objective``, one block at a time).
     """
 
     name: ClassVar[str]
@@ -136,6 +138,51 @@ class GradNorm(Statistic):
         return out.half().float() if self.precision == "reference" else out
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockGradNorm(Statistic):
+    """``block_grad_rms`` / ``block_grad_mean_abs``: per-weight aggregate over calibration samples of
+    the gradient of a *block-local* objective, the norm of the block's own output.
+
+    For sample ``n`` the objective is ``L_n = ||f(X_n)||_2`` (plain Frobenius norm of the block's
+    output on that sample: not squared, not averaged; Wanda++'s regional loss) and ``g_n`` its
+    gradient w.r.t. the layer's weight. Parts: ``sum`` = ``sum_n g_n^2`` (``rms``) or
+    ``sum_n |g_n|`` (``mean_abs``), and ``samples``. Finished: ``sqrt(sum / samples)`` or
+    ``sum / samples``. Collected by :mod:`compresskit.blockgrad`, one block at a time with a
+    backward pass through that block only, on the block's calibration inputs and its weights
+    as they are before the block is pruned.
+    """
+
+    aggregate: str = "rms"
+    source: ClassVar[str] = "block_gradients"
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"block_grad_{self.aggregate}"
+
+    def init(self, layer: nn.Linear) -> Parts:
+        import torch
+
+        return {"sum": torch.zeros(layer.weight.shape, dtype=torch.float32, device=layer.weight.device),
+                "samples": torch.zeros((), dtype=torch.int64, device=layer.weight.device)}
+
+    def objective(self, output: torch.Tensor) -> torch.Tensor:
+        """The scalar whose weight gradient is folded: the output's plain L2 norm, in float32."""
+        return output.float().norm()
+
+    def fold(self, parts: Parts, grad: torch.Tensor) -> None:
+        """Add one sample's weight gradient."""
+        g = grad.float()
+        if self.aggregate == "rms":
+            parts["sum"].addcmul_(g, g)
+        else:
+            parts["sum"].add_(g.abs())
+        parts["samples"] += 1
+
+    def finish(self, parts: Parts) -> torch.Tensor:
+        mean = parts["sum"] / parts["samples"].clamp(min=1).float()
+        return mean.sqrt() if self.aggregate == "rms" else mean
+
+
 class Counts(Statistic):
     """Tokens and samples seen by a layer (collected for every layer that sees calibration data)."""
 
@@ -156,7 +203,8 @@ class Counts(Statistic):
         return {k: int(v) for k, v in parts.items()}
 
 
-BUILTIN: dict[str, Statistic] = {"act_sq": ActSq(), "gram": Gram(), "grad_l1": GradNorm("l1"), "grad_l2": GradNorm("l2")}
+BUILTIN: dict[str, Statistic] = {"act_sq": ActSq(), "gram": Gram(), "grad_l1": GradNorm("l1"), "grad_l2": GradNorm("l2"),
+                                 "block_grad_rms": BlockGradNorm("rms"), "block_grad_mean_abs": BlockGradNorm("mean_abs")}
 """Statistics available by name."""
 
 

@@ -47,6 +47,11 @@ ALLOWED = {  # numbers on a page that are not our measurements, and why
         "0.01": "a --sparsity value in a quoted example warning (an input, not a result)",
         "0.0017": "the overall sparsity that --sparsity 0.01 gives on random:tiny's 64-wide rows, quoted from the "
                   "warning tests/test_hostile.py checks (arithmetic: floor(64 x 0.01) = 0 in most rows)"},
+    "docs/explanation/owl.md": {
+        "0.08": "OWL's lambda: the paper's and our default (a setting)",
+        "0.01": "the reference code's floor for a non-positive target (a setting of the reference)"},
+    "docs/explanation/selection.md": {v: "a value in an example --select sweep (an input)" for v in ("0.04", "0.08", "0.12")},
+    "docs/explanation/wandapp.md": {"0.01": "the default of the obs solver's percdamp (a setting)"},
     "docs/plugins/testing.md": {"0.02": "the conformance check's end-to-end sparsity tolerance (a setting)"},
     "docs/howto/export.md": {
         **{v: "a compressed-tensors version" for v in ("0.13", "0.14", "0.15", "0.20")},
