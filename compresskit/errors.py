@@ -40,3 +40,7 @@ class GradientError(CompressKitError, ValueError):
 
 class OutputExistsError(CompressKitError, FileExistsError):
     """The output directory exists and is not empty."""
+
+
+class DistributedError(CompressKitError):
+    """A multi-process run (``torchrun``) cannot go on: another rank failed, or the ranks disagree."""
