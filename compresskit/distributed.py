@@ -1,0 +1,487 @@
+"""Data-parallel calibration on ``torch.distributed``: one rank per process, started by ``torchrun``.
+
+Every statistic a run collects is a sum over calibration samples (:mod:`compresskit.stats`), so
+the work splits across processes and the parts add::
+
+    torchrun --nproc-per-node 4 -m compresskit prune --metric gblm --output out/
+
+Each rank loads the model and draws the *whole* calibration set (so the calibration fingerprint
+and the gradient cache key are those of a single-process run), checks that every rank holds the
+same model and data, and keeps its contiguous shard (:meth:`Context.shard`). The gradient engine
+and the runner fold their shard's samples into the additive parts; :func:`combine` sums the parts
+across ranks (:meth:`Context.all_reduce`, leaves in :func:`compresskit.stats.leaves` order) before
+any layer decides its mask. Every rank then makes the same decision from the same sums and
+propagates its own shard through the pruned block; a digest of the pruned weights is compared at
+the end. Rank 0 (the *writer*) alone writes the output, the manifest and the caches; evaluation
+shards its windows or images the same way (:meth:`Context.concat`).
+
+Failures: every collective is preceded by a status exchange (:meth:`Context.check`). A rank that
+raises joins the next exchange with its message (the :func:`session` guard does that) and every
+other rank raises :class:`~compresskit.errors.DistributedError` with that message, so all ranks
+stop together instead of waiting in a collective. A rank that dies outright shows up as a closed
+connection; a hung one after ``$COMPRESSKIT_DIST_TIMEOUT`` seconds (default 1800).
+
+Sums over a different split of the samples round differently in float32. ``accumulate="float64"``
+(``--accumulate float64``) keeps the accumulators in float64 and casts the finished sums to
+float32, so a run's statistics (and masks) no longer depend on how many ranks shared the work.
+
+Without ``torchrun`` (``WORLD_SIZE`` unset or 1) :func:`current` is a single-process context whose
+methods do nothing, and nothing changes. This module imports torch only inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+from compresskit.errors import CompressKitError, DistributedError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "COMPRESSKIT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT = 1800.0
+BUCKET_BYTES = 64 << 20
+ACCUMULATE = ("float32", "float64")
+
+
+def launched() -> bool:
+    """True inside a multi-process launch (``torchrun`` sets ``WORLD_SIZE`` > 1 and ``RANK``)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    except ValueError:
+        return False
+
+
+@dataclasses.dataclass
+class Context:
+    """This process's place in a run: its rank, the world size, and the collectives it uses.
+
+    The default instance (``world_size`` 1) is the single-process run: sharding keeps
+    everything, reductions and checks return at once.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    nodes: int = 1
+    backend: str | None = None
+    control: Any = None  # a gloo group for status and small objects when the default group is NCCL
+    owns_group: bool = False
+    broken: bool = False
+    comm_seconds: float = 0.0
+    comm_bytes: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """True when several ranks share the run."""
+        return self.world_size > 1
+
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0: the one that writes outputs, manifests and caches, and shows progress."""
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ sharding
+
+    def sizes(self, n: int) -> list[int]:
+        """How many of ``n`` items each rank gets (contiguous shards, sizes differ by at most one)."""
+        base, extra = divmod(n, self.world_size)
+        return [base + (r < extra) for r in range(self.world_size)]
+
+    def shard_range(self, n: int) -> tuple[int, int]:
+        """``(start, stop)`` of this rank's shard of ``n`` items."""
+        sizes = self.sizes(n)
+        start = sum(sizes[: self.rank])
+        return start, start + sizes[self.rank]
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """This rank's contiguous shard of ``items`` (all of them in a single process)."""
+        start, stop = self.shard_range(len(items))
+        return list(items[start:stop])
+
+    def require_samples(self, n: int) -> None:
+        """Refuse a run with more ranks than calibration samples."""
+        if n < self.world_size:
+            raise DistributedError(f"{self.world_size} ranks but only {n} calibration samples: every rank needs at "
+                                   f"least one; start at most {n} processes (torchrun --nproc-per-node/--nnodes) "
+                                   f"or raise --nsamples to {self.world_size} or more")
+
+    def device(self, dev: torch.device) -> torch.device:
+        """This rank's compute device: ``cuda`` without an index becomes ``cuda:<local rank>``."""
+        import torch
+
+        if not self.enabled or dev.type != "cuda" or dev.index is not None:
+            return dev
+        count = torch.cuda.device_count()
+        if self.local_rank >= count:
+            raise DistributedError(f"local rank {self.local_rank} has no GPU: {count} CUDA device(s) are visible on "
+                                   f"this node; start at most {count} processes per node (--nproc-per-node {count})")
+        torch.cuda.set_device(self.local_rank)
+        return torch.device("cuda", self.local_rank)
+
+    def backend_for(self, dev: Any) -> str:
+        """The backend that carries statistics living on ``dev`` (``nccl`` on CUDA, else ``gloo``)."""
+        import torch
+
+        return "nccl" if torch.device(dev).type == "cuda" and "nccl" in (self.backend or "") else "gloo"
+
+    # ------------------------------------------------------------------ collectives
+
+    def check(self, failed: BaseException | None = None) -> None:
+        """Status exchange before every collective: raise if another rank failed.
+
+        With ``failed`` (the :func:`session` guard calls it so), this rank reports its own
+        error to the others and returns; they raise :class:`DistributedError` with its message.
+        """
+        if not self.enabled or self.broken:
+            return
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.zeros(self.world_size, dtype=torch.int64)
+        flags[self.rank] = int(failed is not None)
+        self._call("a status exchange", dist.all_reduce, flags, group=self.control)
+        bad = flags.nonzero().flatten().tolist()
+        if not bad:
+            return
+        messages: list[Any] = [None] * self.world_size
+        self._call("a failure report", dist.all_gather_object, messages, _describe(failed), group=self.control)
+        self.broken = True  # no more collectives: the others are stopping too
+        if failed is None:
+            also = f" (ranks {', '.join(map(str, bad[1:]))} failed too)" if len(bad) > 1 else ""
+            raise DistributedError(f"rank {bad[0]} of {self.world_size} failed: {messages[bad[0]]}{also}")
+
+    def all_reduce(self, tree: Mapping[str, Any], what: str = "statistics") -> Mapping[str, Any]:
+        """Sum every tensor of a (nested) tree across ranks, in place; returns ``tree``."""
+        if not self.enabled:
+            return tree
+        from compresskit.stats import leaves
+
+        self.check()
+        t0 = time.perf_counter()
+        for bucket in _buckets([t for _, t in leaves(tree)], BUCKET_BYTES):
+            self._reduce(bucket, what)
+        self.comm_seconds += time.perf_counter() - t0
+        return tree
+
+    def _reduce(self, bucket: list[torch.Tensor], what: str) -> None:
+        import torch
+        import torch.distributed as dist
+
+        on_cpu = self.backend_for(bucket[0].device) == "gloo" and bucket[0].device.type != "cpu"
+        single = len(bucket) == 1 and bucket[0].is_contiguous() and not on_cpu
+        flat = bucket[0] if single else torch.cat([t.reshape(-1) for t in bucket])
+        flat = flat.cpu() if on_cpu else flat
+        self.comm_bytes += flat.numel() * flat.element_size()
+        self._call(f"the all-reduce of {what}", dist.all_reduce, flat)
+        if not single:
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].reshape(t.shape))
+                offset += t.numel()
+
+    def concat(self, part: torch.Tensor, total: int) -> torch.Tensor:
+        """Every rank's shard of ``total`` rows (this rank's is ``part``), concatenated in rank order.
+
+        Exact: each row is added to zeros only. Used to shard evaluation.
+        """
+        if not self.enabled:
+            return part
+        import torch
+
+        start, stop = self.shard_range(total)
+        if part.shape[0] != stop - start:
+            raise CompressKitError(f"rank {self.rank} holds {part.shape[0]} rows of its shard, expected {stop - start}")
+        full = torch.zeros((total, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        full[start:stop] = part
+        self.all_reduce({"rows": full}, "evaluation results")
+        return full
+
+    def agree(self, values: Mapping[str, str]) -> None:
+        """Raise on every rank unless every rank holds the same ``values`` (digests by name)."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        self.check()
+        gathered: list[Any] = [None] * self.world_size
+        self._call("a consistency check", dist.all_gather_object, gathered, dict(values), group=self.control)
+        for name in values:
+            differ = [r for r, g in enumerate(gathered) if g[name] != gathered[0][name]]
+            if differ:
+                raise DistributedError(f"the ranks disagree on {name}: rank 0 has {gathered[0][name][:16]}, rank "
+                                       f"{differ[0]} has {gathered[differ[0]][name][:16]}; every rank must load the "
+                                       "same model and data with the same options and versions (on every node)")
+
+    def from_writer(self, load: Callable[[], Mapping[str, torch.Tensor] | None]) -> dict[str, torch.Tensor] | None:
+        """``load()`` on rank 0 (e.g. a cache lookup), its flat dict of CPU tensors (or None) sent to all."""
+        if not self.enabled:
+            return load()
+        import torch
+        import torch.distributed as dist
+
+        value = load() if self.is_writer else None
+        self.check()
+        meta = [None if value is None else {k: (tuple(v.shape), str(v.dtype).split(".")[-1]) for k, v in value.items()}]
+        self._call("a broadcast", dist.broadcast_object_list, meta, src=0, group=self.control)
+        if meta[0] is None:
+            return None
+        t0 = time.perf_counter()
+        out = {}
+        for key, (shape, dtype) in sorted(meta[0].items()):
+            t = value[key].contiguous() if self.is_writer else torch.empty(shape, dtype=getattr(torch, dtype))
+            self._call("a broadcast", dist.broadcast, t, src=0, group=self.control)
+            self.comm_bytes += t.numel() * t.element_size()
+            out[key] = t
+        self.comm_seconds += time.perf_counter() - t0
+        return out
+
+    @contextlib.contextmanager
+    def writer_first(self) -> Iterator[None]:
+        """Rank 0 runs the body first (filling shared caches), the others after it (reading them)."""
+        if self.enabled and not self.is_writer:
+            self.check()
+        yield
+        if self.enabled and self.is_writer:
+            self.check()
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            self.broken = True
+            raise DistributedError(f"rank {self.rank} lost contact with the other ranks during {what} ({exc}); "
+                                   "another rank died or hung: see its log (a hung rank is given up after "
+                                   f"${TIMEOUT_ENV} seconds)") from exc
+
+    def describe(self, nsamples: int, device: Any) -> dict[str, Any]:
+        """Facts for the manifest: world size, backend, nodes and the per-rank sample counts."""
+        return {"world_size": self.world_size, "backend": self.backend_for(device), "nodes": self.nodes,
+                "samples_per_rank": self.sizes(nsamples)}
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        elif self.control is not None:
+            dist.destroy_process_group(self.control)
+
+
+_SINGLE = Context()
+_CURRENT = _SINGLE
+
+
+def current() -> Context:
+    """The context of this process: the active :func:`session`, else a single-process one."""
+    return _CURRENT
+
+
+@contextlib.contextmanager
+def session() -> Iterator[Context]:
+    """Join the ``torchrun`` process group for the duration of a command (re-entrant).
+
+    Outside a multi-process launch this yields the single-process context and does nothing.
+    On a normal exit every rank waits for the others (and raises if one of them failed); on an
+    error this rank reports it to the others before re-raising, so that all stop together.
+    """
+    global _CURRENT
+    if _CURRENT.enabled or not launched():
+        yield _CURRENT
+        return
+    ctx = _start()
+    _CURRENT = ctx
+    level = logging.getLogger("compresskit").level
+    if not ctx.is_writer:  # one copy of the informational lines, from rank 0
+        logging.getLogger("compresskit").setLevel(logging.WARNING)
+    try:
+        yield ctx
+        ctx.check()
+    except Exception as exc:
+        if not ctx.broken:
+            with contextlib.suppress(DistributedError):
+                ctx.check(failed=exc)
+        raise
+    finally:
+        _CURRENT = _SINGLE
+        logging.getLogger("compresskit").setLevel(level)
+        ctx.close()
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: run ``fn`` inside :func:`session` (commands and API entry points)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with session():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _start() -> Context:
+    import datetime
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=_timeout())
+    owns = not dist.is_initialized()
+    if owns:
+        nccl = torch.cuda.is_available() and dist.is_nccl_available()
+        try:
+            dist.init_process_group("cpu:gloo,cuda:nccl" if nccl else "gloo", timeout=timeout)
+        except Exception as exc:
+            raise DistributedError(f"could not join the process group of this torchrun launch ({exc}); check "
+                                   "MASTER_ADDR/MASTER_PORT (or --rdzv-endpoint) and that every node runs the "
+                                   "same torchrun command") from exc
+    backend = str(dist.get_backend())
+    control = dist.new_group(backend="gloo", timeout=timeout) if "nccl" in backend else None
+    ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                  local_rank=int(os.environ.get("LOCAL_RANK", "0")), backend=backend, control=control, owns_group=owns)
+    hosts: list[Any] = [None] * ctx.world_size
+    ctx._call("the start-up", dist.all_gather_object, hosts, socket.gethostname(), group=control)
+    ctx.nodes = len(set(hosts))
+    if ctx.is_writer:
+        log.info("distributed run: %d ranks on %d node(s), backend %s", ctx.world_size, ctx.nodes, backend)
+    return ctx
+
+
+def _timeout() -> float:
+    raw = os.environ.get(TIMEOUT_ENV)
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise DistributedError(f"${TIMEOUT_ENV}={raw!r} is not a positive number of seconds; unset it or set e.g. 600")
+    return value
+
+
+def _describe(exc: BaseException | None) -> str | None:
+    if exc is None:
+        return None
+    return str(exc) if isinstance(exc, CompressKitError) else f"{type(exc).__name__}: {exc}"
+
+
+def _buckets(tensors: Iterable[torch.Tensor], cap: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive tensors of one dtype and device, grouped up to ``cap`` bytes (large ones alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device or size + nbytes > cap):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+# ---------------------------------------------------------------------- hooks used by the core
+
+
+def accumulators(tree: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
+    """Promote the float32 parts of ``tree`` to float64 accumulators when ``dtype`` is float64 (in place)."""
+    if dtype == "float32":
+        return tree
+    import torch
+
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            accumulators(value, dtype)
+        elif value.dtype == torch.float32:
+            tree[key] = value.double()
+    return tree
+
+
+def combine(tree: dict[str, Any], what: str = "statistics") -> dict[str, Any]:
+    """Sum ``tree``'s parts across ranks (under ``torchrun``), then cast float64 accumulators to
+    float32, so statistics finish as in a float32 run (in place; returns ``tree``)."""
+    current().all_reduce(tree, what)
+    _to_float32(tree)
+    return tree
+
+
+def _to_float32(tree: dict[str, Any]) -> None:
+    import torch
+
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            _to_float32(value)
+        elif value.dtype == torch.float64:
+            tree[key] = value.float()
+
+
+def sum_over_samples(compute: Callable[[list[Any]], dict[str, Any]], batches: Sequence[Any],
+                     what: str = "gradient statistics") -> dict[str, Any]:
+    """``compute(batches)`` in a single process; under ``torchrun`` each rank computes the parts of
+    its shard and the parts are summed across ranks."""
+    ctx = current()
+    if not ctx.enabled:
+        return compute(list(batches))
+    return ctx.all_reduce(compute(ctx.shard(batches)), what)  # type: ignore[return-value]
+
+
+def digest(tensors: Iterable[tuple[str, torch.Tensor]], *extra: Any) -> str:
+    """A cheap exact digest of named tensors: shape, dtype, nonzeros and the wrapped int64 sum of
+    their bit patterns (integer sums do not depend on order or hardware), plus ``extra``."""
+    import torch
+
+    views = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    h = hashlib.sha256(repr(extra).encode())
+    for name, t in tensors:
+        d = t.detach().contiguous().reshape(-1)
+        if d.is_floating_point():
+            d = d.view(views[d.element_size()])
+        total = int(d.sum(dtype=torch.int64)) if d.numel() else 0
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{int(t.count_nonzero())}|{total}|".encode())
+    return h.hexdigest()
+
+
+def check_plan(ctx: Context, config: Any, plan: Any) -> None:
+    """Refuse what a sharded run cannot do the same as a single process (before any model is loaded)."""
+    if not ctx.enabled:
+        return
+    from compresskit.interfaces import Solver
+
+    ctx.require_samples(config.nsamples)
+    grads = config.gradient_options
+    if plan.gradient_stats and str(grads.get("precision", "")) == "reference" and not grads.get("import_path"):
+        raise DistributedError("gradient.precision=reference reproduces the reference code's sequential float16 "
+                               "running sum, which ranks summing their own shards cannot; drop "
+                               "-o gradient.precision=reference, or compute the gradients once in a single process")
+    if plan.solver is not None and type(plan.solver).solve_block is not Solver.solve_block:
+        raise DistributedError(f"solver {plan.solver.name!r} tunes whole blocks on the calibration inputs "
+                               "(solve_block), which each rank holds only a shard of; run it in a single process")
+
+
+def run_started(ctx: Context, run: Any, manifest: dict[str, Any], nsamples: int) -> None:
+    """After the calibration data is drawn: check that every rank holds the same model and data,
+    and record the world size and per-rank sample counts in the manifest (``distributed``)."""
+    if not ctx.enabled:
+        return
+    ctx.agree({"the model": digest(run.model.state_dict().items()),
+               "the calibration data": manifest["calibration"]["fingerprint"]})
+    manifest["distributed"] = ctx.describe(nsamples, run.settings.device)
+
+
+def run_finished(ctx: Context, run: Any, manifest: dict[str, Any]) -> None:
+    """After pruning: check that every rank made the same decisions (pruned weights and targets)."""
+    if not ctx.enabled:
+        return
+    adapter = run.adapter
+    layers = [(f"{i}.{n}", m.weight) for i, b in enumerate(adapter.blocks(run.model)) for n, m in adapter.prunable(b).items()]
+    ctx.agree({"the pruned weights": digest(layers, sorted(run.targets.items()))})
+    manifest["distributed"].update(weights_agree=True, communication={"seconds": ctx.comm_seconds, "bytes": ctx.comm_bytes})
