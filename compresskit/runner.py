@@ -15,6 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from compresskit import distributed
 from compresskit import stats as st
 from compresskit.device import synchronize
 from compresskit.errors import CompressKitError, IncompatiblePatternError
@@ -84,7 +85,7 @@ def prune_model(run: Run) -> PruneReport:
                 step.forward()  # the dense block's outputs: the block solver's targets
             decided = {}
             for group in run.adapter.groups(step.block):
-                parts = _collect(step, group, specs)
+                parts = _collect(step, group, specs, run.settings.accumulate)
                 for name in group:
                     row, mask, dense, gram = _prune_layer(run, step.index, name, step.layers[name],
                                                           parts.get(name, {}), specs)
@@ -111,13 +112,15 @@ def _check_target(run: Run, block_index: int, name: str, layer: nn.Linear) -> No
                                            "--allocation or a layer_sparsity plugin)") from exc
 
 
-def _collect(step, group: list[str], specs: list[st.Statistic]) -> dict[str, dict[str, st.Parts]]:
-    """Run the block over its inputs once and return every layer's statistic parts."""
+def _collect(step, group: list[str], specs: list[st.Statistic], accumulate: str = "float32"
+             ) -> dict[str, dict[str, st.Parts]]:
+    """Run the block over its inputs once and return every layer's statistic parts, summed over
+    every rank's samples under ``torchrun`` (:func:`compresskit.distributed.combine`)."""
     if not specs:
         return {}
     counts = st.Counts()
-    parts = {n: {s.key(): s.init(step.layers[n]) for s in specs} | {"counts": counts.init(step.layers[n])}
-             for n in group}
+    parts = {n: distributed.accumulators({s.key(): s.init(step.layers[n]) for s in specs}, accumulate)
+             | {"counts": counts.init(step.layers[n])} for n in group}
 
     def tap(name: str):
         def fold(x: torch.Tensor, samples: int) -> None:
@@ -128,7 +131,7 @@ def _collect(step, group: list[str], specs: list[st.Statistic]) -> dict[str, dic
         return fold
 
     step.forward({n: tap(n) for n in group})
-    return parts
+    return distributed.combine(parts)
 
 
 def layer_stats(run: Run, block_index: int, name: str, parts: dict[str, st.Parts], specs: list[st.Statistic]) -> st.LayerStats:
