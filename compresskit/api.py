@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _guarded(fn):
+    """Run an entry point inside a ``torchrun`` session (nothing changes without torchrun)."""
+    from compresskit.distributed import guarded
+
+    return guarded(fn)
+
+
 @dataclasses.dataclass
 class Plan:
     """Names resolved to configured plugin instances (before any model is loaded).
@@ -64,9 +71,13 @@ class PruneResult:
         return self.loaded.model
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write the model and ``compresskit.json`` into ``directory`` atomically."""
+        """Write the model and ``compresskit.json`` into ``directory`` atomically (under ``torchrun``:
+        rank 0 only; the other ranks write nothing)."""
+        from compresskit import distributed
         from compresskit.output import save_output
 
+        if not distributed.current().is_writer:
+            return Path(directory)
         return save_output(directory, lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest, overwrite)
 
 
@@ -167,7 +178,7 @@ def _resolve_group(config: RunConfig, metric: Any, pattern: Any, pattern_opts: d
 def _gradient_stats(config: RunConfig, adapter: ModelAdapter, grads: list[Any]) -> list[Any]:
     from compresskit.gradients import GradientOptions
 
-    opts = build(GradientOptions, config.gradient_options, "gradient.")
+    opts = build(GradientOptions, config.gradient_settings(), "gradient.")
     if not grads:
         if config.gradient_options:
             raise OptionError(f"gradient options ({', '.join(config.gradient_options)}) were given but metric "
@@ -187,16 +198,21 @@ def resolve_eval_limit(adapter: ModelAdapter, limit: int | None) -> int | None:
 
 def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     """Plan, load, and check every layer (shared by :func:`prune` and :func:`check`)."""
+    from compresskit import distributed
     from compresskit.device import resolve_device
     from compresskit.run import Run, RunnerSettings
     from compresskit.runner import check_layers
     from compresskit.targets import check_covers, layer_id
 
     p = plan(config, registry)
-    device = resolve_device(config.device)
-    loaded = p.adapter.load(p.adapter.resolve_source(config.model))
+    ctx = distributed.current()
+    distributed.check_plan(ctx, config, p)
+    device = ctx.device(resolve_device(config.device))
+    with ctx.writer_first():  # under torchrun: rank 0 fills the model caches, the others read them
+        loaded = p.adapter.load(p.adapter.resolve_source(config.model))
     settings = RunnerSettings(sparsity=p.sparsity, device=device, propagate=config.propagate,
-                              report_error=config.report_error, progress=config.progress)
+                              report_error=config.report_error, progress=config.progress,
+                              accumulate=config.accumulate)
     run = Run(p.adapter, p.metric, p.pattern, loaded, settings, p.solver, p.allocation, hook=p.registry.pm.hook,
               sparsity_map=config.sparsity_map, pm=p.registry.pm)
     check_layers(run)  # fail fast, before calibration
@@ -206,6 +222,7 @@ def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     return p, run
 
 
+@_guarded
 def check(config: RunConfig | None = None, registry: Registry | None = None, **overrides: Any) -> dict[str, Any]:
     """The dry run: resolve plugins, load the model, check every layer against the pattern.
 
@@ -219,6 +236,7 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
             "pattern": p.pattern.name, "sparsity": p.sparsity}
 
 
+@_guarded
 def prune(config: RunConfig | None = None, registry: Registry | None = None, **overrides: Any) -> PruneResult:
     """Prune a model end to end and return the result (not yet saved).
 
@@ -229,16 +247,23 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     Example:
         >>> result = prune(adapter="llama", model="random:tiny", metric="wanda", sparsity=0.5)
     """
+    from compresskit import distributed
     from compresskit.cache import tensor_fingerprint
     from compresskit.runner import prune_model
 
+    ctx = distributed.current()  # under torchrun: this rank's place (see compresskit.distributed)
     config = dataclasses.replace(config or RunConfig(), **overrides)
+    config = config if ctx.is_writer else dataclasses.replace(config, progress=False)
     t0 = time.perf_counter()
     p, run = _start(config, registry)
     source, device = run.loaded.source, run.settings.device
     calibration = config.calibration or p.adapter.default_calibration(source)
-    run.batches = p.adapter.calibration_batches(run.loaded, config.nsamples, config.seqlen, config.seed, calibration)
-    manifest = _manifest(config, p, run, calibration, tensor_fingerprint(run.batches))
+    with ctx.writer_first():
+        batches = p.adapter.calibration_batches(run.loaded, config.nsamples, config.seqlen, config.seed, calibration)
+    fingerprint = tensor_fingerprint(batches)  # of every rank's samples: the same as in a single process
+    run.batches = ctx.shard(batches)
+    manifest = _manifest(config, p, run, calibration, fingerprint)
+    distributed.run_started(ctx, run, manifest, len(batches))
     request = EvalRequest(config.eval_data, resolve_eval_limit(p.adapter, config.eval_limit), str(device),
                           config.seqlen, config.eval_tasks, config.progress)
     if config.evaluate:
@@ -247,8 +272,9 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
         from compresskit import gradients
 
         run.gradients, manifest["gradients"] = gradients.obtain(
-            p.adapter, run.loaded, run.batches, p.gradient_stats, device, config.gradient_options, config.progress)
+            p.adapter, run.loaded, batches, p.gradient_stats, device, config.gradient_settings(), config.progress)
     report = prune_model(run)
+    distributed.run_finished(ctx, run, manifest)
     manifest["report"] = report.to_dict()
     manifest["notes"] = run.notes
     manifest["total_seconds"] = time.perf_counter() - t0
@@ -293,6 +319,7 @@ def _evaluate_loaded(adapter: ModelAdapter, loaded: Loaded, request: EvalRequest
         loaded.model.to(home)
 
 
+@_guarded
 def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str | None = None, seqlen: int = 256,
              limit: int | None = None, device: str = "auto", tasks: tuple[str, ...] | str = (), progress: bool = True,
              registry: Registry | None = None, adapter_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -312,6 +339,9 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise OptionError(f"the evaluation limit must be an integer >= 0 (0: everything), got {limit!r}")
+    from compresskit import distributed
+
+    progress = progress and distributed.current().is_writer
     reg = registry or Registry.from_entrypoints()
     manifest = read_manifest(model) if isinstance(model, (str, Path)) and Path(model).is_dir() else None
     recorded = (manifest or {}).get("config", {})
