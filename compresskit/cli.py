@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from compresskit import distributed
 from compresskit._version import __version__
 from compresskit.config import RunConfig
 from compresskit.errors import CompressKitError
@@ -100,18 +101,25 @@ def cli(verbose: int) -> None:
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Directory for the pruned model and compresskit.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output that is a compresskit output.")
 @click.option("--dry-run", is_flag=True, help="Resolve plugins and check every layer against the pattern, then stop.")
+@click.option("--accumulate", type=click.Choice(["float32", "float64"]), default=DEFAULTS["accumulate"], show_default=True, help="dtype of the statistics' sums; float64 makes results independent of how many torchrun processes shared the samples.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@distributed.guarded
 def prune(**kw: Any) -> None:
-    """Prune a model layer by layer and save it with a manifest."""
+    """Prune a model layer by layer and save it with a manifest.
+
+    Started by torchrun (torchrun --nproc-per-node N -m compresskit prune ...), N processes
+    share the calibration samples and rank 0 alone writes the output.
+    """
     from compresskit import api
     from compresskit.output import check_target
     from compresskit.targets import load_sparsity_map
 
+    echo = _echo()
     opts = parse_options(kw["options"])
     if kw["paper"]:
         kw["nsamples"], kw["seqlen"] = 128, 2048
         kw["eval_windows"] = 0 if kw["eval_windows"] is None else kw["eval_windows"]
-    if kw["output"]:
+    if kw["output"] and distributed.current().is_writer:
         check_target(kw["output"], kw["overwrite"])  # fail before any work
     grad_opts: dict[str, Any] = dict(opts["gradient"])
     if kw["recompute_gradients"]:
@@ -125,28 +133,34 @@ def prune(**kw: Any) -> None:
         seed=kw["seed"], calibration=kw["calibration"], device=kw["device"], propagate=kw["propagate"],
         report_error=kw["error_report"], evaluate=kw["evaluate"], eval_data=kw["eval_data"],
         eval_limit=kw["eval_windows"], gradient_options=grad_opts, progress=not kw["no_progress"],
+        accumulate=kw["accumulate"],
         **{f"{field}_options": opts[field] for field in BY_FIELD},
     )
     if kw["dry_run"]:
         info = api.check(config, registry=registry())
-        click.echo(f"ok: {info['layers']} layers in {info['blocks']} blocks accept {info['pattern']} at sparsity "
+        echo(f"ok: {info['layers']} layers in {info['blocks']} blocks accept {info['pattern']} at sparsity "
                    f"{info['sparsity']:g}")
         return
     result = api.prune(config, registry=registry())
-    _print_summary(result)
+    _print_summary(result, echo)
     if kw["output"]:
         result.save(kw["output"], overwrite=kw["overwrite"])
-        click.echo(f"saved to {kw['output']} (manifest: compresskit.json)")
+        echo(f"saved to {kw['output']} (manifest: compresskit.json)")
     else:
-        click.echo("note: no --output given; the pruned model was not saved", err=True)
+        echo("note: no --output given; the pruned model was not saved", err=True)
 
 
-def _print_summary(result) -> None:
+def _echo():
+    """``click.echo`` on rank 0 (or in a single process); silent on the other ranks of a torchrun launch."""
+    return click.echo if distributed.current().is_writer else (lambda *a, **k: None)
+
+
+def _print_summary(result, echo=click.echo) -> None:
     rep = result.report
     by_block: dict[int, list] = {}
     for r in rep.layers:
         by_block.setdefault(r.block, []).append(r)
-    click.echo(f"{'block':>5}  {'layers':>6}  {'target':>6}  {'sparsity':>8}  {'mean rel. error':>15}  {'seconds':>7}")
+    echo(f"{'block':>5}  {'layers':>6}  {'target':>6}  {'sparsity':>8}  {'mean rel. error':>15}  {'seconds':>7}")
     for b, rows in by_block.items():
         errs = [r.error for r in rows if r.error is not None]
         err = f"{sum(errs) / len(errs):.4g}" if errs else "-"
@@ -154,13 +168,13 @@ def _print_summary(result) -> None:
         sp = sum(r.sparsity * r.shape[0] * r.shape[1] for r in rows) / w
         tg = sum(r.target * r.shape[0] * r.shape[1] for r in rows) / w
         secs = rep.block_seconds[b] if b < len(rep.block_seconds) else sum(r.seconds for r in rows)
-        click.echo(f"{b:>5}  {len(rows):>6}  {tg:>6.3f}  {sp:>8.4f}  {err:>15}  {secs:>7.2f}")
-    click.echo(f"overall sparsity {rep.overall_sparsity:.4f} (target {rep.overall_target:.4f}) in {rep.seconds:.1f}s")
+        echo(f"{b:>5}  {len(rows):>6}  {tg:>6.3f}  {sp:>8.4f}  {err:>15}  {secs:>7.2f}")
+    echo(f"overall sparsity {rep.overall_sparsity:.4f} (target {rep.overall_target:.4f}) in {rep.seconds:.1f}s")
     ev = result.manifest.get("evaluation")
     if ev:
         for which in ("dense", "pruned"):
             if which in ev:
-                click.echo(f"{which:>6}: {_headline(ev[which])}")
+                echo(f"{which:>6}: {_headline(ev[which])}")
 
 
 def _headline(res: dict) -> str:
@@ -176,6 +190,7 @@ def _headline(res: dict) -> str:
 @click.option("--device", default=DEFAULTS["device"], show_default=True, help="auto (CUDA if present), cpu, cuda:1, ...")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@distributed.guarded
 def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, windows: int | None, device: str,
              as_json: bool, no_progress: bool) -> None:
     """Evaluate a dense model or a pruned output directory (perplexity or accuracy)."""
@@ -183,10 +198,11 @@ def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, win
 
     res = api.evaluate(model, adapter=adapter, data=data, seqlen=seqlen, limit=windows, device=device,
                        progress=not no_progress, registry=registry())
+    echo = _echo()
     if as_json:
-        click.echo(json.dumps(res, default=str))
+        echo(json.dumps(res, default=str))
     else:
-        click.echo(f"{model}: {_headline(res)}")
+        echo(f"{model}: {_headline(res)}")
 
 
 @cli.command("list")
