@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from compresskit import distributed
 from compresskit.cache import cache_dir, tensor_fingerprint
 from compresskit.errors import CompressKitError
 
@@ -48,18 +49,19 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
     images = open_images(data, "test")
     idx = sample_indices(images.size, limit or images.size, 0)
     x = stack(images, idx, eval_transform(model))
-    logits, feats = forward_all(model, x, batch_size)
+    logits, feats = _forward_sharded(model, x, batch_size)
     dense_fp = info.get("dense_fingerprint")
     path = cache_dir() / "vit-eval" / f"{dense_fp}-{tensor_fingerprint(x)[:16]}.safetensors"
     ref = None
     if dense_fp and weights_fingerprint(model) == dense_fp:
-        save_tensors_atomic({"logits": logits, "features": feats}, path)
+        if distributed.current().is_writer:  # under torchrun: rank 0 alone writes caches
+            save_tensors_atomic({"logits": logits, "features": feats}, path)
         ref = {"logits": logits, "features": feats}  # the dense model is its own reference
-    elif dense_fp and path.exists():
-        ref = load_file(str(path))
-    elif dense_fp and load_dense is not None:
+    elif dense_fp:  # rank 0's cached reference (sent to every rank under torchrun), else rebuilt
+        ref = distributed.current().from_writer(lambda: load_file(str(path)) if path.exists() else None)
+    if ref is None and dense_fp and load_dense is not None:
         try:
-            ref_logits, ref_feats = forward_all(load_dense(), x, batch_size)
+            ref_logits, ref_feats = _forward_sharded(load_dense(), x, batch_size)
             ref = {"logits": ref_logits, "features": ref_feats}
         except CompressKitError as exc:
             log.warning("no dense reference for agreement/cosine: %s", exc)
@@ -76,3 +78,14 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
                      "agreement/cosine of top-1 and pre-logits features vs the dense model"),
     }
     return out
+
+
+def _forward_sharded(model: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward_all`; under ``torchrun`` each rank runs its shard of the images and the rows
+    are gathered in order (every rank runs them all when there are fewer images than ranks)."""
+    ctx = distributed.current()
+    if len(x) < ctx.world_size:
+        return forward_all(model, x, batch_size)
+    start, stop = ctx.shard_range(len(x))
+    logits, feats = forward_all(model, x[start:stop], batch_size)
+    return ctx.concat(logits, len(x)), ctx.concat(feats, len(x))
