@@ -271,3 +271,19 @@ def test_torchrun_cli(tmp_path):
                           "--device", "cpu", "--no-progress"], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert bad.returncode != 0 and "2 ranks but only 1 calibration samples" in bad.stderr
+
+
+def _vit(rank: int) -> dict:
+    from compresskit import api
+
+    res = api.prune(adapter="vit", model="random:tiny", metric="gblm", nsamples=4, device="cpu", progress=False,
+                    evaluate=True, eval_limit=10)
+    return {"evaluation": json.dumps(res.manifest["evaluation"])}
+
+
+def test_vit_sharded_evaluation_equals_single_process(tmp_path):
+    pytest.importorskip("timm")
+    (single,) = _ok(launch(_vit, 1, tmp_path / "one", env={"COMPRESSKIT_CACHE": str(tmp_path / "c-one")}))
+    rank0, rank1 = _ok(launch(_vit, 2, tmp_path / "two", env={"COMPRESSKIT_CACHE": str(tmp_path / "c{rank}")}))
+    assert rank0["evaluation"] == single["evaluation"] == rank1["evaluation"]
+    assert list((tmp_path / "c0").rglob("vit-eval/*")) and not (tmp_path / "c1").exists()
