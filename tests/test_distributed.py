@@ -250,7 +250,7 @@ def test_digest_sees_one_changed_weight_and_not_the_order_of_summation():
 
 def test_buckets_group_by_dtype_and_size():
     ts = [torch.zeros(4), torch.zeros(4), torch.zeros(2, dtype=torch.int64), torch.zeros(100)]
-    assert [len(b) for b in distributed._buckets(ts, cap=40)] == [2, 1, 1]
+    assert [len(b) for b in distributed.context._buckets(ts, cap=40)] == [2, 1, 1]
 
 
 @pytest.mark.slow

@@ -1,32 +1,6 @@
-"""Data-parallel calibration on ``torch.distributed``: one rank per process, started by ``torchrun``.
+"""The process group of a ``torchrun`` launch: ranks, sharding, checked collectives, the session guard.
 
-Every statistic a run collects is a sum over calibration samples (:mod:`compresskit.stats`), so
-the work splits across processes and the parts add::
-
-    torchrun --nproc-per-node 4 -m compresskit prune --metric gblm --output out/
-
-Each rank loads the model and draws the *whole* calibration set (so the calibration fingerprint
-and the gradient cache key are those of a single-process run), checks that every rank holds the
-same model and data, and keeps its contiguous shard (:meth:`Context.shard`). The gradient engine
-and the runner fold their shard's samples into the additive parts; :func:`combine` sums the parts
-across ranks (:meth:`Context.all_reduce`, leaves in :func:`compresskit.stats.leaves` order) before
-any layer decides its mask. Every rank then makes the same decision from the same sums and
-propagates its own shard through the pruned block; a digest of the pruned weights is compared at
-the end. Rank 0 (the *writer*) alone writes the output, the manifest and the caches; evaluation
-shards its windows or images the same way (:meth:`Context.concat`).
-
-Failures: every collective is preceded by a status exchange (:meth:`Context.check`). A rank that
-raises joins the next exchange with its message (the :func:`session` guard does that) and every
-other rank raises :class:`~compresskit.errors.DistributedError` with that message, so all ranks
-stop together instead of waiting in a collective. A rank that dies outright shows up as a closed
-connection; a hung one after ``$COMPRESSKIT_DIST_TIMEOUT`` seconds (default 1800).
-
-Sums over a different split of the samples round differently in float32. ``accumulate="float64"``
-(``--accumulate float64``) keeps the accumulators in float64 and casts the finished sums to
-float32, so a run's statistics (and masks) no longer depend on how many ranks shared the work.
-
-Without ``torchrun`` (``WORLD_SIZE`` unset or 1) :func:`current` is a single-process context whose
-methods do nothing, and nothing changes. This module imports torch only inside functions.
+See :mod:`compresskit.distributed` for the design. Imports torch only inside functions.
 """
 
 from __future__ import annotations
@@ -34,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
 import time
@@ -387,101 +360,3 @@ def _buckets(tensors: Iterable[torch.Tensor], cap: int) -> Iterator[list[torch.T
         size += nbytes
     if bucket:
         yield bucket
-
-
-# ---------------------------------------------------------------------- hooks used by the core
-
-
-def accumulators(tree: dict[str, Any], dtype: str = "float32") -> dict[str, Any]:
-    """Promote the float32 parts of ``tree`` to float64 accumulators when ``dtype`` is float64 (in place)."""
-    if dtype == "float32":
-        return tree
-    import torch
-
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            accumulators(value, dtype)
-        elif value.dtype == torch.float32:
-            tree[key] = value.double()
-    return tree
-
-
-def combine(tree: dict[str, Any], what: str = "statistics") -> dict[str, Any]:
-    """Sum ``tree``'s parts across ranks (under ``torchrun``), then cast float64 accumulators to
-    float32, so statistics finish as in a float32 run (in place; returns ``tree``)."""
-    current().all_reduce(tree, what)
-    _to_float32(tree)
-    return tree
-
-
-def _to_float32(tree: dict[str, Any]) -> None:
-    import torch
-
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            _to_float32(value)
-        elif value.dtype == torch.float64:
-            tree[key] = value.float()
-
-
-def sum_over_samples(compute: Callable[[list[Any]], dict[str, Any]], batches: Sequence[Any],
-                     what: str = "gradient statistics") -> dict[str, Any]:
-    """``compute(batches)`` in a single process; under ``torchrun`` each rank computes the parts of
-    its shard and the parts are summed across ranks."""
-    ctx = current()
-    if not ctx.enabled:
-        return compute(list(batches))
-    return ctx.all_reduce(compute(ctx.shard(batches)), what)  # type: ignore[return-value]
-
-
-def digest(tensors: Iterable[tuple[str, torch.Tensor]], *extra: Any) -> str:
-    """A cheap exact digest of named tensors: shape, dtype, nonzeros and the wrapped int64 sum of
-    their bit patterns (integer sums do not depend on order or hardware), plus ``extra``."""
-    import torch
-
-    views = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-    h = hashlib.sha256(repr(extra).encode())
-    for name, t in tensors:
-        d = t.detach().contiguous().reshape(-1)
-        if d.is_floating_point():
-            d = d.view(views[d.element_size()])
-        total = int(d.sum(dtype=torch.int64)) if d.numel() else 0
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{int(t.count_nonzero())}|{total}|".encode())
-    return h.hexdigest()
-
-
-def check_plan(ctx: Context, config: Any, plan: Any) -> None:
-    """Refuse what a sharded run cannot do the same as a single process (before any model is loaded)."""
-    if not ctx.enabled:
-        return
-    from compresskit.interfaces import Solver
-
-    ctx.require_samples(config.nsamples)
-    grads = config.gradient_options
-    if plan.gradient_stats and str(grads.get("precision", "")) == "reference" and not grads.get("import_path"):
-        raise DistributedError("gradient.precision=reference reproduces the reference code's sequential float16 "
-                               "running sum, which ranks summing their own shards cannot; drop "
-                               "-o gradient.precision=reference, or compute the gradients once in a single process")
-    if plan.solver is not None and type(plan.solver).solve_block is not Solver.solve_block:
-        raise DistributedError(f"solver {plan.solver.name!r} tunes whole blocks on the calibration inputs "
-                               "(solve_block), which each rank holds only a shard of; run it in a single process")
-
-
-def run_started(ctx: Context, run: Any, manifest: dict[str, Any], nsamples: int) -> None:
-    """After the calibration data is drawn: check that every rank holds the same model and data,
-    and record the world size and per-rank sample counts in the manifest (``distributed``)."""
-    if not ctx.enabled:
-        return
-    ctx.agree({"the model": digest(run.model.state_dict().items()),
-               "the calibration data": manifest["calibration"]["fingerprint"]})
-    manifest["distributed"] = ctx.describe(nsamples, run.settings.device)
-
-
-def run_finished(ctx: Context, run: Any, manifest: dict[str, Any]) -> None:
-    """After pruning: check that every rank made the same decisions (pruned weights and targets)."""
-    if not ctx.enabled:
-        return
-    adapter = run.adapter
-    layers = [(f"{i}.{n}", m.weight) for i, b in enumerate(adapter.blocks(run.model)) for n, m in adapter.prunable(b).items()]
-    ctx.agree({"the pruned weights": digest(layers, sorted(run.targets.items()))})
-    manifest["distributed"].update(weights_agree=True, communication={"seconds": ctx.comm_seconds, "bytes": ctx.comm_bytes})
