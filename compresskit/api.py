@@ -348,7 +348,8 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
     entry = reg.get("adapter", adapter or recorded.get("adapter") or "llama")
     options = adapter_options if adapter_options is not None else (recorded.get("adapter_options", {}) if not adapter else {})
     ad = entry.cls(build(entry.cls.Options, options, "adapter."))
-    loaded = model if isinstance(model, Loaded) else ad.load(str(model))
+    with distributed.current().writer_first():  # under torchrun: rank 0 fills the model caches first
+        loaded = model if isinstance(model, Loaded) else ad.load(str(model))
     dev = resolve_device(device)
     tasks = tuple(t.strip() for t in tasks.split(",") if t.strip()) if isinstance(tasks, str) else tuple(tasks)
     res = _evaluate_loaded(ad, loaded, EvalRequest(data, resolve_eval_limit(ad, limit), str(dev), seqlen, tasks, progress))

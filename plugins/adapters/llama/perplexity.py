@@ -84,7 +84,8 @@ def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit
     data = data or DEFAULT_EVAL_DATA
     if data == "random":
         raise CompressKitError("cannot evaluate perplexity on 'random'; pass a corpus name (wiki) or a text file")
-    corpus = corpora.load_corpus(data)
+    with distributed.current().writer_first():  # under torchrun: rank 0 fills the corpus cache first
+        corpus = corpora.load_corpus(data)
     joined = "\n\n".join(corpus.documents)
     ids = torch.tensor(tokenizer(joined, verbose=False)["input_ids"], dtype=torch.long)
     available = window_count(ids.numel(), seqlen)

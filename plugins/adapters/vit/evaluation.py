@@ -46,7 +46,8 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
 
     from .sources import save_tensors_atomic, weights_fingerprint
 
-    images = open_images(data, "test")
+    with distributed.current().writer_first():  # under torchrun: rank 0 unpacks the images first
+        images = open_images(data, "test")
     idx = sample_indices(images.size, limit or images.size, 0)
     x = stack(images, idx, eval_transform(model))
     logits, feats = _forward_sharded(model, x, batch_size)
