@@ -48,6 +48,7 @@ class Context:
     nodes: int = 1
     backend: str | None = None
     control: Any = None  # a gloo group for status and small objects when the default group is NCCL
+    gpu: Any = None  # this rank's CUDA device once chosen (with NCCL): where the all-reduces run
     owns_group: bool = False
     broken: bool = False
     comm_seconds: float = 0.0
@@ -92,14 +93,20 @@ class Context:
         """This rank's compute device: ``cuda`` without an index becomes ``cuda:<local rank>``."""
         import torch
 
-        if not self.enabled or dev.type != "cuda" or dev.index is not None:
+        if not self.enabled or dev.type != "cuda":
             return dev
-        count = torch.cuda.device_count()
-        if self.local_rank >= count:
-            raise DistributedError(f"local rank {self.local_rank} has no GPU: {count} CUDA device(s) are visible on "
-                                   f"this node; start at most {count} processes per node (--nproc-per-node {count})")
-        torch.cuda.set_device(self.local_rank)
-        return torch.device("cuda", self.local_rank)
+        if dev.index is None:
+            count = torch.cuda.device_count()
+            if self.local_rank >= count:
+                raise DistributedError(f"local rank {self.local_rank} has no GPU: {count} CUDA device(s) are visible "
+                                       f"on this node; start at most {count} processes per node (--nproc-per-node)")
+            dev = torch.device("cuda", self.local_rank)
+        elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise DistributedError(f"--device {dev} would put every rank of this node on one GPU; give --device cuda "
+                                   "(or auto): each rank then computes on cuda:<LOCAL_RANK>")
+        torch.cuda.set_device(dev)
+        self.gpu = dev if "nccl" in (self.backend or "") else None
+        return dev
 
     def backend_for(self, dev: Any) -> str:
         """The backend that carries statistics living on ``dev`` (``nccl`` on CUDA, else ``gloo``)."""
@@ -147,17 +154,19 @@ class Context:
         return tree
 
     def _reduce(self, bucket: list[torch.Tensor], what: str) -> None:
+        """All-reduce one bucket: on this rank's GPU under NCCL (CPU parts are copied there and
+        back, e.g. the gradient sums), else on the CPU with gloo."""
         import torch
         import torch.distributed as dist
 
-        on_cpu = self.backend_for(bucket[0].device) == "gloo" and bucket[0].device.type != "cpu"
-        single = len(bucket) == 1 and bucket[0].is_contiguous() and not on_cpu
-        flat = bucket[0] if single else torch.cat([t.reshape(-1) for t in bucket])
-        flat = flat.cpu() if on_cpu else flat
+        home = bucket[0].device
+        via = self.gpu if self.gpu is not None else torch.device("cpu")
+        in_place = len(bucket) == 1 and bucket[0].is_contiguous() and home == via
+        flat = bucket[0] if in_place else torch.cat([t.reshape(-1) for t in bucket]).to(via)
         self.comm_bytes += flat.numel() * flat.element_size()
         self._call(f"the all-reduce of {what}", dist.all_reduce, flat)
-        if not single:
-            offset = 0
+        if not in_place:
+            flat, offset = flat.to(home), 0
             for t in bucket:
                 t.copy_(flat[offset:offset + t.numel()].reshape(t.shape))
                 offset += t.numel()
