@@ -60,11 +60,11 @@ def run_one(args, procs: int, accumulate: str, out: Path) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
     m = json.loads((out / "compresskit.json").read_text())
-    rep = m["report"]
-    pruning = sum(r["seconds"] for r in rep["layers"])
+    rep, dist = m["report"], m.get("distributed", {})
+    # decisions: one process decides every layer in turn; N ranks split them (wall time on rank 0)
+    pruning = dist.get("decide_seconds", sum(r["seconds"] for r in rep["layers"]))
     forwards = rep["capture_seconds"] + sum(rep["block_seconds"]) - pruning
     gradients = m["gradients"]["seconds"]
-    dist = m.get("distributed", {})
     return {
         "procs": procs, "accumulate": accumulate, "command_wall_s": wall,
         "cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
@@ -108,8 +108,11 @@ def compare(a: Path, b: Path) -> dict:
 
 
 def amdahl(t1: float, t2: float, n: int) -> float:
-    """``T(n) = s + p/n`` fitted on ``T(1) = t1`` and ``T(2) = t2`` (``p = 2 (t1 - t2)``, clamped to [0, t1])."""
-    p = min(max(2 * (t1 - t2), 0.0), t1)
+    """``T(n) = s + p/n`` fitted on ``T(1) = t1`` and ``T(2) = t2``: ``p = 2 (t1 - t2)``, ``s = t1 - p``.
+    A phase that did not get faster with 2 (``t2 >= t1``) is taken as fixed at ``t2``."""
+    if t2 >= t1:
+        return t2
+    p = min(2 * (t1 - t2), t1)
     return (t1 - p) + p / n
 
 
@@ -120,7 +123,7 @@ def project(one: dict, two: dict, n: int) -> dict:
 
 def table(rows: list[dict], comparisons: dict, projections: list[dict], args) -> str:
     head = ["processes", "accumulate", "samples/rank", "gradients s", "forwards s", "pruning s", "other s",
-            "prune total s", "speedup", "command wall s", "all-reduce s (MB)", "masks vs 1 process"]
+            "prune total s", "speedup", "command wall s", "CPU s", "exchange s (MB)", "masks vs 1 process"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     base = {r["accumulate"]: r for r in rows if r["procs"] == 1}
     for r in rows:
@@ -132,12 +135,13 @@ def table(rows: list[dict], comparisons: dict, projections: list[dict], args) ->
         cells = [str(r["procs"]), r["accumulate"], "+".join(map(str, r["samples_per_rank"])),
                  f"{p['gradients']:.1f}", f"{p['forwards']:.1f}", f"{p['pruning']:.1f}", f"{p['other']:.1f}",
                  f"{r['total_s']:.1f}", f"{base[r['accumulate']]['total_s'] / r['total_s']:.2f}x",
-                 f"{r['command_wall_s']:.1f}", f"{r['comm_s']:.2f} ({r['comm_mb']:.0f})", agree]
+                 f"{r['command_wall_s']:.1f}", f"{r['cpu_s']:.0f}", f"{r['comm_s']:.2f} ({r['comm_mb']:.0f})", agree]
         lines.append("| " + " | ".join(cells) + " |")
     one = base["float32"]
     proj = ["", "**Projection, not a measurement** (Amdahl's law `T(N) = s + p/N` fitted per phase on the float32 "
-            "1- and 2-process rows above; assumes every rank has its own device, the phase split stays as measured "
-            "here, and communication stays as small a share as here):", "",
+            "1- and 2-process rows above, a phase that did not speed up kept at its 2-process time; assumes every "
+            "rank has its own device, the phase split stays as measured here, and the exchanges stay as small a "
+            "share as here):", "",
             "| processes | gradients s | forwards s | pruning s | other s | prune total s | speedup |",
             "|---:|---:|---:|---:|---:|---:|---:|"]
     for pr in projections:
@@ -150,8 +154,10 @@ def table(rows: list[dict], comparisons: dict, projections: list[dict], args) ->
              f"(load average during the runs: {', '.join(format(r['load_avg'], '.1f') for r in rows)}).",
              "Phases from rank 0's manifest: *gradients* (fingerprint, per-sample forward+backward, all-reduce), "
              "*forwards* (capture + every block's calibration and propagation forwards + statistic all-reduces), "
-             "*pruning* (every layer's score, mask and error: the same work on every rank), *other* (model load, "
-             "calibration sampling, consistency digests). *Command wall* includes interpreter start-up and imports.",
+             "*pruning* (every layer's score, mask and error; the ranks split the layers of each group and exchange the "
+             "pruned weights), *other* (model load, calibration sampling, consistency digests). *Command wall* "
+             "includes interpreter start-up and imports; *CPU s* is the processes' total CPU time; *exchange* is rank 0's "
+             "time in all-reduces and broadcasts and the megabytes it put into them.",
              ""]
     return "\n".join(intro + lines + proj + ["", "Command: `.venv/bin/python bench/distributed.py`", ""])
 

@@ -86,11 +86,12 @@ def prune_model(run: Run) -> PruneReport:
             decided = {}
             for group in run.adapter.groups(step.block):
                 parts = _collect(step, group, specs, run.settings.accumulate)
-                for name in group:
+                for name in distributed.decided_here(group, step.layers):  # under torchrun: this rank's share
                     row, mask, dense, gram = _prune_layer(run, step.index, name, step.layers[name],
                                                           parts.get(name, {}), specs)
                     if block_solver:
                         decided[name] = (row, mask, dense, gram)
+                distributed.share_decisions(run, group, step.layers)
             if block_solver:
                 run.solver.solve_block(step.block, step.layers, {n: d[1] for n, d in decided.items()}, step.inputs,
                                        step.dense_outputs)

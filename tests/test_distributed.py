@@ -27,22 +27,33 @@ TINY = dict(adapter="llama", model="random:tiny", nsamples=8, seqlen=32, seed=0,
 
 
 def _prune(rank: int, overrides: dict) -> dict:
-    """Prune on this rank, recording every layer's finished statistics (as the metric sees them)."""
+    """Prune on this rank, recording each group's summed statistic parts (every rank) and each
+    layer's finished statistics as its metric sees them (the rank that decides the layer)."""
     from compresskit import api, runner
+    from compresskit.stats import leaves
 
-    recorded, original = {}, runner.layer_stats
+    parts, finished = {}, {}
+    collect, layer_stats = runner._collect, runner.layer_stats
 
-    def spy(run, i, name, parts, specs):
-        stats = original(run, i, name, parts, specs)
-        recorded[f"{i}.{name}"] = {**{k: v.clone() for k, v in stats.items()},
+    def spy_collect(step, group, specs, accumulate="float32"):
+        out = collect(step, group, specs, accumulate)
+        for name, tree in out.items():
+            parts[f"{step.index}.{name}"] = {k: v.clone() for k, v in leaves(tree)}
+        return out
+
+    def spy_stats(run, i, name, layer_parts, specs):
+        stats = layer_stats(run, i, name, layer_parts, specs)
+        finished[f"{i}.{name}"] = {**{k: v.clone() for k, v in stats.items()},
                                    "tokens": torch.tensor(stats.tokens), "samples": torch.tensor(stats.samples)}
         return stats
 
-    runner.layer_stats = spy
+    runner._collect, runner.layer_stats = spy_collect, spy_stats
     result = api.prune(**{**TINY, **overrides})
     layers = {f"{i}.{n}": m.weight.detach().clone() for i, b in enumerate(result.adapter.blocks(result.model))
               for n, m in result.adapter.prunable(b).items()}
-    return {"stats": recorded, "weights": layers, "sparsity": torch.tensor(result.report.overall_sparsity),
+    return {"parts": parts, "stats": finished, "weights": layers,
+            "sparsity": torch.tensor(result.report.overall_sparsity),
+            "rows": json.dumps([(r.block, r.name, r.sparsity, r.error) for r in result.report.layers]),
             "manifest": json.dumps({k: result.manifest.get(k) for k in ("distributed", "calibration", "gradients")})}
 
 
@@ -67,20 +78,24 @@ def _run(tmp_path: Path, tag: str, world: int, **overrides) -> list[dict]:
 def test_two_ranks_equal_one_process_to_float32_rounding(tmp_path, metric, capsys):
     (single,) = _run(tmp_path, "one", 1, metric=metric)
     rank0, rank1 = _run(tmp_path, "two", 2, metric=metric)
-    assert single["stats"].keys() == rank0["stats"].keys()
+    assert rank0["parts"].keys() == rank1["parts"].keys() == single["parts"].keys()
+    for layer, want in single["parts"].items():  # the sums every rank decides from
+        for key in want:
+            assert torch.equal(rank0["parts"][layer][key], rank1["parts"][layer][key]), "ranks hold different sums"
+    finished = {**rank0["stats"], **rank1["stats"]}  # each layer is finished by the rank that decides it
+    assert finished.keys() == single["stats"].keys() and rank0["stats"] and rank1["stats"]
     for layer, want in single["stats"].items():
-        got = rank0["stats"][layer]
+        got = finished[layer]
         assert got.keys() == want.keys()
         for name in want:
             if name in ("tokens", "samples"):  # integer sums: exact
                 assert torch.equal(got[name], want[name]), (layer, name)
-            else:
-                # float32 rounding: a few ulps of the largest entry (sums of other orders of the same terms)
+            else:  # float32 rounding: a few ulps of the largest entry (other orders of the same terms)
                 scale = float(want[name].abs().max())
                 torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6 * scale, msg=f"{layer} {name}")
-            assert torch.equal(got[name], rank1["stats"][layer][name]), "the ranks hold different sums"
     for layer in rank0["weights"]:
         assert torch.equal(rank0["weights"][layer], rank1["weights"][layer]), f"ranks pruned {layer} differently"
+    assert rank0["rows"] == rank1["rows"], "the ranks' reports differ"
     assert float(rank0["sparsity"]) == float(single["sparsity"])
     for layer in single["weights"]:  # the per-row (or N:M) count is fixed: identical sparsity per layer
         assert int((rank0["weights"][layer] == 0).sum()) == int((single["weights"][layer] == 0).sum()), layer
@@ -97,11 +112,13 @@ def test_two_ranks_equal_one_process_to_float32_rounding(tmp_path, metric, capsy
 
 def test_float64_accumulation_makes_ranks_and_single_process_identical(tmp_path):
     (single,) = _run(tmp_path, "one", 1, metric="gblm", accumulate="float64", update="obs")
-    rank0, _ = _run(tmp_path, "two", 2, metric="gblm", accumulate="float64", update="obs")
+    rank0, rank1 = _run(tmp_path, "two", 2, metric="gblm", accumulate="float64", update="obs")
+    finished = {**rank0["stats"], **rank1["stats"]}
     for layer, want in single["stats"].items():
         for name, value in want.items():
-            assert torch.equal(rank0["stats"][layer][name], value), (layer, name)
+            assert torch.equal(finished[layer][name], value), (layer, name)
             assert value.dtype in (torch.float32, torch.int64)  # finished in float32, as metrics expect
+    assert rank0["rows"] == single["rows"]  # same sparsity and reconstruction error per layer
     for layer, want in single["weights"].items():
         assert torch.equal(rank0["weights"][layer], want), layer
     assert json.loads(rank0["manifest"])["gradients"]["precision"] == "float64"
@@ -248,7 +265,18 @@ def test_digest_sees_one_changed_weight_and_not_the_order_of_summation():
     assert distributed.digest(a.items()) != distributed.digest(b.items())
 
 
+def test_owners_balance_the_layers_of_a_group():
+    from torch import nn
+
+    layers = {"q": nn.Linear(64, 64), "k": nn.Linear(64, 16), "up": nn.Linear(64, 256), "down": nn.Linear(256, 64)}
+    own = distributed.owners(list(layers), layers, 2)
+    assert own["down"] != own["up"] and set(own.values()) == {0, 1}
+    assert distributed.owners(list(layers), layers, 1) == dict.fromkeys(layers, 0)
+    assert distributed.decided_here(list(layers), layers) == list(layers)  # single process: all
+
+
 def test_buckets_group_by_dtype_and_size():
+
     ts = [torch.zeros(4), torch.zeros(4), torch.zeros(2, dtype=torch.int64), torch.zeros(100)]
     assert [len(b) for b in distributed.context._buckets(ts, cap=40)] == [2, 1, 1]
 

@@ -10,9 +10,10 @@ and the gradient cache key are those of a single-process run), checks that every
 same model and data, and keeps its contiguous shard (:meth:`Context.shard`). The gradient engine
 and the runner fold their shard's samples into the additive parts; :func:`combine` sums the parts
 across ranks (:meth:`Context.all_reduce`, leaves in :func:`compresskit.stats.leaves` order) before
-any layer decides its mask. Every rank then makes the same decision from the same sums and
-propagates its own shard through the pruned block; a digest of the pruned weights is compared at
-the end. Rank 0 (the *writer*) alone writes the output, the manifest and the caches; evaluation
+any layer decides its mask. The ranks split the decisions of each group (:func:`owners`: largest
+layers first, each to the least-loaded rank), then exchange the pruned weights and report rows
+(:func:`share_decisions`), so every rank applies the same decision; each propagates its own shard
+through the pruned block, and a digest of the pruned weights is compared at the end. Rank 0 (the *writer*) alone writes the output, the manifest and the caches; evaluation
 shards its windows or images the same way (:meth:`Context.concat`).
 
 Failures: every collective is preceded by a status exchange (:meth:`Context.check`). A rank that
@@ -43,9 +44,12 @@ from compresskit.distributed.hooks import (
     accumulators,
     check_plan,
     combine,
+    decided_here,
     digest,
+    owners,
     run_finished,
     run_started,
+    share_decisions,
     sum_over_samples,
 )
 
@@ -58,11 +62,14 @@ __all__ = [
     "check_plan",
     "combine",
     "current",
+    "decided_here",
     "digest",
     "guarded",
     "launched",
+    "owners",
     "run_finished",
     "run_started",
     "session",
+    "share_decisions",
     "sum_over_samples",
 ]

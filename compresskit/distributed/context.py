@@ -53,6 +53,8 @@ class Context:
     broken: bool = False
     comm_seconds: float = 0.0
     comm_bytes: int = 0
+    decide_seconds: float = 0.0  # wall time of the (split) layer decisions, for the manifest
+    decide_started: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -187,6 +189,33 @@ class Context:
         full[start:stop] = part
         self.all_reduce({"rows": full}, "evaluation results")
         return full
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's (picklable) ``value``, in rank order."""
+        if not self.enabled:
+            return [value]
+        import torch.distributed as dist
+
+        self.check()
+        out: list[Any] = [None] * self.world_size
+        self._call("a gather", dist.all_gather_object, out, value, group=self.control)
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        """Overwrite ``tensor`` on every rank with rank ``src``'s (in place; call :meth:`check` first)."""
+        if not self.enabled:
+            return
+        import torch
+        import torch.distributed as dist
+
+        via = self.gpu if self.gpu is not None else torch.device("cpu")
+        buf = tensor if tensor.device == via and tensor.is_contiguous() else tensor.to(via).contiguous()
+        t0 = time.perf_counter()
+        self._call("a broadcast", dist.broadcast, buf, src=src)
+        self.comm_seconds += time.perf_counter() - t0
+        self.comm_bytes += buf.numel() * buf.element_size() if self.rank == src else 0
+        if buf is not tensor:
+            tensor.copy_(buf)
 
     def agree(self, values: Mapping[str, str]) -> None:
         """Raise on every rank unless every rank holds the same ``values`` (digests by name)."""

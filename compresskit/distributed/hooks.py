@@ -7,6 +7,7 @@ a no-op (or a plain call) in a single process.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from compresskit.distributed.context import Context, current
@@ -56,6 +57,45 @@ def sum_over_samples(compute: Callable[[list[Any]], dict[str, Any]], batches: Se
     if not ctx.enabled:
         return compute(list(batches))
     return ctx.all_reduce(compute(ctx.shard(batches)), what)  # type: ignore[return-value]
+
+
+def owners(group: Sequence[str], layers: Mapping[str, Any], world_size: int) -> dict[str, int]:
+    """Which rank decides each layer of ``group``: largest first, each to the least-loaded rank
+    (cost ``out * in * in``, the size of the error and OBS products). Same answer on every rank."""
+    load, out = [0] * world_size, {}
+    cost = {n: layers[n].weight.numel() * layers[n].weight.shape[-1] for n in group}
+    for name in sorted(group, key=lambda n: (-cost[n], list(group).index(n))):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        out[name], load[rank] = rank, load[rank] + cost[name]
+    return out
+
+
+def decided_here(group: Sequence[str], layers: Mapping[str, Any]) -> list[str]:
+    """The layers of ``group`` this rank decides: all of them in a single process; under ``torchrun``
+    the ranks split them (:func:`owners`) and :func:`share_decisions` sends the results around."""
+    ctx = current()
+    if not ctx.enabled:
+        return list(group)
+    ctx.decide_started = time.perf_counter()
+    own = owners(group, layers, ctx.world_size)
+    return [n for n in group if own[n] == ctx.rank]
+
+
+def share_decisions(run: Any, group: Sequence[str], layers: Mapping[str, Any]) -> None:
+    """After every rank decided its layers of ``group``: each pruned weight goes from the rank that
+    decided it to all others, and every rank gets every layer's report row, in group order."""
+    ctx = current()
+    if not ctx.enabled:
+        return
+    own = owners(group, layers, ctx.world_size)
+    rows = run.report.layers
+    mine = rows[len(rows) - sum(own[n] == ctx.rank for n in group):]
+    del rows[len(rows) - len(mine):]
+    by_name = {row.name: row for part in ctx.gather(mine) for row in part}
+    for name in group:  # the same order on every rank
+        ctx.broadcast(layers[name].weight.data, own[name])
+    rows.extend(by_name[n] for n in group)
+    ctx.decide_seconds += time.perf_counter() - ctx.decide_started
 
 
 def digest(tensors: Iterable[tuple[str, torch.Tensor]], *extra: Any) -> str:
@@ -108,4 +148,5 @@ def run_finished(ctx: Context, run: Any, manifest: dict[str, Any]) -> None:
     adapter = run.adapter
     layers = [(f"{i}.{n}", m.weight) for i, b in enumerate(adapter.blocks(run.model)) for n, m in adapter.prunable(b).items()]
     ctx.agree({"the pruned weights": digest(layers, sorted(run.targets.items()))})
-    manifest["distributed"].update(weights_agree=True, communication={"seconds": ctx.comm_seconds, "bytes": ctx.comm_bytes})
+    manifest["distributed"].update(weights_agree=True, decide_seconds=ctx.decide_seconds,
+                                   communication={"seconds": ctx.comm_seconds, "bytes": ctx.comm_bytes})
