@@ -280,12 +280,18 @@ class Context:
                 "samples_per_rank": self.sizes(nsamples)}
 
     def close(self) -> None:
+        import gc
+
         import torch.distributed as dist
 
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         elif self.control is not None:
             dist.destroy_process_group(self.control)
+        self.control = None
+        # Collect the process groups now: left to interpreter shutdown, their gloo threads can still
+        # be joinable there and abort the process ("terminate called without an active exception").
+        gc.collect()
 
 
 _SINGLE = Context()
