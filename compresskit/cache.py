@@ -40,6 +40,40 @@ def cache_dir() -> Path:
     return root
 
 
+_TEMPORARY_ROOTS: list[Path] = []
+
+
+def _remove_temporary_roots() -> None:
+    for root in _TEMPORARY_ROOTS:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def writable_or_temporary(final: str | os.PathLike, what: str) -> Path:
+    """``final`` if its parent directory can be created and written, else (with a warning) the same
+    name inside a private temporary directory that is removed when the process exits.
+
+    For cache entries whose absence only costs time (unpacked packages, converted models): an
+    unwritable cache (read-only, full, or ``$COMPRESSKIT_CACHE`` under a file) must not stop a run.
+    """
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(prefix=".compresskit-probe-", dir=final.parent):
+            pass
+        return final
+    except OSError as exc:
+        if not _TEMPORARY_ROOTS:
+            import atexit
+
+            atexit.register(_remove_temporary_roots)
+        root = Path(tempfile.mkdtemp(prefix="compresskit-uncached-"))
+        _TEMPORARY_ROOTS.append(root)
+        log.warning("cannot write the cache at %s (%s); keeping %s in %s for this run only. Point "
+                    "$COMPRESSKIT_CACHE at a writable directory to keep it", final.parent, exc.strerror or exc, what,
+                    root)
+        return root / final.name
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -117,12 +151,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 
 def stale_temporaries(final: str | os.PathLike) -> list[Path]:
-    """Temporary siblings a killed process left behind for ``final`` (``.<name>.tmp-*``, ``.<name>.old-*``)."""
+    """Temporary siblings a killed process left behind for ``final`` (``.<name>.tmp-*``, ``.<name>.old-*``,
+    and the ``.<name>.dense-*`` scratch copy of an export)."""
     final = Path(final)
     if not final.parent.is_dir():
         return []
-    return sorted(p for p in final.parent.iterdir()
-                  if p.name.startswith(f".{final.name}{TMP_MARK}") or p.name.startswith(f".{final.name}.old-"))
+    marks = (TMP_MARK, ".old-", ".dense-")
+    return sorted(p for p in final.parent.iterdir() if any(p.name.startswith(f".{final.name}{m}") for m in marks))
 
 
 def hash_into(h: Any, name: str, obj: Any) -> None:

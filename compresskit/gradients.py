@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from compresskit import distributed, gradcache
+from compresskit.checks import check_tensor
 from compresskit.device import to_device
 from compresskit.errors import GradientError
 from compresskit.interfaces import Loaded, ModelAdapter
@@ -140,6 +141,10 @@ def obtain(
             lambda shard: compute(adapter, model, shard, [s for s, _, _ in todo], device, opts.checkpointing, progress),
             batches)
         for s, fp, path in todo:
+            for k, p in fresh[s.key()].items():  # never cache (or prune with) an overflowed sum
+                check_tensor(p, f"gradient statistic {s.name!r} computed for layer {k!r}",
+                             "the per-sample gradients overflowed: load the model in float32 (-o adapter.dtype="
+                             "float32) and keep -o gradient.precision=float32")
             parts[s.key()] = fresh[s.key()]
             meta = {"statistic": s.key(), "nsamples": str(len(batches)), "source": loaded.source}
             if not distributed.current().is_writer:

@@ -111,6 +111,8 @@ def register_commands(cli: click.Group) -> None:
     """Add sub-commands to the ``compresskit`` command line (``@cli.command()``).
 
     Import heavy dependencies inside the command body, so ``compresskit --help`` stays fast.
+    A hook that raises, or that would replace an existing command (a built-in or another
+    plugin's), is reported by ``compresskit plugins`` and its changes are undone.
 
     Args:
         cli: the top-level click group.

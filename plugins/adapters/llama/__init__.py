@@ -72,6 +72,7 @@ class LlamaAdapter(ModelAdapter):
     summary = "transformers causal LMs (LLaMA, Mistral, Qwen, Gemma, Phi-3, OPT, SmolLM2); per-model_type block layouts"
     default_model = "smollm2"
     default_eval_limit = 64  # windows: ~30 s per evaluation of SmolLM2 at seqlen 256 on 2 cores
+    save_formats = ("dense", "compressed-tensors")
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -88,6 +89,7 @@ class LlamaAdapter(ModelAdapter):
 
         model, tokenizer, info = sources.load(source, getattr(torch, self.options.dtype))
         info["model_type"] = model.config.model_type
+        info["context_length"] = getattr(model.config, "max_position_embeddings", None)
         info["blocks"] = sources.blocks_path(model, self.options.blocks)
         return Loaded(model=model.eval(), processor=tokenizer, source=source, info=info)
 
@@ -145,8 +147,32 @@ class LlamaAdapter(ModelAdapter):
         if loaded.processor is not None and hasattr(loaded.processor, "save_pretrained"):
             loaded.processor.save_pretrained(directory)
 
-    def evaluate(self, loaded, request):
-        from . import perplexity
+    def check_save_format(self, format):
+        super().check_save_format(format)
+        if format == "compressed-tensors":
+            from . import ct_backend
 
+            ct_backend.require()  # the library, with the fix in the message, before any work
+
+    def export(self, directory, output, format, overwrite=False, dtype=None, progress=True):
+        """``compressed-tensors`` (sparse-bitmask, or sparse-24-bitmask for 2:4) or ``dense``: see :mod:`.export`."""
+        from . import export
+
+        return dataclasses.asdict(export.export(directory, output, format=format, overwrite=overwrite, dtype=dtype,
+                                                progress=progress))
+
+    def check_request(self, request):
+        if request.tasks:
+            from . import zeroshot
+
+            zeroshot.check_tasks(list(request.tasks), request.task_source)
+
+    def evaluate(self, loaded, request):
+        from . import perplexity, zeroshot
+
+        if request.tasks:
+            limit = zeroshot.DEFAULT_LIMIT if request.task_limit is None else request.task_limit
+            return zeroshot.evaluate_tasks(loaded.model, loaded.processor, list(request.tasks), limit,
+                                           request.device, request.progress, request.task_source)
         return perplexity.evaluate(loaded.model, loaded.processor, request.data, request.seqlen, request.limit,
                                    progress=request.progress)

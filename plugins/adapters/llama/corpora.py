@@ -135,7 +135,10 @@ def _cached_docs(key: str, build: Callable[[], list]) -> list:
 def _read_or_build(path_str: str, build: Callable[[], list]) -> list:
     path = Path(path_str)
     if path.is_file():
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            log.warning("the cached corpus %s is unreadable (%s); cleaning it again", path, exc)
     log.info("cleaning corpus once into %s", path)
     items = build()
     text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in items)

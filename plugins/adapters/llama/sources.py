@@ -6,14 +6,15 @@ else is refused with the list (or handled with ``-o adapter.blocks=<attribute pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from compresskit.cache import atomic_directory, cache_dir, cached_sha256
+from compresskit.cache import atomic_directory, cache_dir, cached_sha256, writable_or_temporary
 from compresskit.data import package_file
 from compresskit.errors import CompressKitError
 
@@ -106,21 +107,34 @@ def _from_pretrained(source: str, dtype: Any):
     looks_local = path.exists() or source.startswith((".", "/", "~")) or os.sep in source and source.count("/") != 1
     if looks_local:
         if not path.is_dir():
-            raise CompressKitError(f"--model {source}: no such directory; give a save_pretrained directory, a hub "
+            what = "is a file, not a directory" if path.exists() else "no such directory"
+            raise CompressKitError(f"--model {source}: {what}; give a save_pretrained directory, a hub "
                                    "id (needs network), 'random:tiny' or 'smollm2'")
         if not (path / "config.json").is_file():
             raise CompressKitError(f"--model {source}: no config.json in that directory, so it is not a "
                                    "save_pretrained model (empty or the wrong folder?)")
+    from . import export_load
+
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+        if looks_local and export_load.is_compressed(source):  # a compressed-tensors export: decompress it
+            model, loading = export_load.load_causal_lm(source, dtype), {}
+        else:
+            with _quiet_transformers():  # its load report would bury our one-line error
+                model, loading = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    except CompressKitError:
+        raise
     except Exception as exc:  # hub errors, corrupt safetensors, unknown architectures all land here
-        raise CompressKitError(f"could not load model {source!r} ({type(exc).__name__}: {str(exc)[:300]}). Give an "
+        detail = " ".join(str(exc).split())[:300]
+        raise CompressKitError(f"could not load model {source!r} ({type(exc).__name__}: {detail}). Give an "
                                "intact local directory, a hub id (needs network), 'random:tiny' or 'smollm2'") from exc
-    missing = [k for k in loading.get("missing_keys", []) if not _tied(model, k)]
+    missing = sorted(k for k in loading.get("missing_keys", []) if not _tied(model, k))
     if missing:
+        unexpected = sorted(loading.get("unexpected_keys", []))
+        renamed = f"; it has {len(unexpected)} tensors the model does not know (first: {unexpected[0]!r}: renamed?)" \
+            if unexpected else ""
         raise CompressKitError(f"checkpoint {source!r} lacks {len(missing)} tensors the model needs (first: "
-                               f"{sorted(missing)[0]!r}); transformers would initialise them randomly. Use an intact, "
-                               "matching checkpoint")
+                               f"{missing[0]!r}){renamed}; transformers would initialise them randomly. Use an "
+                               "intact, matching checkpoint")
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError):
@@ -128,6 +142,19 @@ def _from_pretrained(source: str, dtype: Any):
         tok = None
     info = {"family": "llama", "origin": "from_pretrained", "model_type": model.config.model_type}
     return model.eval(), tok, info
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' logging at error level inside (its load report lists every missing key)."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
 
 
 def _tied(model: Any, key: str) -> bool:
@@ -150,6 +177,8 @@ def load_smollm2() -> tuple[Any, Any, dict]:
     target = cache_dir() / "models" / f"smollm2-135m-instruct-q4_1-{version}-fp32"
     info_path = target / "compresskit_info.json"
     if not info_path.is_file():
+        target = writable_or_temporary(target, "the fp32 SmolLM2 checkpoint")
+        info_path = target / "compresskit_info.json"
         t0 = time.perf_counter()
         log.info("building the fp32 cache of %s (once, ~20 s) in %s", gguf.name, target)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

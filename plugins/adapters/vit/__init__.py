@@ -100,7 +100,7 @@ class TimmViTAdapter(ModelAdapter):
         batch_size: int = option(64, "images per forward pass during evaluation and probe fitting")
 
     def load(self, source: str) -> Loaded:
-        from . import images, probe, sources
+        from . import images, probe, sources, timm_models
 
         model, info = sources.load(source, self.options.img_size)
         if info["origin"] != "saved":
@@ -108,7 +108,7 @@ class TimmViTAdapter(ModelAdapter):
             if self.options.head == "probe" or (self.options.head == "auto" and headless):
                 probe.attach_probe_head(model, info, self.options.probe_data, self.options.probe_samples, 0,
                                         self.options.batch_size)
-            info["dense_fingerprint"] = sources.weights_fingerprint(model)
+            info["dense_fingerprint"] = timm_models.weights_fingerprint(model)
         info["num_params"] = sum(p.numel() for p in model.parameters())
         return Loaded(model=model.eval(), processor=images.eval_transform(model), source=source, info=info)
 
@@ -169,14 +169,14 @@ class TimmViTAdapter(ModelAdapter):
 
     def _dense(self, loaded: Loaded) -> nn.Module:
         """Rebuild the dense reference of a saved model from its recorded source, size and head."""
-        from . import probe, sources
+        from . import probe, sources, timm_models
 
         info = loaded.info
         model, new = sources.load(info["source"], info["timm_kwargs"].get("img_size"))
         if info.get("head_data"):
             probe.attach_probe_head(model, new, info["head_data"], info["head_samples"], info["head_seed"],
                                     self.options.batch_size)
-        if sources.weights_fingerprint(model) != info.get("dense_fingerprint"):
+        if timm_models.weights_fingerprint(model) != info.get("dense_fingerprint"):
             raise CompressKitError(f"rebuilding {info['source']!r} did not reproduce the dense weights; "
                                    "evaluate the dense model on this machine first to cache its reference")
         return model.eval()

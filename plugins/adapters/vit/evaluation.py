@@ -42,9 +42,7 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
     evaluated model *is* the dense one, read otherwise (``load_dense`` rebuilds it when the
     cache is cold).
     """
-    from safetensors.torch import load_file
-
-    from .sources import save_tensors_atomic, weights_fingerprint
+    from .timm_models import save_tensors_atomic, weights_fingerprint
 
     with distributed.current().writer_first():  # under torchrun: rank 0 unpacks the images first
         images = open_images(data, "test")
@@ -54,13 +52,14 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
     dense_fp = info.get("dense_fingerprint")
     path = cache_dir() / "vit-eval" / f"{dense_fp}-{tensor_fingerprint(x)[:16]}.safetensors"
     ref = None
-    if dense_fp and weights_fingerprint(model) == dense_fp:
+    is_dense = bool(dense_fp) and weights_fingerprint(model) == dense_fp
+    if is_dense:
         if distributed.current().is_writer:  # under torchrun: rank 0 alone writes caches
             save_tensors_atomic({"logits": logits, "features": feats}, path)
         ref = {"logits": logits, "features": feats}  # the dense model is its own reference
-    elif dense_fp:  # rank 0's cached reference (sent to every rank under torchrun), else rebuilt
-        ref = distributed.current().from_writer(lambda: load_file(str(path)) if path.exists() else None)
-    if ref is None and dense_fp and load_dense is not None:
+    elif dense_fp:  # rank 0's cached reference (sent to every rank under torchrun), else rebuilt below
+        ref = distributed.current().from_writer(lambda: _cached_reference(path))
+    if ref is None and dense_fp and load_dense is not None and not is_dense:
         try:
             ref_logits, ref_feats = _forward_sharded(load_dense(), x, batch_size)
             ref = {"logits": ref_logits, "features": ref_feats}
@@ -90,3 +89,16 @@ def _forward_sharded(model: nn.Module, x: torch.Tensor, batch_size: int) -> tupl
     start, stop = ctx.shard_range(len(x))
     logits, feats = forward_all(model, x[start:stop], batch_size)
     return ctx.concat(logits, len(x)), ctx.concat(feats, len(x))
+
+
+def _cached_reference(path) -> dict[str, torch.Tensor] | None:
+    """The cached dense logits/features, or None when missing or unreadable (then rebuilt)."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # a damaged cache entry: rebuild the reference
+        log.warning("the cached dense reference %s is unreadable (%s); recomputing it", path, exc)
+        return None

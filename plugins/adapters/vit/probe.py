@@ -75,16 +75,20 @@ def attach_probe_head(model: nn.Module, info: dict[str, Any], data: str, samples
     """
     from safetensors.torch import load_file
 
-    from .sources import save_tensors_atomic, weights_fingerprint
+    from .timm_models import save_tensors_atomic, weights_fingerprint
 
     images = open_images(data, "train")
     if images.labels is None:
         raise CompressKitError(f"the linear-probe head needs labelled data, but {data!r} has none; set -o adapter.probe_data=fashion-mnist or an ImageFolder with class folders")
     key = f"{weights_fingerprint(model)}-{tensor_fingerprint(None, images.name, images.size, samples, seed)[:16]}"
     path = cache_dir() / "vit-probe" / f"{key}.safetensors"
+    head = None
     if path.exists():
-        head = load_file(str(path))
-    else:
+        try:
+            head = load_file(str(path))
+        except Exception as exc:  # a damaged cache entry costs a refit, not the run
+            log.warning("the cached probe head %s is unreadable (%s); fitting it again", path, exc)
+    if head is None:
         idx = sample_indices(images.size, samples, seed)
         _, feats = forward_all(model, stack(images, idx, eval_transform(model)), batch_size)
         w, b = fit_linear_probe(feats, images.labels[idx], len(images.classes))
