@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _guarded(fn):
+    """Run an entry point inside a ``torchrun`` session (nothing changes without torchrun)."""
+    from compresskit.distributed import guarded
+
+    return guarded(fn)
+
+
 @dataclasses.dataclass
 class Plan:
     """Names resolved to configured plugin instances (before any model is loaded).
@@ -83,13 +90,17 @@ class PruneResult:
         """Write the model and ``compresskit.json`` into ``directory`` atomically.
 
         ``format`` other than ``dense`` (one of the adapter's ``save_formats``) saves a dense copy
-        in a temporary sibling and exports it from there.
+        in a temporary sibling and exports it from there. Under ``torchrun`` rank 0 alone writes;
+        the other ranks return at once.
         """
         import shutil
         import tempfile
 
+        from compresskit import distributed
         from compresskit.output import check_target, save_output, signals_as_exceptions
 
+        if not distributed.current().is_writer:
+            return Path(directory)
         if format == "dense":
             return save_output(directory, lambda tmp: self.adapter.save(self.loaded, tmp), self.manifest, overwrite)
         self.adapter.check_save_format(format)
@@ -208,7 +219,7 @@ def _resolve_group(config: RunConfig, metric: Any, pattern: Any, pattern_opts: d
 def _gradient_stats(config: RunConfig, adapter: ModelAdapter, grads: list[Any]) -> list[Any]:
     from compresskit.gradients import GradientOptions
 
-    opts = build(GradientOptions, config.gradient_options, "gradient.")
+    opts = build(GradientOptions, config.gradient_settings(), "gradient.")
     if not grads:
         if config.gradient_options:
             raise OptionError(f"gradient options ({', '.join(config.gradient_options)}) were given but metric "
@@ -228,18 +239,23 @@ def resolve_eval_limit(adapter: ModelAdapter, limit: int | None) -> int | None:
 
 def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     """Plan, load, and check every layer (shared by :func:`prune` and :func:`check`)."""
+    from compresskit import distributed
     from compresskit.device import resolve_device
     from compresskit.run import Run, RunnerSettings
     from compresskit.runner import check_layers
     from compresskit.targets import check_covers, layer_id
 
     p = plan(config, registry)
-    device = resolve_device(config.device)
-    loaded = p.adapter.load(p.adapter.resolve_source(config.model))
+    ctx = distributed.current()
+    distributed.check_plan(ctx, config, p)
+    device = ctx.device(resolve_device(config.device))
+    with ctx.writer_first():  # under torchrun: rank 0 fills the model caches, the others read them
+        loaded = p.adapter.load(p.adapter.resolve_source(config.model))
     checks.check_model(loaded)  # a NaN in the checkpoint would decide masks silently
     checks.check_seqlen(loaded, config.seqlen)
     settings = RunnerSettings(sparsity=p.sparsity, device=device, propagate=config.propagate,
-                              report_error=config.report_error, progress=config.progress)
+                              report_error=config.report_error, progress=config.progress,
+                              accumulate=config.accumulate)
     run = Run(p.adapter, p.metric, p.pattern, loaded, settings, p.solver, p.allocation, hook=p.registry.pm.hook,
               sparsity_map=config.sparsity_map, pm=p.registry.pm)
     check_layers(run)  # fail fast, before calibration
@@ -254,6 +270,7 @@ def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     return p, run
 
 
+@_guarded
 def check(config: RunConfig | None = None, registry: Registry | None = None, **overrides: Any) -> dict[str, Any]:
     """The dry run: resolve plugins, load the model, check every layer against the pattern.
 
@@ -274,6 +291,7 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
             "pattern": p.pattern.name, "sparsity": p.sparsity}
 
 
+@_guarded
 def prune(config: RunConfig | None = None, registry: Registry | None = None, output: str | Path | None = None,
           overwrite: bool = False, save_format: str = "dense", **overrides: Any) -> PruneResult:
     """Prune a model end to end and return the result (saved only when ``output`` is given).
@@ -290,23 +308,31 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     Example:
         >>> result = prune(adapter="llama", model="random:tiny", metric="wanda", sparsity=0.5)
     """
+    from compresskit import distributed
     from compresskit.cache import tensor_fingerprint
     from compresskit.runner import prune_model
 
+    ctx = distributed.current()  # under torchrun: this rank's place (see compresskit.distributed)
     config = config_replace(config, **overrides)  # an unknown keyword is an OptionError with the fix
     if config.select is not None:  # one prune per value, the best on held-out calibration data
         from compresskit.output import check_target
         from compresskit.select import prune_selected
 
+        if ctx.enabled:
+            from compresskit.errors import DistributedError
+
+            raise DistributedError("--select prunes several times and compares held-out losses; it runs in a single "
+                                   "process: drop torchrun, or select the value first and rerun it under torchrun")
         if output is not None:
             check_target(output, overwrite)
         result = prune_selected(config, registry, plan, prune, _evaluate_selected)
         if output is not None:
             result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
         return result
+    config = config if ctx.is_writer else dataclasses.replace(config, progress=False)
     t0 = time.perf_counter()
     p, run = _start(config, registry)
-    if output is not None:
+    if output is not None and ctx.is_writer:  # under torchrun rank 0 alone writes
         from compresskit.output import check_room, check_target, estimate_bytes
 
         check_target(output, overwrite)
@@ -316,8 +342,12 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
         check_room(output, copies * estimate_bytes(run.model))
     source, device = run.loaded.source, run.settings.device
     calibration = config.calibration or p.adapter.default_calibration(source)
-    run.batches = p.adapter.calibration_batches(run.loaded, config.nsamples, config.seqlen, config.seed, calibration)
-    manifest = _manifest(config, p, run, calibration, tensor_fingerprint(run.batches))
+    with ctx.writer_first():
+        batches = p.adapter.calibration_batches(run.loaded, config.nsamples, config.seqlen, config.seed, calibration)
+    fingerprint = tensor_fingerprint(batches)  # of every rank's samples: the same as in a single process
+    run.batches = ctx.shard(batches)
+    manifest = _manifest(config, p, run, calibration, fingerprint)
+    distributed.run_started(ctx, run, manifest, len(batches))
     request, tasks = _eval_requests(config, p.adapter, device)
     if config.evaluate:
         manifest["evaluation"] = {"dense": _evaluate_loaded(p.adapter, run.loaded, request)}
@@ -327,8 +357,9 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
         from compresskit import gradients
 
         run.gradients, manifest["gradients"] = gradients.obtain(
-            p.adapter, run.loaded, run.batches, p.gradient_stats, device, config.gradient_options, config.progress)
+            p.adapter, run.loaded, batches, p.gradient_stats, device, config.gradient_settings(), config.progress)
     report = prune_model(run)
+    distributed.run_finished(ctx, run, manifest)
     manifest["report"] = report.to_dict()
     manifest["notes"] = run.notes
     manifest["total_seconds"] = time.perf_counter() - t0
@@ -394,6 +425,7 @@ def _evaluate_loaded(adapter: ModelAdapter, loaded: Loaded, request: EvalRequest
         return adapter.evaluate(loaded, request)
 
 
+@_guarded
 def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str | None = None, seqlen: int = 256,
              limit: int | None = None, device: str = "auto", tasks: tuple[str, ...] | str = (), progress: bool = True,
              registry: Registry | None = None, adapter_options: dict[str, Any] | None = None,
@@ -417,6 +449,9 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise OptionError(f"the evaluation limit must be an integer >= 0 (0: everything), got {limit!r}")
+    from compresskit import distributed
+
+    progress = progress and distributed.current().is_writer
     reg = registry or Registry.from_entrypoints()
     manifest = read_manifest(model) if isinstance(model, (str, Path)) and Path(model).is_dir() else None
     recorded = (manifest or {}).get("config", {})
@@ -428,7 +463,8 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
     request = EvalRequest(data, resolve_eval_limit(ad, limit), str(dev), seqlen, tasks, task_limit, task_source,
                           progress)
     ad.check_request(request)  # before loading anything
-    loaded = model if isinstance(model, Loaded) else ad.load(str(model))
+    with distributed.current().writer_first():  # under torchrun: rank 0 fills the model caches first
+        loaded = model if isinstance(model, Loaded) else ad.load(str(model))
     checks.check_seqlen(loaded, seqlen)
     res = _evaluate_loaded(ad, loaded, request)
     name = loaded.source if isinstance(model, Loaded) else str(model)

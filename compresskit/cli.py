@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from compresskit import distributed
 from compresskit._version import __version__
 from compresskit.commands import COMMANDS, REGISTRY
 from compresskit.config import RunConfig
@@ -140,20 +141,27 @@ def cli(verbose: int, plugins: tuple[str, ...]) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output that is a compresskit output.")
 @click.option("--save-format", default="dense", show_default=True, help="How --output stores the weights: dense, or another of the adapter's formats (llama: compressed-tensors; see `compresskit export`).")
 @click.option("--dry-run", is_flag=True, help="Resolve plugins and check every layer against the pattern, then stop.")
+@click.option("--accumulate", type=click.Choice(["float32", "float64"]), default=DEFAULTS["accumulate"], show_default=True, help="dtype of the statistics' sums; float64 makes results independent of how many torchrun processes shared the samples.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@distributed.guarded
 def prune(**kw: Any) -> None:
-    """Prune a model layer by layer and save it with a manifest."""
+    """Prune a model layer by layer and save it with a manifest.
+
+    Started by torchrun (torchrun --nproc-per-node N -m compresskit prune ...), N processes
+    share the calibration samples and rank 0 alone writes the output.
+    """
     from compresskit import api, recipe
     from compresskit.output import check_target
     from compresskit.targets import load_sparsity_map
 
+    echo = _echo()
     opts = parse_options(kw["options"])
     kw, opts, notes = recipe.resolve(click.get_current_context(), kw, opts, recipe.read(kw["recipe"]) if kw["recipe"] else None)
     for note in notes:
         click.echo(f"note: {note}", err=True)
     if kw["write_report"] and not kw["output"]:
         raise click.UsageError("--report writes into the output directory; pass --output DIR")
-    if kw["output"]:
+    if kw["output"] and distributed.current().is_writer:
         check_target(kw["output"], kw["overwrite"])  # fail before any work
     if kw["save_format"] != "dense":
         registry().get("adapter", kw["adapter"]).cls().check_save_format(kw["save_format"])
@@ -171,32 +179,38 @@ def prune(**kw: Any) -> None:
         eval_limit=kw["eval_windows"], eval_tasks=_task_list(kw["eval_tasks"]) or (), eval_task_limit=kw["eval_limit"],
         eval_task_source=kw["task_source"], gradient_options=grad_opts, progress=not kw["no_progress"],
         select=kw["select"], select_nsamples=kw["select_nsamples"],
+        accumulate=kw["accumulate"],
         **{f"{field}_options": opts[field] for field in BY_FIELD},
     )
     if kw["dry_run"]:
         info = api.check(config, registry=registry())
-        click.echo(f"ok: {info['layers']} layers in {info['blocks']} blocks accept {info['pattern']} at sparsity "
-                   f"{info['sparsity']:g}")
+        echo(f"ok: {info['layers']} layers in {info['blocks']} blocks accept {info['pattern']} at sparsity "
+             f"{info['sparsity']:g}")
         return
     result = api.prune(config, registry=registry(), output=kw["output"], overwrite=kw["overwrite"],
                        save_format=kw["save_format"])
-    _print_summary(result)
-    if kw["output"]:
-        click.echo(f"saved to {kw['output']} ({kw['save_format']}; manifest: compresskit.json)")
+    _print_summary(result, echo)
+    if kw["output"] and distributed.current().is_writer:  # under torchrun rank 0 alone wrote it
+        echo(f"saved to {kw['output']} ({kw['save_format']}; manifest: compresskit.json)")
         if kw["write_report"]:
             from compresskit import figures
 
-            click.echo(f"report: {figures.write_report([kw['output']])}")
+            echo(f"report: {figures.write_report([kw['output']])}")
     else:
-        click.echo("note: no --output given; the pruned model was not saved", err=True)
+        echo("note: no --output given; the pruned model was not saved", err=True)
 
 
-def _print_summary(result) -> None:
+def _echo():
+    """``click.echo`` on rank 0 (or in a single process); silent on the other ranks of a torchrun launch."""
+    return click.echo if distributed.current().is_writer else (lambda *a, **k: None)
+
+
+def _print_summary(result, echo=click.echo) -> None:
     rep = result.report
     by_block: dict[int, list] = {}
     for r in rep.layers:
         by_block.setdefault(r.block, []).append(r)
-    click.echo(f"{'block':>5}  {'layers':>6}  {'target':>6}  {'sparsity':>8}  {'mean rel. error':>15}  {'seconds':>7}")
+    echo(f"{'block':>5}  {'layers':>6}  {'target':>6}  {'sparsity':>8}  {'mean rel. error':>15}  {'seconds':>7}")
     for b, rows in by_block.items():
         errs = [r.error for r in rows if r.error is not None]
         err = f"{sum(errs) / len(errs):.4g}" if errs else "-"
@@ -204,19 +218,19 @@ def _print_summary(result) -> None:
         sp = sum(r.sparsity * r.shape[0] * r.shape[1] for r in rows) / w
         tg = sum(r.target * r.shape[0] * r.shape[1] for r in rows) / w
         secs = rep.block_seconds[b] if b < len(rep.block_seconds) else sum(r.seconds for r in rows)
-        click.echo(f"{b:>5}  {len(rows):>6}  {tg:>6.3f}  {sp:>8.4f}  {err:>15}  {secs:>7.2f}")
-    click.echo(f"overall sparsity {rep.overall_sparsity:.4f} (target {rep.overall_target:.4f}) in {rep.seconds:.1f}s")
+        echo(f"{b:>5}  {len(rows):>6}  {tg:>6.3f}  {sp:>8.4f}  {err:>15}  {secs:>7.2f}")
+    echo(f"overall sparsity {rep.overall_sparsity:.4f} (target {rep.overall_target:.4f}) in {rep.seconds:.1f}s")
     if "selection" in result.manifest:
         from compresskit.select import describe
 
-        click.echo(describe(result.manifest["selection"]))
+        echo(describe(result.manifest["selection"]))
     ev = result.manifest.get("evaluation")
     if ev:
         for which in ("dense", "pruned"):
             if which in ev:
-                click.echo(f"{which:>6}: {_headline(ev[which])}")
+                echo(f"{which:>6}: {_headline(ev[which])}")
     if "zeroshot" in result.manifest:
-        _print_zeroshot(result.manifest["zeroshot"])
+        _print_zeroshot(result.manifest["zeroshot"], echo)
 
 
 def _task_list(value: str | None) -> list[str] | None:
@@ -228,10 +242,10 @@ def _task_list(value: str | None) -> list[str] | None:
     return names
 
 
-def _print_zeroshot(runs: dict[str, dict]) -> None:
+def _print_zeroshot(runs: dict[str, dict], echo=click.echo) -> None:
     """One row per task: n, then acc (and acc_norm) of each run (dense, pruned)."""
     first = next(iter(runs.values()))
-    click.echo(f"{'task':<15} {'n':>6}  " + "  ".join(f"{(w + ' acc').strip():>11} {(w + ' acc_norm').strip():>16}"
+    echo(f"{'task':<15} {'n':>6}  " + "  ".join(f"{(w + ' acc').strip():>11} {(w + ' acc_norm').strip():>16}"
                                                       for w in runs))
     for task, row in first["tasks"].items():
         cells = []
@@ -239,9 +253,9 @@ def _print_zeroshot(runs: dict[str, dict]) -> None:
             r = res["tasks"][task]
             norm = f"{r['acc_norm']:.4f}" if "acc_norm" in r else "-"
             cells.append(f"{r['acc']:>11.4f} {norm:>16}")
-        click.echo(f"{task:<15} {row['n']:>6}  " + "  ".join(cells))
+        echo(f"{task:<15} {row['n']:>6}  " + "  ".join(cells))
     p = first["protocol"]
-    click.echo(f"zero-shot: lm-eval {p['lm_eval_version']}, {p['source']} data, num_fewshot 0, "
+    echo(f"zero-shot: lm-eval {p['lm_eval_version']}, {p['source']} data, num_fewshot 0, "
                f"limit {p['limit'] if p['limit'] is not None else 'all'} per task, device {p['device']}")
 
 
@@ -261,6 +275,7 @@ def _headline(res: dict) -> str:
 @click.option("--device", default=DEFAULTS["device"], show_default=True, help="auto (CUDA if present), cpu, cuda:1, ...")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@distributed.guarded
 def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, windows: int | None, tasks: str | None,
              limit: int | None, task_source: str, device: str, as_json: bool, no_progress: bool) -> None:
     """Evaluate a dense model or a pruned output directory (perplexity or accuracy; zero-shot with --tasks)."""
@@ -274,15 +289,16 @@ def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, win
                        tasks=tuple(names), task_limit=limit, task_source=task_source, progress=not no_progress,
                        registry=registry())
     clean, broken = finite_result(res)
+    echo = _echo()
     if as_json:
         clean["status"] = "non_finite" if broken else "ok"
         if broken:
             clean["non_finite"] = broken
-        click.echo(json.dumps(clean, default=str, allow_nan=False))
+        echo(json.dumps(clean, default=str, allow_nan=False))
     elif names:
-        _print_zeroshot({"": res})
+        _print_zeroshot({"": res}, echo)
     else:
-        click.echo(f"{model}: {_headline(res)}")
+        echo(f"{model}: {_headline(res)}")
     if broken:
         raise NonFiniteError(f"the model is numerically broken: {', '.join(broken)} is not finite (NaN or inf weights "
                              "or activations); prune again from an intact checkpoint, or load in float32")

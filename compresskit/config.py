@@ -17,6 +17,7 @@ from compresskit.targets import check_fraction, parse_sparsity_map
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 PROPAGATE = ("pruned", "dense")
+ACCUMULATE = ("float32", "float64")
 
 
 @dataclasses.dataclass
@@ -30,6 +31,9 @@ class RunConfig:
     is spread over layers. ``eval_limit`` ``None`` is the adapter's CPU-sized cap, ``0`` everything.
     ``select`` (``"metric.alpha=0,1,10"``) prunes once per value of one option and keeps the model
     with the lowest loss on ``select_nsamples`` held-out calibration samples (:mod:`compresskit.select`).
+    ``accumulate`` is the dtype of every statistic's sums (``float64``: finished in float32, so
+    the result hardly depends on summation order, e.g. on how many ``torchrun`` ranks shared the
+    samples; it sets the gradient precision to ``float64`` too).
     """
 
     adapter: str = "llama"
@@ -62,6 +66,7 @@ class RunConfig:
     progress: bool = True
     select: str | None = None
     select_nsamples: int = 16
+    accumulate: Literal["float32", "float64"] = "float32"
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, Mapping):
@@ -99,6 +104,12 @@ class RunConfig:
             _expect(self, "eval_limit", int, "an integer >= 0 (0: everything)")
             if self.eval_limit < 0:
                 raise OptionError(f"eval_limit (--eval-windows) must be >= 0 (0: every window), got {self.eval_limit}")
+        if self.accumulate not in ACCUMULATE:
+            raise OptionError(f"accumulate must be one of {', '.join(ACCUMULATE)}, got {self.accumulate!r}")
+        precision = self.gradient_options.get("precision") if isinstance(self.gradient_options, dict) else None
+        if self.accumulate == "float64" and precision not in (None, "float64"):
+            raise OptionError(f"accumulate=float64 keeps gradient sums in float64 too, but gradient.precision={precision} "
+                              "asks otherwise; drop one of them")
         for name in ("report_error", "evaluate", "progress"):
             _expect(self, name, bool, "True or False")
         if self.eval_task_limit is not None:
@@ -111,6 +122,12 @@ class RunConfig:
         for name in ("adapter", "metric", "pattern", "update", "allocation", "gradient"):
             if not isinstance(getattr(self, f"{name}_options"), dict):
                 raise OptionError(f"{name}_options must be a dict of option names to values")
+
+    def gradient_settings(self) -> dict[str, Any]:
+        """``gradient_options`` with the precision ``accumulate=float64`` implies."""
+        if self.accumulate == "float64":
+            return {**self.gradient_options, "precision": "float64"}
+        return dict(self.gradient_options)
 
     def pattern_spec(self) -> tuple[str, dict[str, Any]]:
         """The pattern name and options, with the ``N:M`` shorthand expanded (``2:4`` -> ``nm``, n=2, m=4).

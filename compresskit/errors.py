@@ -44,3 +44,7 @@ class OutputExistsError(CompressKitError, FileExistsError):
 
 class NonFiniteError(CompressKitError, ValueError):
     """A NaN or inf in weights, activations, statistics, scores or results (the message names the layer and source)."""
+
+
+class DistributedError(CompressKitError):
+    """A multi-process run (``torchrun``) cannot go on: another rank failed, or the ranks disagree."""

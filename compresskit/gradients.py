@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from compresskit import gradcache
+from compresskit import distributed, gradcache
 from compresskit.checks import check_tensor
 from compresskit.device import to_device
 from compresskit.errors import GradientError
@@ -58,10 +58,11 @@ class GradientOptions:
     checkpointing: bool = option(
         False, "activation checkpointing of each block during the backward pass: less memory, ~1 extra forward"
     )
-    precision: Literal["float32", "reference"] = option(
+    precision: Literal["float32", "reference", "float64"] = option(
         "float32",
         "accumulators: float32, or the reference's (l1 running sum rounded to float16 after every sample; "
-        "l2 summed in float32, its square root rounded to float16); results are returned as float32",
+        "l2 summed in float32, its square root rounded to float16), or float64 (--accumulate float64); "
+        "results are returned as float32",
     )
 
 
@@ -127,7 +128,7 @@ def obtain(
     for s in stats:
         fp = gradcache.fingerprint(adapter, loaded, batches, s, device)
         path = gradcache.cache_path(opts.cache_dir, fp, s.norm)
-        cached = None if opts.recompute else gradcache.load(path, expected, fp)
+        cached = None if opts.recompute else distributed.current().from_writer(lambda: gradcache.load(path, expected, fp))
         if cached is not None:
             log.info("reusing cached gradients from %s", path)
             parts[s.key()] = {k: {"sum": v} for k, v in cached.items()}
@@ -136,7 +137,9 @@ def obtain(
         state = "hit" if cached is not None else "recomputed" if opts.recompute else "computed"
         info["statistics"][s.name].update(cache=state, fingerprint=fp, path=str(path))
     if todo:
-        fresh = compute(adapter, model, batches, [s for s, _, _ in todo], device, opts.checkpointing, progress)
+        fresh = distributed.sum_over_samples(  # under torchrun: each rank its shard, parts summed across ranks
+            lambda shard: compute(adapter, model, shard, [s for s, _, _ in todo], device, opts.checkpointing, progress),
+            batches)
         for s, fp, path in todo:
             for k, p in fresh[s.key()].items():  # never cache (or prune with) an overflowed sum
                 check_tensor(p, f"gradient statistic {s.name!r} computed for layer {k!r}",
@@ -144,6 +147,8 @@ def obtain(
                              "float32) and keep -o gradient.precision=float32")
             parts[s.key()] = fresh[s.key()]
             meta = {"statistic": s.key(), "nsamples": str(len(batches)), "source": loaded.source}
+            if not distributed.current().is_writer:
+                continue
             if not gradcache.save(path, {k: v["sum"] for k, v in fresh[s.key()].items()}, fp, meta):
                 info["statistics"][s.name]["path"] = None
     for s in stats:

@@ -32,6 +32,8 @@ class RunnerSettings:
             procedure) or ``dense`` (statistics from the dense network, Wanda's vision script).
         report_error: record ``||WX - W'X||^2/||WX||^2`` per layer (collects the Gram matrix).
         progress: show a progress bar over blocks.
+        accumulate: dtype of the statistics' sums (``float32``; ``float64``: finished in float32,
+            nearly independent of summation order, e.g. of how many processes shared the samples).
     """
 
     sparsity: float = 0.5
@@ -40,6 +42,7 @@ class RunnerSettings:
     propagate: str = "pruned"
     report_error: bool = True
     progress: bool = True
+    accumulate: str = "float32"
 
 
 @dataclasses.dataclass

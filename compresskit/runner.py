@@ -16,8 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from compresskit import checks
-from compresskit import blockgrad
+from compresskit import blockgrad, checks, distributed
 from compresskit import stats as st
 from compresskit.device import synchronize
 from compresskit.errors import CompressKitError, IncompatiblePatternError
@@ -93,15 +92,18 @@ def prune_model(run: Run) -> PruneReport:
             if block_solver and step.dense_outputs is None:
                 step.forward()  # the dense block's outputs: the block solver's targets
             decided = {}
-            block_parts = blockgrad.collect(step.block, step.layers, step.inputs, block_specs) if block_specs else {}
+            block_parts = {}
+            if block_specs:  # summed over every rank's samples under torchrun, like the input statistics
+                block_parts = distributed.combine(blockgrad.collect(step.block, step.layers, step.inputs, block_specs))
             for group in run.adapter.groups(step.block):
-                parts = _collect(step, group, specs)
-                for name in group:
+                parts = _collect(step, group, specs, run.settings.accumulate)
+                for name in distributed.decided_here(group, step.layers):  # under torchrun: this rank's share
                     layer_parts = {**parts.get(name, {}), **block_parts.get(name, {})}
                     row, mask, dense, gram = _prune_layer(run, step.index, name, step.layers[name],
                                                           layer_parts, specs + block_specs)
                     if block_solver:
                         decided[name] = (row, mask, dense, gram)
+                distributed.share_decisions(run, group, step.layers)
             if block_solver:
                 run.solver.solve_block(step.block, step.layers, {n: d[1] for n, d in decided.items()}, step.inputs,
                                        step.dense_outputs)
@@ -123,13 +125,15 @@ def _check_target(run: Run, block_index: int, name: str, layer: nn.Linear) -> No
                                            "--allocation or a layer_sparsity plugin)") from exc
 
 
-def _collect(step, group: list[str], specs: list[st.Statistic]) -> dict[str, dict[str, st.Parts]]:
-    """Run the block over its inputs once and return every layer's statistic parts."""
+def _collect(step, group: list[str], specs: list[st.Statistic], accumulate: str = "float32"
+             ) -> dict[str, dict[str, st.Parts]]:
+    """Run the block over its inputs once and return every layer's statistic parts, summed over
+    every rank's samples under ``torchrun`` (:func:`compresskit.distributed.combine`)."""
     if not specs:
         return {}
     counts = st.Counts()
-    parts = {n: {s.key(): s.init(step.layers[n]) for s in specs} | {"counts": counts.init(step.layers[n])}
-             for n in group}
+    parts = {n: distributed.accumulators({s.key(): s.init(step.layers[n]) for s in specs}, accumulate)
+             | {"counts": counts.init(step.layers[n])} for n in group}
 
     def tap(name: str):
         def fold(x: torch.Tensor, samples: int) -> None:
@@ -140,7 +144,7 @@ def _collect(step, group: list[str], specs: list[st.Statistic]) -> dict[str, dic
         return fold
 
     step.forward({n: tap(n) for n in group})
-    return parts
+    return distributed.combine(parts)
 
 
 def layer_stats(run: Run, block_index: int, name: str, parts: dict[str, st.Parts], specs: list[st.Statistic]) -> st.LayerStats:

@@ -52,7 +52,11 @@ class Statistic(ABC):
         """Zeroed parts for ``layer``, float32 (counts int64) on the layer's device."""
 
     def update(self, parts: Parts, x: torch.Tensor) -> None:
-        """Fold ``x`` (float32 ``[tokens, in_features]`` inputs of the layer) into ``parts`` in place."""
+        """Fold ``x`` (float32 ``[tokens, in_features]`` inputs of the layer) into ``parts`` in place.
+
+        With ``--accumulate float64`` the runner hands float64 copies of the float32 parts of
+        :meth:`init`; in-place additions (``parts["sum"] += ...``) work with either.
+        """
 
     def finish(self, parts: Parts) -> Any:
         """The value metrics read, from the summed parts (default: the single part itself)."""
@@ -94,7 +98,11 @@ class Gram(Statistic):
         return {"xtx": torch.zeros(n, n, dtype=torch.float32, device=layer.weight.device)}
 
     def update(self, parts: Parts, x: torch.Tensor) -> None:
-        parts["xtx"].addmm_(x.t(), x)
+        xtx = parts["xtx"]
+        if xtx.dtype == x.dtype:
+            xtx.addmm_(x.t(), x)
+        else:  # float64 accumulators (--accumulate float64): each sample's float32 product, summed in float64
+            xtx += (x.t() @ x).to(xtx.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +112,9 @@ class GradNorm(Statistic):
     Parts: ``sum`` = ``sum_n |s g_n|`` (l1) or ``sum_n (s g_n)^2`` (l2), ``s`` = ``scale``.
     Finished: the l1 sum, or the square root of the l2 sum. ``precision="reference"`` rounds
     the finished value to float16 (and the gradient engine keeps the l1 running sum in float16),
-    reproducing the GBLM reference code's accumulators.
+    reproducing the GBLM reference code's accumulators; ``precision="float64"`` keeps the sums
+    in float64 and finishes them in float32 (the result then hardly depends on summation order,
+    e.g. on how many processes shared the samples).
     """
 
     norm: str = "l1"
@@ -120,6 +130,7 @@ class GradNorm(Statistic):
         import torch
 
         dtype = torch.float16 if self.precision == "reference" and self.norm == "l1" else torch.float32
+        dtype = torch.float64 if self.precision == "float64" else dtype
         return {"sum": torch.zeros(layer.weight.shape, dtype=dtype, device=layer.weight.device)}
 
     def fold(self, parts: Parts, grad: torch.Tensor) -> None:

@@ -59,6 +59,7 @@ def block_outlier_ratios(run: Run, m: float) -> tuple[list[float], list[int]]:
     import torch
     from tqdm.auto import tqdm
 
+    from compresskit.distributed import combine
     from compresskit.ops import wanda_score
     from compresskit.stats import ActSq
     from compresskit.walk import walk_blocks
@@ -75,6 +76,7 @@ def block_outlier_ratios(run: Run, m: float) -> tuple[list[float], list[int]]:
                          disable=not run.settings.progress):
             parts = {n: act.init(layer) for n, layer in step.layers.items()}
             step.forward({n: (lambda x, samples, p=parts[n]: act.update(p, x)) for n in parts})
+            combine(parts)  # under torchrun: every rank's samples, so every rank sets the same targets
             scores = [wanda_score(layer.weight.detach().float(), act.finish(parts[n])) for n, layer in step.layers.items()]
             ratios.append(outlier_ratio(scores, m))
             sizes.append(sum(s.numel() for s in scores))

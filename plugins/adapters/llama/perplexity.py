@@ -16,6 +16,7 @@ import time
 
 from typing import TYPE_CHECKING
 
+from compresskit import distributed
 from compresskit.errors import CompressKitError
 
 if TYPE_CHECKING:
@@ -83,7 +84,8 @@ def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit
     data = data or DEFAULT_EVAL_DATA
     if data == "random":
         raise CompressKitError("cannot evaluate perplexity on 'random'; pass a corpus name (wiki) or a text file")
-    corpus = corpora.load_corpus(data)
+    with distributed.current().writer_first():  # under torchrun: rank 0 fills the corpus cache first
+        corpus = corpora.load_corpus(data)
     joined = "\n\n".join(corpus.documents)
     ids = torch.tensor(tokenizer(joined, verbose=False)["input_ids"], dtype=torch.long)
     available = window_count(ids.numel(), seqlen)
@@ -96,12 +98,15 @@ def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit
     model.eval()
     losses: list[float] = []
     t0 = time.perf_counter()
+    ctx = distributed.current()  # under torchrun each rank evaluates its shard of the windows
+    start, stop = ctx.shard_range(windows.shape[0])
     with torch.no_grad():
-        for w in tqdm(windows, desc=f"perplexity {corpus.name}", disable=not progress, leave=False):
+        for w in tqdm(windows[start:stop], desc=f"perplexity {corpus.name}", disable=not progress, leave=False):
             w = w.to(device)
             logits = model(input_ids=w.unsqueeze(0), use_cache=False).logits[0]
             losses.append(float(window_loss(logits, w)))
     model.train(was_training)
+    losses = ctx.concat(torch.tensor(losses, dtype=torch.float64), windows.shape[0]).tolist()
     ppl = perplexity_from_losses(losses)
     protocol = {
         "data": corpora.describe(data),

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from compresskit import distributed
 from compresskit.cache import cache_dir, tensor_fingerprint
 from compresskit.errors import CompressKitError
 
@@ -41,29 +42,26 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
     evaluated model *is* the dense one, read otherwise (``load_dense`` rebuilds it when the
     cache is cold).
     """
-    from safetensors.torch import load_file
-
     from .timm_models import save_tensors_atomic, weights_fingerprint
 
-    images = open_images(data, "test")
+    with distributed.current().writer_first():  # under torchrun: rank 0 unpacks the images first
+        images = open_images(data, "test")
     idx = sample_indices(images.size, limit or images.size, 0)
     x = stack(images, idx, eval_transform(model))
-    logits, feats = forward_all(model, x, batch_size)
+    logits, feats = _forward_sharded(model, x, batch_size)
     dense_fp = info.get("dense_fingerprint")
     path = cache_dir() / "vit-eval" / f"{dense_fp}-{tensor_fingerprint(x)[:16]}.safetensors"
     ref = None
     is_dense = bool(dense_fp) and weights_fingerprint(model) == dense_fp
     if is_dense:
-        save_tensors_atomic({"logits": logits, "features": feats}, path)
+        if distributed.current().is_writer:  # under torchrun: rank 0 alone writes caches
+            save_tensors_atomic({"logits": logits, "features": feats}, path)
         ref = {"logits": logits, "features": feats}  # the dense model is its own reference
-    elif dense_fp and path.exists():
-        try:
-            ref = load_file(str(path))
-        except Exception as exc:  # a damaged cache entry: rebuild the reference below
-            log.warning("the cached dense reference %s is unreadable (%s); recomputing it", path, exc)
+    elif dense_fp:  # rank 0's cached reference (sent to every rank under torchrun), else rebuilt below
+        ref = distributed.current().from_writer(lambda: _cached_reference(path))
     if ref is None and dense_fp and load_dense is not None and not is_dense:
         try:
-            ref_logits, ref_feats = forward_all(load_dense(), x, batch_size)
+            ref_logits, ref_feats = _forward_sharded(load_dense(), x, batch_size)
             ref = {"logits": ref_logits, "features": ref_feats}
         except CompressKitError as exc:
             log.warning("no dense reference for agreement/cosine: %s", exc)
@@ -80,3 +78,27 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
                      "agreement/cosine of top-1 and pre-logits features vs the dense model"),
     }
     return out
+
+
+def _forward_sharded(model: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`forward_all`; under ``torchrun`` each rank runs its shard of the images and the rows
+    are gathered in order (every rank runs them all when there are fewer images than ranks)."""
+    ctx = distributed.current()
+    if len(x) < ctx.world_size:
+        return forward_all(model, x, batch_size)
+    start, stop = ctx.shard_range(len(x))
+    logits, feats = forward_all(model, x[start:stop], batch_size)
+    return ctx.concat(logits, len(x)), ctx.concat(feats, len(x))
+
+
+def _cached_reference(path) -> dict[str, torch.Tensor] | None:
+    """The cached dense logits/features, or None when missing or unreadable (then rebuilt)."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # a damaged cache entry: rebuild the reference
+        log.warning("the cached dense reference %s is unreadable (%s); recomputing it", path, exc)
+        return None
