@@ -213,6 +213,10 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
         ``{"layers", "blocks", "pattern", "sparsity"}`` of the checked model.
     """
     config = dataclasses.replace(config or RunConfig(), **overrides)
+    if _streamed(config, registry):
+        from compresskit.stream import engine
+
+        return engine.check(config, registry)
     p, run = _start(config, registry)
     blocks = p.adapter.blocks(run.model)
     return {"layers": sum(len(p.adapter.prunable(b)) for b in blocks), "blocks": len(blocks),
@@ -233,6 +237,10 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     from compresskit.runner import prune_model
 
     config = dataclasses.replace(config or RunConfig(), **overrides)
+    if _streamed(config, registry):  # one block in memory at a time (compresskit.stream)
+        from compresskit.stream import engine
+
+        return engine.prune(config, registry)
     t0 = time.perf_counter()
     p, run = _start(config, registry)
     source, device = run.loaded.source, run.settings.device
@@ -255,6 +263,12 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, **o
     if config.evaluate:
         manifest["evaluation"]["pruned"] = _evaluate_loaded(p.adapter, run.loaded, request)
     return PruneResult(run.loaded, p.adapter, report, manifest, run)
+
+
+def _streamed(config: RunConfig, registry: Registry | None) -> bool:
+    from compresskit.stream import wanted
+
+    return wanted(config, registry)
 
 
 def _manifest(config: RunConfig, p: Plan, run: Run, calibration: str | None, fingerprint: str) -> dict[str, Any]:

@@ -99,6 +99,9 @@ def cli(verbose: int) -> None:
 @click.option("-o", "--option", "options", multiple=True, metavar="SCOPE.KEY=VALUE", help=f"Plugin option, e.g. -o metric.alpha=100; scopes {', '.join(SCOPES)}. Repeatable.")
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Directory for the pruned model and compresskit.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output that is a compresskit output.")
+@click.option("--max-memory", default=None, metavar="SIZE", help="Stream the model block by block within SIZE of memory (e.g. 1.3GB, 800MiB); automatic when a local checkpoint does not fit.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Keep a streamed run's progress here (default: under the cache; deleted once the output is saved).")
+@click.option("--resume", is_flag=True, help="Continue a streamed run from its work directory's last finished block.")
 @click.option("--dry-run", is_flag=True, help="Resolve plugins and check every layer against the pattern, then stop.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def prune(**kw: Any) -> None:
@@ -125,6 +128,7 @@ def prune(**kw: Any) -> None:
         seed=kw["seed"], calibration=kw["calibration"], device=kw["device"], propagate=kw["propagate"],
         report_error=kw["error_report"], evaluate=kw["evaluate"], eval_data=kw["eval_data"],
         eval_limit=kw["eval_windows"], gradient_options=grad_opts, progress=not kw["no_progress"],
+        max_memory=kw["max_memory"], work_dir=kw["work_dir"], resume=kw["resume"],
         **{f"{field}_options": opts[field] for field in BY_FIELD},
     )
     if kw["dry_run"]:

@@ -28,6 +28,9 @@ class RunConfig:
     :mod:`compresskit.targets`). ``update`` names the solver (``none``: zero the pruned weights
     and change nothing else; ``obs``: SparseGPT's reconstruction), ``allocation`` how the target
     is spread over layers. ``eval_limit`` ``None`` is the adapter's CPU-sized cap, ``0`` everything.
+    ``max_memory`` (bytes or a size such as ``"1.3GB"``), ``work_dir`` and ``resume`` ask for a
+    streamed run (:mod:`compresskit.stream`: one block in memory, resumable); a model that does not
+    fit in memory streams without them.
     """
 
     adapter: str = "llama"
@@ -56,6 +59,9 @@ class RunConfig:
     allocation_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     gradient_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     progress: bool = True
+    max_memory: str | int | None = None
+    work_dir: str | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, Mapping):
@@ -86,7 +92,13 @@ class RunConfig:
             _expect(self, "eval_limit", int, "an integer >= 0 (0: everything)")
             if self.eval_limit < 0:
                 raise OptionError(f"eval_limit must be >= 0 (0: everything), got {self.eval_limit}")
-        for name in ("report_error", "evaluate", "progress"):
+        if self.max_memory is not None:
+            from compresskit.stream.memory import parse_size
+
+            parse_size(self.max_memory)
+        if self.work_dir is not None:
+            _expect(self, "work_dir", str, "a directory path")
+        for name in ("report_error", "evaluate", "progress", "resume"):
             _expect(self, name, bool, "True or False")
         if isinstance(self.eval_tasks, str):
             self.eval_tasks = tuple(t.strip() for t in self.eval_tasks.split(",") if t.strip())
