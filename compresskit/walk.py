@@ -224,7 +224,7 @@ def walk_blocks(adapter: ModelAdapter, model: nn.Module, batches: Sequence[dict]
     """
     residency = residency or Residency(device, offload)
     blocks = list(adapter.blocks(model))
-    if inputs is None and batches is not None:
+    if inputs is None and batches is not None and start < len(blocks):
         inputs = capture_block_inputs(adapter, model, batches, device, residency)
     for i in range(start, len(blocks)):
         block = blocks[i]

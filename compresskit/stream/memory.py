@@ -15,8 +15,9 @@ Streamed (one block resident):
 * capture: ``E*s + acts``
 * gradient forward: ``P_b*s + acts``
 * head: ``H*s + 3*L*V*4``
-* gradient backward: ``P_b*s + g*P_l*4 + W*4 + T`` with ``T = L*(8d + 3*d_ff)*4 + 2*h*L^2*4``
-  (one sample's autograd intermediates through one block)
+* gradient backward: ``P_b*s + g*P_l*4 + W*4 + T`` with ``T = L*(8d + 3*d_ff)*s + 2*h*L^2*s``
+  (one sample's autograd intermediates through one block; the ``L^2`` term is the attention
+  matrix of an eager or math attention kernel, less with fused kernels)
 * prune: ``P_b*s + 3*W*4 + X*4`` (the Gram term only for SparseGPT, ``--update obs`` or the
   error report)
 
@@ -128,7 +129,8 @@ class Sizes:
         return self.L * self.d * self.s
 
     def per_sample_autograd(self) -> int:
-        return self.L * (8 * self.d + 3 * self.d_ff) * 4 + 2 * self.heads * self.L ** 2 * 4
+        """``T``: what autograd keeps of one sample through one block (attention scores: eager/math kernel)."""
+        return self.L * (8 * self.d + 3 * self.d_ff) * self.s + 2 * self.heads * self.L ** 2 * self.s
 
 
 def sizes_from_config(cfg: dict[str, Any], N: int, L: int, s: int) -> Sizes:
