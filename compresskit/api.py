@@ -226,6 +226,10 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
 def prune(config: RunConfig | None = None, registry: Registry | None = None, **overrides: Any) -> PruneResult:
     """Prune a model end to end and return the result (not yet saved).
 
+    A run with ``max_memory``, ``work_dir`` or ``resume``, or whose local checkpoint does not fit
+    in memory, is streamed one block at a time (:func:`compresskit.stream.engine.prune`; its
+    result holds the model on disk until ``save``).
+
     Args:
         config: a :class:`RunConfig`; keyword ``overrides`` replace its fields.
         registry: plugin registry (default: every installed plugin).

@@ -135,7 +135,7 @@ def test_manifest_keys_are_documented():
     manifest = prune(adapter="llama", model="random:tiny", metric="wanda", nsamples=2, seqlen=16,
                      device="cpu", progress=False).manifest
     documented = set(re.findall(r"^\| `(\w+)` \|", _page("howto/report.md"), flags=re.M))
-    optional = {"gradients", "evaluation"}  # present only for gradient metrics / --eval
+    optional = {"gradients", "evaluation", "streaming"}  # only for gradient metrics / --eval / streamed runs
     assert set(manifest) - documented == set(), "undocumented manifest keys"
     assert documented - set(manifest) <= optional, "documented keys the manifest does not have"
 
