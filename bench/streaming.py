@@ -130,6 +130,12 @@ def one(spec: dict) -> dict:
     from compresskit.stream.memory import current_rss
     from compresskit.stream.workdir import describe
 
+    import accelerate  # noqa: F401  (imported by the run anyway: part of the runtime, not of the run)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import compresskit.stream.engine  # noqa: F401
+    import compresskit.stream.grads  # noqa: F401
+
     reg = Registry.from_entrypoints()
     model = spec.pop("model")
     if model.startswith("random-llama-"):

@@ -122,7 +122,8 @@ def prune(config: RunConfig, registry: Registry | None = None):
         z = memory.sizes_of(adapter, loaded.model, tensors, len(run.batches), config.seqlen,
                             torch.empty((), dtype=dtype).element_size())
         limit = memory.parse_size(config.max_memory) if config.max_memory else None
-        budget = memory.activation_budget(z, n_grads, gram, limit, memory.current_rss())
+        runtime = memory.current_rss()
+        budget = memory.activation_budget(z, n_grads, gram, limit, runtime)
         store = ActivationStore(work.acts, budget)
         s = Session(adapter, loaded, tensors, run.settings.device, store, work, config.progress)
         work.note_resume()
@@ -137,7 +138,7 @@ def prune(config: RunConfig, registry: Registry | None = None):
         manifest["report"] = run.report.to_dict()
         manifest["notes"] = run.notes
         manifest["streaming"] = {
-            "work_dir": str(work.path), "max_memory": limit, "activation_budget": budget,
+            "work_dir": str(work.path), "max_memory": limit, "runtime_rss": runtime, "activation_budget": budget,
             "activations_peak_in_memory": store.peak, "activations_spilled": store.spilled,
             "activations_persisted": store.persisted, "checkpoint_bytes_read": checkpoint.counter.bytes,
             "work_dir_bytes_read": store.counter.bytes, "work_dir_bytes_written": store.counter.written,
