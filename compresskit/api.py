@@ -42,11 +42,25 @@ class Plan:
     origins: dict[str, str]
     gradient_stats: list[Any]
 
-    def __getattr__(self, kind: str) -> Any:  # plan.metric, plan.adapter, ...
-        plugins = self.__dict__.get("plugins", {})
-        if kind in plugins:
-            return plugins[kind]
-        raise AttributeError(kind)
+    @property
+    def adapter(self) -> Any:
+        return self.plugins["adapter"]
+
+    @property
+    def metric(self) -> Any:
+        return self.plugins["metric"]
+
+    @property
+    def pattern(self) -> Any:
+        return self.plugins["pattern"]
+
+    @property
+    def solver(self) -> Any:
+        return self.plugins["solver"]
+
+    @property
+    def allocation(self) -> Any:
+        return self.plugins["allocation"]
 
 
 @dataclasses.dataclass

@@ -30,7 +30,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from compresskit.run import Run
+    import compresskit  # annotations name compresskit.run.Run; no import at run time
 
 hookspec = pluggy.HookspecMarker("compresskit")
 hookimpl = pluggy.HookimplMarker("compresskit")
@@ -121,7 +121,7 @@ def register_commands(cli: click.Group) -> None:
 
 
 @hookspec
-def run_started(run: Run) -> None:
+def run_started(run: compresskit.run.Run) -> None:
     """A run is about to prune its first block (calibration data and gradients are ready).
 
     Args:
@@ -131,7 +131,7 @@ def run_started(run: Run) -> None:
 
 
 @hookspec(firstresult=True)
-def layer_sparsity(run: Run, block_index: int, layer_name: str) -> float | None:
+def layer_sparsity(run: compresskit.run.Run, block_index: int, layer_name: str) -> float | None:
     """The target sparsity of one layer, or None to leave it to the next plugin.
 
     The first non-None answer wins; with none, the run's uniform target applies. Order: the
@@ -150,7 +150,7 @@ def layer_sparsity(run: Run, block_index: int, layer_name: str) -> float | None:
 
 
 @hookspec
-def block_done(run: Run, block_index: int) -> None:
+def block_done(run: compresskit.run.Run, block_index: int) -> None:
     """A block's layers are pruned and its outputs (the next block's inputs) are computed.
 
     Args:
@@ -160,7 +160,7 @@ def block_done(run: Run, block_index: int) -> None:
 
 
 @hookspec
-def run_finished(run: Run) -> None:
+def run_finished(run: compresskit.run.Run) -> None:
     """Every block is pruned; the report is complete (nothing is saved yet).
 
     Args:

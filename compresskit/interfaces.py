@@ -21,11 +21,10 @@ from compresskit.options import NoOptions
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import compresskit  # annotations name compresskit.run.Run and compresskit.stats.*
+
     import torch
     from torch import nn
-
-    from compresskit.run import Run
-    from compresskit.stats import LayerStats, Statistic
 
 
 class Plugin(ABC):
@@ -116,7 +115,7 @@ class ScoreMetric(Plugin):
     #: name of the solver that chooses this metric's mask while reconstructing (SparseGPT: ``obs``)
     mask_solver: ClassVar[str | None] = None
 
-    def statistics(self) -> Sequence[str | Statistic]:
+    def statistics(self) -> Sequence[str | compresskit.stats.Statistic]:
         """The statistics ``score`` reads (default: none, a data-free metric)."""
         return ()
 
@@ -124,7 +123,7 @@ class ScoreMetric(Plugin):
         """The comparison group this metric wants (a :class:`Structure` group), or None."""
         return None
 
-    def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    def score(self, weight: torch.Tensor, stats: compresskit.stats.LayerStats) -> torch.Tensor:
         """Return importance scores of ``weight``'s shape. Must not modify ``weight``.
 
         Args:
@@ -148,11 +147,11 @@ class Solver(Plugin):
     and is named by metrics in ``mask_solver``.
     """
 
-    def statistics(self) -> Sequence[str | Statistic]:
+    def statistics(self) -> Sequence[str | compresskit.stats.Statistic]:
         """The statistics the solver reads (OBS: ``gram``)."""
         return ()
 
-    def solve(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    def solve(self, weight: torch.Tensor, mask: torch.Tensor, stats: compresskit.stats.LayerStats) -> torch.Tensor:
         """Float32 weights of ``weight``'s shape, zero wherever ``mask`` (True = pruned)."""
         return weight.masked_fill(mask, 0.0)
 
@@ -168,7 +167,7 @@ class Solver(Plugin):
         """
 
     def select_and_solve(
-        self, weight: torch.Tensor, stats: LayerStats, metric: ScoreMetric, pattern: MaskPattern, sparsity: float
+        self, weight: torch.Tensor, stats: compresskit.stats.LayerStats, metric: ScoreMetric, pattern: MaskPattern, sparsity: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mask, new weight)`` with the mask chosen during the sweep by ``metric.select``."""
         raise NotImplementedError(f"solver {self.name!r} cannot choose masks")
@@ -183,10 +182,10 @@ class Allocation(Plugin):
     ``layer_sparsity`` hook after the explicit ``--sparsity-map`` and any installed plugin.
     """
 
-    def prepare(self, run: Run) -> None:
+    def prepare(self, run: compresskit.run.Run) -> None:
         """Compute whatever the per-layer answers need (default: nothing)."""
 
-    def sparsity(self, run: Run, block_index: int, layer_name: str) -> float | None:
+    def sparsity(self, run: compresskit.run.Run, block_index: int, layer_name: str) -> float | None:
         """This layer's target, or None for the run's uniform target."""
         return None
 

@@ -1,7 +1,7 @@
 """Optimal Brain Surgeon sweeps: SparseGPT's mask selection and weight reconstruction.
 
 Pure tensor functions (no modules, hooks or devices) behind the ``sparsegpt`` metric and the
-runner's ``update="obs"`` stage. They follow SPEC section 4 (IST-DASLab/sparsegpt, Frantar &
+``obs`` solver. They follow the reference SparseGPT procedure (IST-DASLab/sparsegpt, Frantar &
 Alistarh 2023, https://arxiv.org/abs/2301.00774):
 
 1. **Hessian.** The reference accumulates ``H = (2/N) sum_t x_t x_t^T``; the runner hands over
@@ -142,7 +142,7 @@ def obs_sweep(
     choose: Chooser | None = None,
     stride: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blocked OBS sweep with lazy batch updates (SPEC 4.3). Returns ``(new_weight, mask)``.
+    """Blocked OBS sweep with lazy batch updates (docs/explanation/algorithms.md). Returns ``(new_weight, mask)``.
 
     Args:
         w: ``[out, in]`` weights (not modified), already zero on dead input columns.

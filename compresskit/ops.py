@@ -64,7 +64,7 @@ def adaptive_row_mask(scores: torch.Tensor, sparsity: float, tol: float = 1e-3) 
     Each row prunes its smallest scores whose cumulative sum is at most ``alpha`` times the
     row's total; ``alpha`` is found by bisection (start 0.4 on [0, 0.8]) until the layer
     sparsity is within ``tol`` of the target. Unlike the reference code, a row where no prefix
-    fits prunes nothing instead of everything (SPEC 3.5 edge case).
+    fits prunes nothing instead of everything (docs/explanation/reference-semantics.md).
     """
     import torch
 

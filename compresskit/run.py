@@ -98,7 +98,9 @@ class Run:
             pruned weights are zeroed and nothing else changes).
         loaded: the model being pruned in place.
         settings: the layerwise knobs.
-        hook: the plugin manager's hook relay (``run.hook.block_done(run=..., block_index=...)``).
+        hook: the plugin manager's hook relay (``run.hook.block_done(run=..., block_index=...)``);
+            :func:`compresskit.runner.prune_model` gives a run without one a manager holding only
+            the core's own hooks.
         batches: the calibration batches.
         gradients: finished gradient statistics by ``adapter.gradient_key`` and statistic name.
         sparsity_map: explicit ``{layer glob: sparsity}`` targets (highest priority).
@@ -134,13 +136,6 @@ class Run:
     pm: pluggy.PluginManager | None = None
     residency: Any = None
     start_block: int = 0
-
-    def __post_init__(self) -> None:
-        if self.hook is None:
-            from compresskit.registry import new_plugin_manager
-
-            self.pm = self.pm or new_plugin_manager()
-            self.hook = self.pm.hook
 
     @property
     def model(self):

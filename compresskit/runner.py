@@ -55,6 +55,11 @@ def prune_model(run: Run) -> PruneReport:
     """Prune ``run.loaded.model`` in place, block by block, and return ``run.report``."""
     import torch
 
+    if run.hook is None:
+        from compresskit.registry import new_plugin_manager
+
+        run.pm = run.pm or new_plugin_manager()
+        run.hook = run.pm.hook
     report, t0 = run.report, time.perf_counter()
     specs = [s for s in needed_statistics(run) if s.source == "inputs"]
     block_solver = run.solver is not None and type(run.solver).solve_block is not Solver.solve_block

@@ -22,7 +22,7 @@ from compresskit.errors import OptionError
 from compresskit.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from compresskit.run import Run
+    import compresskit  # annotations name compresskit.run.Run
 
 
 def layer_id(block_index: int, name: str) -> str:
@@ -84,7 +84,7 @@ def check_covers(mapping: Mapping[str, float], layers: Iterable[str]) -> None:
 
 
 @hookimpl(tryfirst=True)
-def layer_sparsity(run: Run, block_index: int, layer_name: str) -> float | None:
+def layer_sparsity(run: compresskit.run.Run, block_index: int, layer_name: str) -> float | None:
     """The explicit sparsity map's answer (the core's first word)."""
     if not run.sparsity_map:
         return None
@@ -95,12 +95,12 @@ class AllocationDispatch:
     """The run's ``--allocation`` plugin answering the hooks (the core's last word)."""
 
     @hookimpl
-    def run_started(self, run: Run) -> None:
+    def run_started(self, run: compresskit.run.Run) -> None:
         if run.allocation is not None:
             run.allocation.prepare(run)
 
     @hookimpl(trylast=True)
-    def layer_sparsity(self, run: Run, block_index: int, layer_name: str) -> float | None:
+    def layer_sparsity(self, run: compresskit.run.Run, block_index: int, layer_name: str) -> float | None:
         if run.allocation is None:
             return None
         return run.allocation.sparsity(run, block_index, layer_name)

@@ -8,7 +8,6 @@ import torch
 from compresskit.errors import IncompatiblePatternError, OptionError
 from compresskit.ops import adaptive_row_mask, reconstruction_error
 from compresskit.options import build, describe
-from compresskit_plugins.metrics.magnitude import MagnitudeMetric
 from compresskit import stats
 from compresskit.ops import wanda_score
 from compresskit_plugins.metrics.wanda import WandaMetric

@@ -64,10 +64,11 @@ def _hookspecs():
 
 
 def _interface_members():
-    from compresskit.interfaces import MaskPattern, ModelAdapter, ScoreMetric
+    from compresskit.interfaces import Plugin
+    from compresskit.kinds import KINDS
 
-    for base in (ScoreMetric, MaskPattern, ModelAdapter):
-        for name in base.__annotations__:  # class attributes (name, summary, Options, flags, ...)
+    for base in [Plugin, *(k.base for k in KINDS.values())]:
+        for name in vars(base).get("__annotations__", {}):  # class attributes (name, summary, Options, ...)
             yield base.__name__, name
         for name, member in vars(base).items():
             if name.startswith("_") or not (callable(member) or isinstance(member, property)):
@@ -97,7 +98,9 @@ def _builtin_entries():
     from compresskit.testing import fresh_registry
 
     reg = fresh_registry()
-    return [e for kind in ("metric", "pattern", "adapter") for e in reg.entries(kind)]
+    from compresskit.kinds import KINDS
+
+    return [e for kind in KINDS for e in reg.entries(kind)]
 
 
 @pytest.mark.parametrize("entry", _builtin_entries(), ids=lambda e: f"{e.kind}-{e.name}")
@@ -107,7 +110,7 @@ def test_every_builtin_plugin_is_documented(entry):
     for alias in entry.aliases:
         assert f"`{alias}`" in page, f"alias {alias!r} of {entry.name!r} missing from reference/plugins.md"
     assert f"::: {entry.cls.__module__}.{entry.cls.__qualname__}" in page, "its docstring is not rendered"
-    assert f"`{entry.name}`" in _page("explanation/algorithms.md") or entry.kind == "adapter"
+    assert f"`{entry.name}`" in _page("explanation/algorithms.md") or entry.kind in ("adapter", "allocation")
 
 
 def test_snippet_sections_exist():
@@ -135,7 +138,7 @@ def test_manifest_keys_are_documented():
     manifest = prune(adapter="llama", model="random:tiny", metric="wanda", nsamples=2, seqlen=16,
                      device="cpu", progress=False).manifest
     documented = set(re.findall(r"^\| `(\w+)` \|", _page("howto/report.md"), flags=re.M))
-    optional = {"gradients", "evaluation", "streaming"}  # only for gradient metrics / --eval / streamed runs
+    optional = {"gradients", "evaluation", "streaming"}  # only for gradient statistics / --eval / streamed runs
     assert set(manifest) - documented == set(), "undocumented manifest keys"
     assert documented - set(manifest) <= optional, "documented keys the manifest does not have"
 

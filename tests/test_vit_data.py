@@ -134,11 +134,11 @@ def test_packaged_dinov2_conversion(vit_cls):
 
     model, info = vit_sources.load("dinov2_s", 224)
     assert model.pos_embed.shape == (1, 257, 384) and len(model.blocks) == 12
-    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 21.63  # DATA.md: 21.63 M at 224 px
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 21.63  # 21.63 M at 224 px
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         feats = model.forward_features(x)
-    assert 1.5 < float(feats.abs().mean()) < 2.5  # DATA.md: mean |activation| ~1.9 at the final norm
+    assert 1.5 < float(feats.abs().mean()) < 2.5  # mean |activation| ~1.9 at the final norm
 
 
 @pytest.mark.slow
@@ -157,7 +157,7 @@ def test_packaged_dinov2_probe_accuracy_and_pruning_damage(vit_cls):
 def test_tuxpaint_package():
     train, test = images.open_images("tuxpaint", "train"), images.open_images("tuxpaint", "test")
     assert (train.size, test.size) == (298, 71) and train.classes == images.TUXPAINT_CLASSES
-    assert (torch.bincount(train.labels) + torch.bincount(test.labels)).tolist() == [146, 67, 39, 79, 38]  # DATA.md 5
+    assert (torch.bincount(train.labels) + torch.bincount(test.labels)).tolist() == [146, 67, 39, 79, 38]
     assert test.get(0).mode == "RGB"
 
 
@@ -167,9 +167,10 @@ def test_packaged_dinov2_matches_the_onnx_graph():
     onnx = pytest.importorskip("onnx")
     from onnx.reference import ReferenceEvaluator
 
+    from compresskit_plugins.adapters.vit import dinov2
     from compresskit_plugins.adapters.vit import sources as vit_sources
 
-    graph = onnx.load(str(vit_sources._onnx_path()))
+    graph = onnx.load(str(dinov2._onnx_path()))
     target = "/backbone/layernorm/Add_1_output_0"  # the backbone's final LayerNorm, before the saliency decoder
     producer = {o: n for n in graph.graph.node for o in n.output}
     needed, todo = set(), [target]
@@ -187,4 +188,4 @@ def test_packaged_dinov2_matches_the_onnx_graph():
     model, _ = vit_sources.load("dinov2_s", 224)
     with torch.no_grad():
         ours = model.forward_features(x)
-    assert float((ours - torch.from_numpy(ref)).abs().max()) < 1e-4  # measured 1.8e-5 (DATA.md: 1.7e-5)
+    assert float((ours - torch.from_numpy(ref)).abs().max()) < 1e-4  # measured 1.8e-5

@@ -16,15 +16,9 @@ list of checks that passed.
 
 from __future__ import annotations
 
-from compresskit.testing.conformance import (
-    PluginConformanceError,
-    check_adapter,
-    check_allocation,
-    check_hooks,
-    check_metric,
-    check_pattern,
-    check_solver,
-)
+from compresskit.testing._base import PluginConformanceError
+from compresskit.testing.conformance import check_metric, check_pattern, check_solver, check_statistic
+from compresskit.testing.runs import check_adapter, check_allocation, check_hooks
 from compresskit.testing.factories import fresh_registry, random_inputs, random_linear, registry_names, tiny_model
 
 __all__ = [
@@ -35,6 +29,7 @@ __all__ = [
     "check_metric",
     "check_pattern",
     "check_solver",
+    "check_statistic",
     "fresh_registry",
     "random_inputs",
     "random_linear",

@@ -80,7 +80,7 @@ def calibration_token_ids(tokenizer, data: str | None, nsamples: int, seqlen: in
     """``[nsamples, seqlen]`` calibration token ids.
 
     ``random``/``None`` gives seeded uniform ids. Text corpora use the reference C4 sampler
-    (SPEC 1.4): ``random.Random(seed)``; per sample, draw a document uniformly until its
+    (docs/explanation/reference-semantics.md): ``random.Random(seed)``; per sample, draw a document uniformly until its
     tokenization (tokenizer defaults, so BOS if the tokenizer adds one) is strictly longer than
     ``seqlen``, then a start offset uniformly in ``[0, T - seqlen - 1]`` and take ``seqlen`` tokens.
 

@@ -1,4 +1,4 @@
-"""Token perplexity with the reference WikiText-2 protocol (SPEC 1.6).
+"""Token perplexity with the reference WikiText-2 protocol (docs/explanation/reference-semantics.md).
 
 The documents of a corpus are joined with ``"\\n\\n"`` and tokenized once (tokenizer defaults,
 so one BOS at the very start when the tokenizer adds one). The ids are cut into non-overlapping
