@@ -313,3 +313,51 @@ def test_tensorfile_is_read_by_safetensors(tmp_path):
             assert torch.equal(f.get_tensor(k), v)
     tf = tensorfile.TensorFile(tmp_path / "x.safetensors")
     assert torch.equal(tf.read("a", rows=(1, 4)), tensors["a"][1:4])
+
+
+def test_resume_without_a_work_dir_finds_the_default_one(tmp_path, registry):
+    cfg = dict(RUN, model="random:tiny", metric="wanda")
+    crash = _CrashAfter(0)
+    registry.pm.register(crash)
+    try:
+        with pytest.raises(_Crash):
+            compresskit.prune(**cfg, max_memory="8GB", registry=registry)
+    finally:
+        registry.pm.unregister(crash)
+    result = compresskit.prune(**cfg, max_memory="8GB", resume=True, registry=registry)
+    assert result.manifest["streaming"]["resumed"] == ["pruning, next block 1"]
+    work = Path(result.manifest["streaming"]["work_dir"])
+    assert work.parent.name == "work" and work.is_dir()
+    result.save(tmp_path / "out")
+    assert not work.exists()
+
+
+def test_imported_reference_gradients_stream_like_in_memory(small_ckpt, tmp_path):
+    from compresskit import gradients
+    from compresskit_plugins.adapters.llama import LlamaAdapter
+
+    adapter = LlamaAdapter()
+    loaded = adapter.load(small_ckpt)
+    batches = adapter.calibration_batches(loaded, 4, 24, 0, "random")
+    stat = GradNorm("l1", 100.0)
+    parts = gradients.compute(adapter, loaded.model, batches, [stat], torch.device("cpu"), progress=False)
+    path = tmp_path / "gradients_aggregrate_norm_l1_model_small.pth"
+    torch.save({k: stat.finish(p).half() for k, p in parts[stat.key()].items()}, path)
+    cfg = dict(RUN, model=small_ckpt, metric="gblm", metric_options={"semantics": "reference"},
+               gradient_options={"import_path": str(path)})
+    ref = _weights(compresskit.prune(**cfg).model)
+    compresskit.prune(**cfg, max_memory="8GB").save(tmp_path / "out")
+    got = _load(tmp_path / "out")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_cli_dry_run_and_options(small_ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from compresskit.cli import cli
+
+    args = ["prune", "--model", small_ckpt, "--metric", "wanda", "--device", "cpu", "--max-memory", "8GB"]
+    res = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert res.exit_code == 0 and "28 layers in 4 blocks" in res.output
+    res = CliRunner().invoke(cli, [*args, "--max-memory", "0.5 lots", "--dry-run"])
+    assert res.exit_code != 0 and "not a size" in res.output
