@@ -90,7 +90,6 @@ def prune(config: RunConfig, registry: Registry | None = None):
 
     from compresskit.api import _manifest
     from compresskit.cache import cache_dir, tensor_fingerprint
-    from compresskit.options import as_dict
     from compresskit.runner import needed_statistics
     from compresskit.stream import grads
     from compresskit.stream.session import Session
@@ -102,14 +101,7 @@ def prune(config: RunConfig, registry: Registry | None = None):
     calibration = config.calibration or adapter.default_calibration(loaded.source)
     run.batches = adapter.calibration_batches(loaded, config.nsamples, config.seqlen, config.seed, calibration)
     data_fp = tensor_fingerprint(run.batches)
-    facts = {
-        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_FINGERPRINT},
-        "resolved": {k: as_dict(v.options) for k, v in p.plugins.items()},
-        "checkpoint": {"path": str(checkpoint.directory), "files": checkpoint.identity()},
-        "calibration": data_fp,
-        "device": str(run.settings.device.type),
-        "versions": _versions(),
-    }
+    facts = _facts(config, p, run, checkpoint, data_fp)
     owned = config.work_dir is None
     where = Path(config.work_dir) if config.work_dir else cache_dir() / "work" / tensor_fingerprint(facts)[:16]
     work = WorkDir(where, facts, config.resume, owned=owned)
@@ -150,6 +142,20 @@ def prune(config: RunConfig, registry: Registry | None = None):
         work.close()
         raise
     return StreamedResult(loaded, adapter, run.report, manifest, run, work=work)
+
+
+def _facts(config: RunConfig, p: Any, run: Run, checkpoint: Checkpoint, data_fp: str) -> dict[str, Any]:
+    """What identifies the run's result (compared key by key on resume)."""
+    from compresskit.options import as_dict
+
+    return {
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_IN_FINGERPRINT},
+        "resolved": {k: as_dict(v.options) for k, v in p.plugins.items()},
+        "checkpoint": {"path": str(checkpoint.directory), "files": checkpoint.identity()},
+        "calibration": data_fp,
+        "device": str(run.settings.device.type),
+        "versions": _versions(),
+    }
 
 
 def _prune(s: Session, run: Run) -> None:
