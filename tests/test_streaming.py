@@ -361,3 +361,23 @@ def test_cli_dry_run_and_options(small_ckpt, tmp_path):
     assert res.exit_code == 0 and "28 layers in 4 blocks" in res.output
     res = CliRunner().invoke(cli, [*args, "--max-memory", "0.5 lots", "--dry-run"])
     assert res.exit_code != 0 and "not a size" in res.output
+
+
+def test_tied_embeddings_stream_like_in_memory(tmp_path):
+    """A head tied to the embeddings (SmolLM2, ...) is read once, stays tied, and is saved once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compresskit_plugins.adapters.llama.sources import RANDOM_PRESETS, byte_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+                      **RANDOM_PRESETS["tiny"])
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
+    byte_tokenizer().save_pretrained(tmp_path / "tied")
+    run = dict(RUN, model=str(tmp_path / "tied"), metric="gblm")
+    ref = _weights(compresskit.prune(**run).model)
+    compresskit.prune(**run, max_memory="8GB").save(tmp_path / "out")
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" not in index["weight_map"]
+    got = _load(tmp_path / "out")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)

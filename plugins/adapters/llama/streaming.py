@@ -64,6 +64,7 @@ def load_empty(directory: Path, source: str, dtype: Any, blocks: str | None) -> 
         config = AutoConfig.from_pretrained(directory)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # not done on the meta device; from_pretrained ties after loading
     except Exception as exc:
         raise CompressKitError(f"could not build the model of {directory} ({type(exc).__name__}: "
                                f"{str(exc)[:300]})") from exc
