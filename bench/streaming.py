@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--smollm2-nsamples", type=int, default=16)
-    ap.add_argument("--smollm2-budget", default="1.3GB")
+    ap.add_argument("--smollm2-budget", default="1.5GB")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:

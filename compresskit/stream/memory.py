@@ -144,8 +144,9 @@ def sizes_from_config(cfg: dict[str, Any], N: int, L: int, s: int) -> Sizes:
     P_l = sum(i * o for i, o in layers)
     P_b = P_l + 2 * d
     E = V * d
-    H = d + (0 if cfg.get("tie_word_embeddings") else V * d)
-    return Sizes(s, n * P_b + E + H, P_b, P_l, n * P_l, max(i * o for i, o in layers), sum(i * i for i, _ in layers),
+    H = d + V * d  # final norm and head (the same matrix as E when tied)
+    M = n * P_b + E + d + (0 if cfg.get("tie_word_embeddings") else V * d)
+    return Sizes(s, M, P_b, P_l, n * P_l, max(i * o for i, o in layers), sum(i * i for i, _ in layers),
                  E, H, N, L, d, f, heads, V, n)
 
 
@@ -166,13 +167,13 @@ def sizes_of(adapter: ModelAdapter, model: nn.Module, tensors: Any, N: int, L: i
             W = max(lay.weight.numel() for lay in lin.values()) if lin else 0
             X = sum(lay.in_features ** 2 for lay in lin.values())
             d_ff = max((max(lay.in_features, lay.out_features) for lay in lin.values()), default=0)
-    outside = [n for n in tensors.stored if n not in inside]
     cfg = getattr(model, "config", None)
     d = int(getattr(cfg, "hidden_size", 0) or 0)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_names = set(tensors.owner_names(head)) if head is not None else set()
-    E = sum(_numel(tensors.shape(n)) for n in outside if n not in head_names)
-    H = sum(_numel(tensors.shape(n)) for n in head_names) or E
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    input_side = {n for m in model.modules() if id(m) not in in_blocks and m is not head for n in tensors.owner_names(m)}
+    E = sum(_numel(tensors.shape(n)) for n in input_side)  # a tied head counts here too: capture reads it
+    H = sum(_numel(tensors.shape(n)) for n in (tensors.owner_names(head) if head is not None else [])) or E
     V = int(getattr(cfg, "vocab_size", 0) or 0)
     heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
     M = sum(_numel(tensors.shape(n)) for n in tensors.stored)
