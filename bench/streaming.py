@@ -228,11 +228,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         print(json.dumps(one(json.loads(args.one))))
         return
-    parts = args.only or ["memory-model", "smollm2", "big"]
+    parts = args.only or ["memory-model", "big", "smollm2"]
     old = json.loads((RESULTS / "streaming.json").read_text()) if (RESULTS / "streaming.json").is_file() else {}
     data: dict = {**old, "machine": {"cpu": platform.machine(), "cores": os.cpu_count(),
                                      "python": platform.python_version()}}
     common = dict(metric="gblm", calibration="random", device="cpu", progress=False, report_error=False)
+
+    def write() -> None:  # after every part, so that a failing part keeps the others
+        (RESULTS / "streaming.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+        (RESULTS / "streaming.md").write_text(table(data))
+
     from compresskit.cache import cache_dir
 
     cache_dir().mkdir(parents=True, exist_ok=True)
@@ -240,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp)
         if "memory-model" in parts:
             data["memory_model"] = {"paper": memory_model(128, 2048, 2), "default": memory_model(32, 256, 2)}
+            write()
         if "smollm2" in parts:
             cfg = dict(common, nsamples=args.smollm2_nsamples, seqlen=args.seqlen, calibration="handbook",
                        gradient_options={"recompute": True})
@@ -250,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             data["smollm2"] = {"in_memory": mem, "streamed": st, "masks_differ": diff, "mask_entries": total,
                                "budget": args.smollm2_budget, "nsamples": args.smollm2_nsamples,
                                "seqlen": args.seqlen}
+            write()
         if "big" in parts:
             random_checkpoint(args.preset)
             big = _child(dict(common, model=f"random-llama-{args.preset}", nsamples=args.nsamples,
@@ -257,10 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                               work_dir=str(tmp / "big-work")))
             data["big"] = {**big, "preset": args.preset, "config": PRESETS[args.preset], "budget": args.budget,
                            "nsamples": args.nsamples, "seqlen": args.seqlen}
-    (RESULTS / "streaming.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    text = table(data)
-    (RESULTS / "streaming.md").write_text(text)
-    print(text)
+    write()
+    print(table(data))
 
 
 def table(data: dict) -> str:
