@@ -180,6 +180,7 @@ def _backward(s: Session, b: int, inputs: Inputs, gout: Activations, stats: Sequ
             del out, x
     parts = {f"{sk}::{keys[n]}::{part}": t for sk, per in acc.items() for n, p in per.items() for part, t in p.items()}
     tensorfile.write(s.work.grads / block_file(b), parts, counter=s.store.counter)
+    del parts, acc
     residency.leave(b, block)
     if new is not None:
         new.persist()

@@ -14,6 +14,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from compresskit.stream.activations import ActivationStore, Activations, Inputs, contexts
+from compresskit.stream.memory import trim
 from compresskit.walk import Residency, capture_block_inputs
 
 if TYPE_CHECKING:
@@ -92,8 +93,10 @@ class Streamed(Residency):
         self._release_outside()
 
     def _release_outside(self) -> None:
-        self.s.tensors.release(self._outside)
-        self._outside = []
+        if self._outside:
+            self.s.tensors.release(self._outside)
+            self._outside = []
+            trim()
 
     @contextlib.contextmanager
     def capturing(self, first: nn.Module) -> Iterator[None]:
@@ -108,6 +111,7 @@ class Streamed(Residency):
         if self.write is not None:
             self.write(index, self.s.tensors.tensors_of(names))
         self.s.tensors.release(names)
+        trim()
 
     def captures(self) -> _Captures:
         return _Captures(self.s.store.sequence())
