@@ -51,11 +51,13 @@ def grid() -> list[tuple[str, str, dict]]:
     rows[ANCHORS.index("gblm")][2]["gradient_options"] = {"recompute": True}  # first gblm row: time its gradients
     rows += [(f"owl + {m}", s, {"metric": m, "allocation": "owl"}) for m in ("wanda", "gblm", "sparsegpt")
              for s in ("50%", "60%", "70%")]
-    nm, targets = ("50%", "4:8", "2:4"), ("50%", "2:4")  # the most expensive rows only where issue 12 sets targets
-    rows += [("wandapp", s, {"metric": "wandapp"}) for s in nm]
+    targets = ("50%", "2:4")  # the expensive rows first where issue 12 sets targets, 4:8 and lr sweeps last
+    rows += [("wandapp", s, {"metric": "wandapp"}) for s in targets]
     rows += [("gblm (selected alpha)", s, {"metric": "gblm", "select": f"metric.alpha={ALPHAS}"}) for s in targets]
-    rows += [(f"{m} + ro", s, {"metric": m, "update": "ro"}) for m in ("wanda", "gblm", "sparsegpt") for s in nm]
+    rows += [(f"{m} + ro", s, {"metric": m, "update": "ro"}) for m in ("sparsegpt", "wanda", "gblm") for s in targets]
     rows += [("wandapp + ro", s, {"metric": "wandapp", "update": "ro"}) for s in targets]
+    rows += [("wandapp", "4:8", {"metric": "wandapp"})]
+    rows += [(f"{m} + ro", "4:8", {"metric": m, "update": "ro"}) for m in ("sparsegpt", "wanda", "gblm")]
     rows += [("sparsegpt + ro (selected lr)", s, {"metric": "sparsegpt", "update": "ro", "select": f"update.lr={LRS}"})
              for s in targets]
     return rows

@@ -140,6 +140,9 @@ def cli(verbose: int, plugins: tuple[str, ...]) -> None:
 @click.option("--output", type=click.Path(file_okay=False), default=None, help="Directory for the pruned model and compresskit.json.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output that is a compresskit output.")
 @click.option("--save-format", default="dense", show_default=True, help="How --output stores the weights: dense, or another of the adapter's formats (llama: compressed-tensors; see `compresskit export`).")
+@click.option("--max-memory", default=None, metavar="SIZE", help="Stream the model block by block within SIZE of memory (e.g. 1.3GB, 800MiB); automatic when a local checkpoint does not fit.")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None, help="Keep a streamed run's progress here (default: under the cache; deleted once the output is saved).")
+@click.option("--resume", is_flag=True, help="Continue a streamed run from its work directory's last finished block.")
 @click.option("--dry-run", is_flag=True, help="Resolve plugins and check every layer against the pattern, then stop.")
 @click.option("--accumulate", type=click.Choice(["float32", "float64"]), default=DEFAULTS["accumulate"], show_default=True, help="dtype of the statistics' sums; float64 makes results independent of how many torchrun processes shared the samples.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -180,6 +183,7 @@ def prune(**kw: Any) -> None:
         eval_task_source=kw["task_source"], gradient_options=grad_opts, progress=not kw["no_progress"],
         select=kw["select"], select_nsamples=kw["select_nsamples"],
         accumulate=kw["accumulate"],
+        max_memory=kw["max_memory"], work_dir=kw["work_dir"], resume=kw["resume"],
         **{f"{field}_options": opts[field] for field in BY_FIELD},
     )
     if kw["dry_run"]:

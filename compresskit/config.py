@@ -34,6 +34,9 @@ class RunConfig:
     ``accumulate`` is the dtype of every statistic's sums (``float64``: finished in float32, so
     the result hardly depends on summation order, e.g. on how many ``torchrun`` ranks shared the
     samples; it sets the gradient precision to ``float64`` too).
+    ``max_memory`` (bytes or a size such as ``"1.3GB"``), ``work_dir`` and ``resume`` ask for a
+    streamed run (:mod:`compresskit.stream`: one block in memory, resumable); a model that does not
+    fit in memory streams without them.
     """
 
     adapter: str = "llama"
@@ -67,6 +70,9 @@ class RunConfig:
     select: str | None = None
     select_nsamples: int = 16
     accumulate: Literal["float32", "float64"] = "float32"
+    max_memory: str | int | None = None
+    work_dir: str | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsity, Mapping):
@@ -110,7 +116,13 @@ class RunConfig:
         if self.accumulate == "float64" and precision not in (None, "float64"):
             raise OptionError(f"accumulate=float64 keeps gradient sums in float64 too, but gradient.precision={precision} "
                               "asks otherwise; drop one of them")
-        for name in ("report_error", "evaluate", "progress"):
+        if self.max_memory is not None:
+            from compresskit.stream.memory import parse_size
+
+            parse_size(self.max_memory)
+        if self.work_dir is not None:
+            _expect(self, "work_dir", str, "a directory path")
+        for name in ("report_error", "evaluate", "progress", "resume"):
             _expect(self, name, bool, "True or False")
         if self.eval_task_limit is not None:
             _expect(self, "eval_task_limit", int, "an integer >= 0 (0: every example)")

@@ -109,9 +109,15 @@ class Run:
         sparsity_map: explicit ``{layer glob: sparsity}`` targets (highest priority).
         targets: the target of every layer decided so far, by layer id ``<block>.<name>``.
         block_index: the block being pruned (None before the first and after the last).
-        inputs: the current block's inputs (after ``block_done``: the next block's).
+        inputs: the current block's inputs (after ``block_done``: the next block's). Set before
+            :func:`~compresskit.runner.prune_model`, they are ``start_block``'s inputs and the
+            walk skips its capture (streamed and resumed runs).
         report: per-layer rows, filled as blocks finish.
         notes: facts plugins add for the manifest (``notes[plugin] = {...}``).
+        residency: where blocks and activations live during the walk (None: in memory, see
+            :class:`compresskit.walk.Residency`; the streamed engine sets its own).
+        start_block: the first block to prune (> 0 when a run resumes; ``report`` then holds
+            the rows of the blocks before it).
     """
 
     adapter: ModelAdapter
@@ -131,6 +137,8 @@ class Run:
     report: PruneReport = dataclasses.field(default_factory=PruneReport)
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
     pm: pluggy.PluginManager | None = None
+    residency: Any = None
+    start_block: int = 0
 
     @property
     def model(self):

@@ -69,7 +69,8 @@ def prune_model(run: Run) -> PruneReport:
     block_solver = run.solver is not None and type(run.solver).solve_block is not Solver.solve_block
     device, offload = torch.device(run.settings.device), torch.device(run.settings.offload)
     run.hook.run_started(run=run)
-    bar = _progress(len(run.adapter.blocks(run.model)), run.settings.progress, f"pruning {run.metric.name}")
+    bar = _progress(len(run.adapter.blocks(run.model)), run.settings.progress, f"pruning {run.metric.name}",
+                    run.start_block)
     clock = [t0]
 
     def block_finished(step) -> None:  # after the walk computed the next block's inputs
@@ -80,8 +81,11 @@ def prune_model(run: Run) -> PruneReport:
         clock[0] = time.perf_counter()
 
     with run.adapter.run_context(run.model):
-        walk = walk_blocks(run.adapter, run.model, run.batches if specs or block_specs or block_solver else None, device, offload,
-                           run.settings.propagate, on_step=block_finished)
+        data = run.batches if specs or block_specs or block_solver else None
+        walk = walk_blocks(run.adapter, run.model, data, device, offload, run.settings.propagate,
+                           start=run.start_block, inputs=(run.inputs or None) if data is not None else None,
+                           on_step=block_finished, residency=run.residency,
+                           keep_dense=block_solver or run.settings.propagate == "dense")
         for step in walk:
             if run.block_index is None:
                 report.capture_seconds = time.perf_counter() - t0
@@ -213,9 +217,9 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def _progress(total: int, enabled: bool, desc: str, initial: int = 0):
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="block", leave=False)
+    return tqdm(total=total, initial=initial, desc=desc, unit="block", leave=False)

@@ -8,6 +8,12 @@ such as an allocation's dense statistics, and any later streamed engine::
         ...                                   # change the block's weights if you like
     # after each step the walk computes the next block's inputs from the (changed) block
 
+Where the blocks and the rest of the model live during a walk is a :class:`Residency`: by default
+every block is moved to the compute device for its step and back to the offload device after
+it, and the calibration activations are plain lists; the streamed engine
+(:mod:`compresskit.stream`) passes one that reads each block from the checkpoint, writes it to
+the output and keeps activations within a memory budget.
+
 Block 0's inputs are captured with a forward pre-hook that records the positional *and every
 keyword* argument (attention masks, position ids, rotary ``position_embeddings``, cache
 positions...) and then stops the forward with a private exception, so nothing is hard-coded per
@@ -16,6 +22,7 @@ model family or ``transformers`` version. Only the current block lives on the co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -38,19 +45,73 @@ class _Captured(Exception):
     """Private sentinel that stops the forward pass once block 0's inputs are recorded."""
 
 
-def capture_block_inputs(adapter: ModelAdapter, model: nn.Module, batches: Sequence[dict], device: torch.device) -> list[BlockInput]:
+class Residency:
+    """Where the model lives during a walk, and where the block outputs go (the default: in memory).
+
+    Subclasses change where blocks come from and go to (the streamed engine reads them from the
+    checkpoint and writes them to the output) and what holds a pass's outputs (a list, or a
+    sequence that spills to disk). Every method is called by :func:`walk_blocks` and
+    :func:`capture_block_inputs` only.
+    """
+
+    def __init__(self, device: Any, offload: Any = None) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.offload = torch.device(offload or "cpu")
+
+    def outside_in(self, model: nn.Module, blocks: list[nn.Module]) -> None:
+        """Before the capture: everything outside the blocks (embeddings, head) onto the compute device."""
+        move_outside(model, blocks, self.device)
+
+    def outside_out(self, model: nn.Module, blocks: list[nn.Module]) -> None:
+        """After the last block: everything outside the blocks back to the offload device."""
+        move_outside(model, blocks, self.offload)
+
+    @contextlib.contextmanager
+    def capturing(self, first: nn.Module) -> Iterator[None]:
+        """Block 0's placement while its inputs are captured (it is called, but never computes)."""
+        home = _device_of(first)
+        first.to(self.device)
+        try:
+            yield
+        finally:
+            first.to(home)
+
+    def enter(self, index: int, block: nn.Module) -> None:
+        """Make block ``index`` ready on the compute device for its step."""
+        block.to(self.device)
+
+    def leave(self, index: int, block: nn.Module) -> None:
+        """The step of block ``index`` is over (its outputs are computed)."""
+        block.to(self.offload)
+
+    def captures(self) -> list:
+        """An empty container for the captured block-0 inputs (``append((args, kwargs))``)."""
+        return []
+
+    def outputs(self) -> list:
+        """An empty container for one pass's block outputs (``append``, ``len``, indexing)."""
+        return []
+
+    def advance(self, inputs: Sequence[BlockInput], outputs: Sequence[torch.Tensor]) -> Sequence[BlockInput]:
+        """The next block's inputs from this block's inputs and outputs."""
+        return advance(inputs, outputs)
+
+
+def capture_block_inputs(adapter: ModelAdapter, model: nn.Module, batches: Sequence[dict], device: torch.device,
+                         residency: Residency | None = None) -> list[BlockInput]:
     """Run the model on each batch until block 0 and record its ``(args, kwargs)`` on ``device``.
 
     Every module outside the blocks is moved to ``device`` (and stays there); the blocks stay put.
     """
     import torch
 
+    residency = residency or Residency(device)
     blocks = list(adapter.blocks(model))
-    move_outside(model, blocks, device)
+    residency.outside_in(model, blocks)
     first = blocks[0]
-    home = _device_of(first)
-    first.to(device)
-    records: list[BlockInput] = []
+    records = residency.captures()
 
     def hook(module, args, kwargs):
         records.append((to_device(args, device), to_device(kwargs, device)))
@@ -58,7 +119,7 @@ def capture_block_inputs(adapter: ModelAdapter, model: nn.Module, batches: Seque
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad():
+        with residency.capturing(first), torch.no_grad():
             for batch in batches:
                 try:
                     adapter.forward(model, to_device(batch, device))
@@ -67,7 +128,6 @@ def capture_block_inputs(adapter: ModelAdapter, model: nn.Module, batches: Seque
                 raise RuntimeError(f"adapter {adapter.name!r}: the forward pass never reached block 0")
     finally:
         handle.remove()
-        first.to(home)
     return records
 
 
@@ -88,8 +148,11 @@ def sample_count(x: torch.Tensor) -> int:
 
 
 def replay(block: nn.Module, inputs: Sequence[BlockInput], layers: dict[str, nn.Module] | None = None,
-           taps: dict[str, Tap] | None = None) -> list[torch.Tensor]:
-    """Run ``block`` over every input (no gradients); ``taps[name]`` sees ``layers[name]``'s inputs."""
+           taps: dict[str, Tap] | None = None, sink: Any = None) -> list[torch.Tensor]:
+    """Run ``block`` over every input (no gradients); ``taps[name]`` sees ``layers[name]``'s inputs.
+
+    The outputs are appended to ``sink`` (default: a new list), which is returned.
+    """
     import torch
 
     handles = []
@@ -99,8 +162,11 @@ def replay(block: nn.Module, inputs: Sequence[BlockInput], layers: dict[str, nn.
 
         handles.append(layers[name].register_forward_pre_hook(hook))
     try:
+        out = [] if sink is None else sink
         with torch.no_grad():
-            return [block_output(block, a, k) for a, k in inputs]
+            for a, k in inputs:
+                out.append(block_output(block, a, k))
+        return out
     finally:
         for h in handles:
             h.remove()
@@ -116,19 +182,24 @@ class BlockStep:
     """One block of a walk: the block (on the compute device), its index and its inputs.
 
     ``forward(taps)`` runs the block over its inputs (first call's outputs are remembered as
-    ``dense_outputs``); set ``outputs`` yourself to decide the next block's inputs.
+    ``dense_outputs`` unless ``keep_dense`` is False, then they are dropped); set ``outputs``
+    yourself to decide the next block's inputs.
     """
 
     index: int
     block: nn.Module
-    inputs: list[BlockInput]
+    inputs: Sequence[BlockInput]
     layers: dict[str, nn.Module]
-    dense_outputs: list[torch.Tensor] | None = None
-    outputs: list[torch.Tensor] | None = None
+    dense_outputs: Sequence[torch.Tensor] | None = None
+    outputs: Sequence[torch.Tensor] | None = None
+    sink: Callable[[], Any] = list
+    keep_dense: bool = True
 
-    def forward(self, taps: dict[str, Tap] | None = None) -> list[torch.Tensor]:
+    def forward(self, taps: dict[str, Tap] | None = None) -> Sequence[torch.Tensor]:
         """Outputs of the block over every input, feeding each tapped layer's inputs to its tap."""
-        outs = replay(self.block, self.inputs, self.layers, taps)
+        if not self.keep_dense and taps:
+            return replay(self.block, self.inputs, self.layers, taps, sink=_Discard())
+        outs = replay(self.block, self.inputs, self.layers, taps, sink=self.sink())
         if self.dense_outputs is None:
             self.dense_outputs = outs
         return outs
@@ -136,8 +207,8 @@ class BlockStep:
 
 def walk_blocks(adapter: ModelAdapter, model: nn.Module, batches: Sequence[dict] | None, device: torch.device,
                 offload: torch.device | None = None, propagate: str = "pruned", start: int = 0,
-                inputs: list[BlockInput] | None = None, on_step: Callable[[BlockStep], Any] | None = None
-                ) -> Iterator[BlockStep]:
+                inputs: Sequence[BlockInput] | None = None, on_step: Callable[[BlockStep], Any] | None = None,
+                residency: Residency | None = None, keep_dense: bool = True) -> Iterator[BlockStep]:
     """Visit the blocks in order with their calibration inputs (see the module docstring).
 
     Args:
@@ -148,31 +219,39 @@ def walk_blocks(adapter: ModelAdapter, model: nn.Module, batches: Sequence[dict]
         start: resume at this block (with ``inputs``).
         inputs: the inputs of block ``start``; given, the capture is skipped.
         on_step: called after each step's outputs are computed (progress, checkpoints).
+        residency: where blocks and activations live (default: :class:`Residency`, in memory).
+        keep_dense: keep the first forward's outputs of a step that had taps (``dense_outputs``);
+            False drops them (nothing but ``propagate="dense"`` or a block solver reads them).
     """
-    import torch
-
-    offload = offload or torch.device("cpu")
+    residency = residency or Residency(device, offload)
     blocks = list(adapter.blocks(model))
-    if inputs is None and batches is not None:
-        inputs = capture_block_inputs(adapter, model, batches, device)
+    if inputs is None and batches is not None and start < len(blocks):
+        inputs = capture_block_inputs(adapter, model, batches, device, residency)
     for i in range(start, len(blocks)):
         block = blocks[i]
-        block.to(device)
-        step = BlockStep(i, block, inputs or [], adapter.prunable(block))
+        residency.enter(i, block)
+        step = BlockStep(i, block, inputs or [], adapter.prunable(block), sink=residency.outputs,
+                         keep_dense=keep_dense or propagate == "dense")
         yield step
         if inputs is not None and step.outputs is None:
             if propagate == "dense":
                 step.outputs = step.dense_outputs if step.dense_outputs is not None else step.forward()
             else:
-                step.outputs = replay(block, inputs)
+                step.outputs = replay(block, inputs, sink=residency.outputs())
         if inputs is not None:
-            inputs = advance(inputs, step.outputs)
+            inputs = residency.advance(inputs, step.outputs)
             step.inputs = inputs
-        block.to(offload)
-        synchronize(device)
+        residency.leave(i, block)
+        synchronize(residency.device)
         if on_step is not None:
             on_step(step)
-    move_outside(model, blocks, offload)
+    residency.outside_out(model, blocks)
+
+
+class _Discard:
+    """A sink that drops what it is given (outputs nobody reads)."""
+
+    def append(self, _item: Any) -> None: ...
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -138,7 +138,7 @@ def test_manifest_keys_are_documented():
     manifest = prune(adapter="llama", model="random:tiny", metric="wanda", nsamples=2, seqlen=16,
                      device="cpu", progress=False).manifest
     documented = set(re.findall(r"^\| `(\w+)` \|", _page("howto/report.md"), flags=re.M))
-    optional = {"gradients", "evaluation", "zeroshot", "selection", "distributed"}  # gradient metrics / --eval / --eval-tasks / --select / torchrun
+    optional = {"gradients", "evaluation", "zeroshot", "selection", "distributed", "streaming"}  # gradient metrics / --eval / --eval-tasks / --select / torchrun / streamed runs
     assert set(manifest) - documented == set(), "undocumented manifest keys"
     assert documented - set(manifest) <= optional, "documented keys the manifest does not have"
 

@@ -147,6 +147,31 @@ class LlamaAdapter(ModelAdapter):
         if loaded.processor is not None and hasattr(loaded.processor, "save_pretrained"):
             loaded.processor.save_pretrained(directory)
 
+    # ---- streamed runs (compresskit.stream): see streaming.py
+    def checkpoint_dir(self, source: str) -> Path:
+        from . import streaming
+
+        return streaming.checkpoint_dir(source)
+
+    def load_empty(self, directory: Path, source: str) -> Loaded:
+        import torch
+
+        from . import streaming
+
+        return streaming.load_empty(directory, source, getattr(torch, self.options.dtype), self.options.blocks)
+
+    def save_extras(self, loaded, directory: Path) -> None:
+        import torch
+
+        from . import streaming
+
+        streaming.save_extras(loaded, directory, getattr(torch, self.options.dtype))
+
+    def head_loss(self, model, hidden, batch):
+        from . import streaming
+
+        return streaming.head_loss(model, hidden, batch)
+
     def check_save_format(self, format):
         super().check_save_format(format)
         if format == "compressed-tensors":

