@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from compresskit import distributed, gradcache
+from compresskit.blockgrad import requires_grad_only
 from compresskit.checks import check_tensor
 from compresskit.device import to_device
 from compresskit.errors import GradientError
@@ -193,7 +194,7 @@ def compute(
     with contextlib.ExitStack() as stack:
         stack.enter_context(_on_device(model, device))
         stack.enter_context(_eval_mode(model))
-        stack.enter_context(_grad_only(model, params.values()))
+        stack.enter_context(requires_grad_only(model, params.values()))
         stack.enter_context(adapter.run_context(model))
         if checkpointing:
             stack.enter_context(checkpointed(adapter.blocks(model)))
@@ -243,36 +244,10 @@ def checkpointed(blocks: Sequence[nn.Module]) -> Iterator[None]:
     """
     from torch.utils.checkpoint import checkpoint
 
-    patched = []
-    try:
-        for block in blocks:
-            own = block.__dict__.get("forward")  # an instance-level forward (e.g. accelerate hooks)
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-            patched.append((block, own))
-        yield
-    finally:
-        for block, own in patched:
-            if own is None:
-                del block.forward
-            else:
-                block.forward = own
+    from compresskit.walk import patched_forwards
 
-
-@contextlib.contextmanager
-def _grad_only(model: nn.Module, wanted: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Only ``wanted`` parameters require grad inside; every flag (and ``.grad``) restored after."""
-    params = list(model.parameters())
-    old = [(p, p.requires_grad, p.grad) for p in params]
-    keep = {id(p) for p in wanted}
-    try:
-        for p in params:
-            p.requires_grad_(id(p) in keep)
-            p.grad = None
+    with patched_forwards(blocks, lambda i, block: functools.partial(checkpoint, block.forward, use_reentrant=False)):
         yield
-    finally:
-        for p, flag, grad in old:
-            p.requires_grad_(flag)
-            p.grad = grad
 
 
 @contextlib.contextmanager

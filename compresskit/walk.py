@@ -259,3 +259,22 @@ def _device_of(module: nn.Module) -> torch.device:
 
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def patched_forwards(blocks: Sequence[nn.Module], make: Callable[[int, nn.Module], Callable[..., Any]]) -> Iterator[None]:
+    """Inside: block ``i``'s ``forward`` is ``make(i, block)``; after, each block's own forward is back
+    (an instance-level forward, e.g. accelerate's hooks, included)."""
+    patched = []
+    try:
+        for i, block in enumerate(blocks):
+            own = block.__dict__.get("forward")
+            block.forward = make(i, block)
+            patched.append((block, own))
+        yield
+    finally:
+        for block, own in patched:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own

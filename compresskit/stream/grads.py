@@ -34,7 +34,7 @@ from compresskit.errors import GradientError
 from compresskit.stats import REFERENCE_SCALE, GradNorm
 from compresskit.stream import tensorfile
 from compresskit.stream.activations import Activations, Inputs
-from compresskit.walk import block_output, walk_blocks
+from compresskit.walk import block_output, patched_forwards, walk_blocks
 
 if TYPE_CHECKING:
     from compresskit.stream.session import Session
@@ -207,25 +207,17 @@ def _check_loss(loss: torch.Tensor) -> None:
 def bypassed(blocks: Sequence[torch.nn.Module], hidden: torch.Tensor, as_tuple: bool) -> Iterator[None]:
     """Every block returns its first argument unchanged, the last one returns ``hidden``: a model
     forward then computes only what comes after the blocks (final norm, head, loss) from ``hidden``."""
-    patched = []
-    try:
-        for i, block in enumerate(blocks):
-            last = i == len(blocks) - 1
+    last = len(blocks) - 1
 
-            def fwd(*args, _last=last, **kwargs):
-                out = hidden if _last else args[0]
-                return (out,) if as_tuple else out
+    def make(i: int, block: torch.nn.Module):
+        def fwd(*args, **kwargs):
+            out = hidden if i == last else args[0]
+            return (out,) if as_tuple else out
 
-            own = block.__dict__.get("forward")
-            block.forward = fwd
-            patched.append((block, own))
+        return fwd
+
+    with patched_forwards(blocks, make):
         yield
-    finally:
-        for block, own in patched:
-            if own is None:
-                del block.forward
-            else:
-                block.forward = own
 
 
 FINISHED = "finished"
