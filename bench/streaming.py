@@ -297,6 +297,18 @@ def table(data: dict) -> str:
                          f"{gb(r['runtime_rss'])} | {gb(max(r['peak_rss'], r['ru_maxrss']) - r['runtime_rss'])} | "
                          f"{ratio} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {read} | {spilled} | {during} |")
         lines.append("")
+        for name, r, budget in rows:  # the verdict against the budget, and what the memory model expected
+            st = r.get("streaming") or {}
+            if not st or budget == "-":
+                continue
+            peak, limit = max(r["peak_rss"], r["ru_maxrss"]), parse_size(budget)
+            step, size = max(st["memory_model"].items(), key=lambda kv: kv[1])
+            verdict = ("within it" if peak <= limit else
+                       f"**over it by {gb(peak - limit)} GB ({(peak - limit) / limit:.0%})**")
+            lines += [f"- {name}: peak RSS {gb(peak)} GB against `--max-memory {budget}`: {verdict}. The memory "
+                      f"model expected {gb(st['runtime_rss'] + size)} GB: the runtime {gb(st['runtime_rss'])} + "
+                      f"its largest step, {step}, {gb(size)} (activations within the budget included); measured "
+                      f"peak during {r['peak_during']}.", ""]
     if "big" in data:
         b = data["big"]
         c = b["config"]
