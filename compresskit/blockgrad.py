@@ -46,7 +46,7 @@ def requires_grad_only(module: nn.Module, wanted: Iterable[nn.Parameter]) -> Ite
 
 
 def collect(block: nn.Module, layers: dict[str, nn.Linear], inputs: Sequence[BlockInput],
-            specs: Sequence[Statistic]) -> dict[str, dict[str, Parts]]:
+            specs: Sequence[Statistic], accumulate: str = "float32") -> dict[str, dict[str, Parts]]:
     """Parts of every block-gradient statistic for every layer: ``parts[layer name][stat.key()]``.
 
     Args:
@@ -54,13 +54,16 @@ def collect(block: nn.Module, layers: dict[str, nn.Linear], inputs: Sequence[Blo
         layers: its prunable layers by name (the weights whose gradients are folded).
         inputs: the block's calibration inputs, ``(args, kwargs)`` per sample.
         specs: statistics with ``source == "block_gradients"`` (``objective``, ``fold``).
+        accumulate: dtype of the sums (``float64``: see :class:`compresskit.config.RunConfig`).
 
     Raises:
         CompressKitError: a non-finite objective, or a layer the objective does not depend on.
     """
     import torch
 
-    parts = {n: {s.key(): s.init(layer) for s in specs} for n, layer in layers.items()}
+    from compresskit.distributed import accumulators
+
+    parts = {n: accumulators({s.key(): s.init(layer) for s in specs}, accumulate) for n, layer in layers.items()}
     if not specs:
         return parts
     names = list(layers)

@@ -98,7 +98,8 @@ def prune_model(run: Run) -> PruneReport:
             decided = {}
             block_parts = {}
             if block_specs:  # summed over every rank's samples under torchrun, like the input statistics
-                block_parts = distributed.combine(blockgrad.collect(step.block, step.layers, step.inputs, block_specs))
+                block_parts = distributed.combine(
+                    blockgrad.collect(step.block, step.layers, step.inputs, block_specs, run.settings.accumulate))
             for group in run.adapter.groups(step.block):
                 parts = _collect(step, group, specs, run.settings.accumulate)
                 for name in distributed.decided_here(group, step.layers):  # under torchrun: this rank's share

@@ -124,6 +124,29 @@ def test_float64_accumulation_makes_ranks_and_single_process_identical(tmp_path)
     assert json.loads(rank0["manifest"])["gradients"]["precision"] == "float64"
 
 
+@pytest.mark.parametrize("overrides", [dict(metric="wanda", allocation="owl", sparsity=0.6),
+                                       dict(metric="wandapp")], ids=["owl", "wandapp"])
+def test_owl_targets_and_block_gradients_are_summed_across_ranks(tmp_path, overrides):
+    """OWL's pre-pass and Wanda++'s block-local gradients are sums over samples too: with float64
+    sums two ranks give exactly the single-process per-layer targets, statistics and masks."""
+    (single,) = _run(tmp_path, "one", 1, accumulate="float64", **overrides)
+    rank0, rank1 = _run(tmp_path, "two", 2, accumulate="float64", **overrides)
+    assert rank0["rows"] == rank1["rows"] == single["rows"]  # per-layer sparsity (OWL's targets) and errors
+    finished = {**rank0["stats"], **rank1["stats"]}
+    for layer, want in single["stats"].items():
+        for name, value in want.items():
+            assert torch.equal(finished[layer][name], value), (layer, name)
+    for layer, want in single["weights"].items():
+        assert torch.equal(rank0["weights"][layer], want), layer
+
+
+@pytest.mark.parametrize("overrides, words", [(dict(metric="wanda", update="ro"), "solve_block"),
+                                              (dict(metric="gblm", select="metric.alpha=0,100"), "--select")])
+def test_block_solvers_and_selection_refuse_torchrun(tmp_path, overrides, words):
+    for res in launch(_prune_plain, 2, tmp_path, overrides, timeout=60):
+        assert not res["ok"] and words in res["error"] and "single process" in res["error"]
+
+
 def test_three_ranks_uneven_shards(tmp_path):
     (single,) = _run(tmp_path, "one", 1, metric="wanda", nsamples=7, accumulate="float64")
     ranks = _run(tmp_path, "three", 3, metric="wanda", nsamples=7, accumulate="float64")
