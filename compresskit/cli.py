@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from compresskit import distributed
+from compresskit import distributed, summary
 from compresskit._version import __version__
 from compresskit.commands import COMMANDS, REGISTRY
 from compresskit.config import RunConfig
@@ -193,7 +193,7 @@ def prune(**kw: Any) -> None:
         return
     result = api.prune(config, registry=registry(), output=kw["output"], overwrite=kw["overwrite"],
                        save_format=kw["save_format"])
-    _print_summary(result, echo)
+    summary.print_summary(result, echo)
     if kw["output"] and distributed.current().is_writer:  # under torchrun rank 0 alone wrote it
         echo(f"saved to {kw['output']} ({kw['save_format']}; manifest: compresskit.json)")
         if kw["write_report"]:
@@ -209,34 +209,6 @@ def _echo():
     return click.echo if distributed.current().is_writer else (lambda *a, **k: None)
 
 
-def _print_summary(result, echo=click.echo) -> None:
-    rep = result.report
-    by_block: dict[int, list] = {}
-    for r in rep.layers:
-        by_block.setdefault(r.block, []).append(r)
-    echo(f"{'block':>5}  {'layers':>6}  {'target':>6}  {'sparsity':>8}  {'mean rel. error':>15}  {'seconds':>7}")
-    for b, rows in by_block.items():
-        errs = [r.error for r in rows if r.error is not None]
-        err = f"{sum(errs) / len(errs):.4g}" if errs else "-"
-        w = sum(r.shape[0] * r.shape[1] for r in rows)
-        sp = sum(r.sparsity * r.shape[0] * r.shape[1] for r in rows) / w
-        tg = sum(r.target * r.shape[0] * r.shape[1] for r in rows) / w
-        secs = rep.block_seconds[b] if b < len(rep.block_seconds) else sum(r.seconds for r in rows)
-        echo(f"{b:>5}  {len(rows):>6}  {tg:>6.3f}  {sp:>8.4f}  {err:>15}  {secs:>7.2f}")
-    echo(f"overall sparsity {rep.overall_sparsity:.4f} (target {rep.overall_target:.4f}) in {rep.seconds:.1f}s")
-    if "selection" in result.manifest:
-        from compresskit.select import describe
-
-        echo(describe(result.manifest["selection"]))
-    ev = result.manifest.get("evaluation")
-    if ev:
-        for which in ("dense", "pruned"):
-            if which in ev:
-                echo(f"{which:>6}: {_headline(ev[which])}")
-    if "zeroshot" in result.manifest:
-        _print_zeroshot(result.manifest["zeroshot"], echo)
-
-
 def _task_list(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -244,27 +216,6 @@ def _task_list(value: str | None) -> list[str] | None:
     if not names:
         raise click.BadParameter("give at least one task name, e.g. hellaswag,arc_easy,piqa", param_hint="--eval-tasks")
     return names
-
-
-def _print_zeroshot(runs: dict[str, dict], echo=click.echo) -> None:
-    """One row per task: n, then acc (and acc_norm) of each run (dense, pruned)."""
-    first = next(iter(runs.values()))
-    echo(f"{'task':<15} {'n':>6}  " + "  ".join(f"{(w + ' acc').strip():>11} {(w + ' acc_norm').strip():>16}"
-                                                      for w in runs))
-    for task, row in first["tasks"].items():
-        cells = []
-        for res in runs.values():
-            r = res["tasks"][task]
-            norm = f"{r['acc_norm']:.4f}" if "acc_norm" in r else "-"
-            cells.append(f"{r['acc']:>11.4f} {norm:>16}")
-        echo(f"{task:<15} {row['n']:>6}  " + "  ".join(cells))
-    p = first["protocol"]
-    echo(f"zero-shot: lm-eval {p['lm_eval_version']}, {p['source']} data, num_fewshot 0, "
-               f"limit {p['limit'] if p['limit'] is not None else 'all'} per task, device {p['device']}")
-
-
-def _headline(res: dict) -> str:
-    return ", ".join(f"{k} {v:.4g}" for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 @cli.command("eval")
@@ -300,9 +251,9 @@ def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, win
             clean["non_finite"] = broken
         echo(json.dumps(clean, default=str, allow_nan=False))
     elif names:
-        _print_zeroshot({"": res}, echo)
+        summary.print_zeroshot({"": res}, echo)
     else:
-        echo(f"{model}: {_headline(res)}")
+        echo(f"{model}: {summary.headline(res)}")
     if broken:
         raise NonFiniteError(f"the model is numerically broken: {', '.join(broken)} is not finite (NaN or inf weights "
                              "or activations); prune again from an intact checkpoint, or load in float32")
