@@ -202,7 +202,7 @@ def compute(
         acc = {s.key(): {k: s.init(layer) for k, layer in layers.items()} for s in stats}
         folded: set[str] = set()
         for key, p in params.items():  # fold each gradient as soon as autograd produces it
-            hook = _folder(key, [(s, acc[s.key()][key]) for s in stats], folded)
+            hook = folding_hook(key, [(s, acc[s.key()][key]) for s in stats], folded)
             stack.callback(p.register_post_accumulate_grad_hook(hook).remove)
         for batch in _progress(batches, progress):
             loss = adapter.loss(model, to_device(batch, device))
@@ -219,7 +219,7 @@ def compute(
     return {sk: {k: {n: t.cpu() for n, t in p.items()} for k, p in layers.items()} for sk, layers in acc.items()}
 
 
-def _folder(key: str, targets: list[tuple[GradNorm, dict[str, torch.Tensor]]], folded: set[str]):
+def folding_hook(key: str, targets: list[tuple[GradNorm, dict[str, torch.Tensor]]], folded: set[str]):
     """Post-accumulate-grad hook: fold ``p.grad`` into every statistic and free it at once, so
     only one layer's gradient exists at a time (instead of all of them until the backward ends)."""
 

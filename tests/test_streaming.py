@@ -143,15 +143,20 @@ def reference_output(small_ckpt, tmp_path_factory):
     return out
 
 
-def test_killed_after_block_k_resumes_to_identical_output(small_ckpt, reference_output, tmp_path, registry):
-    cfg = dict(RUN, model=small_ckpt, metric="gblm", work_dir=str(tmp_path / "work"))
-    crash = _CrashAfter(1)
+def _crashed_run(cfg: dict, registry, after: int) -> None:
+    """Run ``cfg`` with a hook that raises after block ``after`` has been committed."""
+    crash = _CrashAfter(after)
     registry.pm.register(crash)
     try:
         with pytest.raises(_Crash):
             compresskit.prune(**cfg, registry=registry)
     finally:
         registry.pm.unregister(crash)
+
+
+def test_killed_after_block_k_resumes_to_identical_output(small_ckpt, reference_output, tmp_path, registry):
+    cfg = dict(RUN, model=small_ckpt, metric="gblm", work_dir=str(tmp_path / "work"))
+    _crashed_run(cfg, registry, after=1)
     progress = json.loads((tmp_path / "work" / "progress.json").read_text())
     assert progress["phase"] == "prune" and progress["next"] == 2
     result = compresskit.prune(**cfg, resume=True, registry=registry)
@@ -231,13 +236,7 @@ def test_sigkill_then_resume_gives_identical_output(small_ckpt, reference_output
 
 def test_changed_configuration_refuses_to_resume(small_ckpt, tmp_path, registry):
     cfg = dict(RUN, model=small_ckpt, metric="wanda", work_dir=str(tmp_path / "work"))
-    crash = _CrashAfter(0)
-    registry.pm.register(crash)
-    try:
-        with pytest.raises(_Crash):
-            compresskit.prune(**cfg, registry=registry)
-    finally:
-        registry.pm.unregister(crash)
+    _crashed_run(cfg, registry, after=0)
     with pytest.raises(ResumeError, match=r"config\.sparsity: null -> 0\.6"):
         compresskit.prune(**cfg, sparsity=0.6, resume=True, registry=registry)
     with pytest.raises(ResumeError, match="pass --resume"):

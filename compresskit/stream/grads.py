@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from compresskit import gradcache
+from compresskit.gradients import folding_hook
 from compresskit.device import to_device
 from compresskit.errors import GradientError
 from compresskit.stats import REFERENCE_SCALE, GradNorm
@@ -162,7 +163,7 @@ def _backward(s: Session, b: int, inputs: Inputs, gout: Activations, stats: Sequ
     with contextlib.ExitStack() as stack:
         for name, layer in layers.items():
             layer.weight.requires_grad_(True)
-            hook = _folder(name, [(st, acc[st.key()][name]) for st in stats], folded)
+            hook = folding_hook(name, [(st, acc[st.key()][name]) for st in stats], folded)
             stack.callback(layer.weight.register_post_accumulate_grad_hook(hook).remove)
         stack.enter_context(torch.enable_grad())
         for n in range(len(inputs)):
@@ -185,16 +186,6 @@ def _backward(s: Session, b: int, inputs: Inputs, gout: Activations, stats: Sequ
     if new is not None:
         new.persist()
     return new
-
-
-def _folder(name: str, targets: list[tuple[GradNorm, dict]], folded: set[str]):
-    def hook(p: torch.Tensor) -> None:
-        for stat, parts in targets:
-            stat.fold(parts, p.grad)
-        p.grad = None
-        folded.add(name)
-
-    return hook
 
 
 def _check_loss(loss: torch.Tensor) -> None:
