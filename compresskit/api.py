@@ -122,21 +122,6 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
 
     ctx = distributed.current()  # under torchrun: this rank's place (see compresskit.distributed)
     config = config_replace(config, **overrides)  # an unknown keyword is an OptionError with the fix
-    if config.select is not None:  # one prune per value, the best on held-out calibration data
-        from compresskit.output import check_target
-        from compresskit.select import prune_selected
-
-        if ctx.enabled:
-            from compresskit.errors import DistributedError
-
-            raise DistributedError("--select prunes several times and compares held-out losses; it runs in a single "
-                                   "process: drop torchrun, or select the value first and rerun it under torchrun")
-        if output is not None:
-            check_target(output, overwrite)
-        result = prune_selected(config, registry, plan, prune, _evaluate_selected)
-        if output is not None:
-            result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
-        return result
     if _streamed(config, registry):  # one block in memory at a time (compresskit.stream)
         from compresskit.stream import engine
 
@@ -150,6 +135,21 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
 
             check_target(output, overwrite)
         result = engine.prune(config, registry)
+        if output is not None:
+            result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
+        return result
+    if config.select is not None:  # one prune per value, the best on held-out calibration data
+        from compresskit.output import check_target
+        from compresskit.select import prune_selected
+
+        if ctx.enabled:
+            from compresskit.errors import DistributedError
+
+            raise DistributedError("--select prunes several times and compares held-out losses; it runs in a single "
+                                   "process: drop torchrun, or select the value first and rerun it under torchrun")
+        if output is not None:
+            check_target(output, overwrite)
+        result = prune_selected(config, registry, plan, prune, _evaluate_selected)
         if output is not None:
             result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
         return result

@@ -53,9 +53,10 @@ def _load(directory) -> dict[str, torch.Tensor]:
     return _weights(AutoModelForCausalLM.from_pretrained(directory))
 
 
-@pytest.mark.parametrize("metric", ["wanda", "gblm", "sparsegpt", "magnitude"])
+@pytest.mark.parametrize("metric", ["wanda", "gblm", "sparsegpt", "magnitude", "wandapp", "wanda+ro"])
 def test_streamed_pruning_equals_in_memory(metric, small_ckpt, tmp_path, spill_all):
-    cfg = dict(RUN, model=small_ckpt, metric=metric)
+    metric, _, update = metric.partition("+")  # wandapp: block-gradient statistics; +ro: a block solver
+    cfg = dict(RUN, model=small_ckpt, metric=metric, **({"update": update} if update else {}))
     ref = _weights(compresskit.prune(**cfg).model)
     result = compresskit.prune(**cfg, max_memory="8GB", work_dir=str(tmp_path / "work"))
     assert result.manifest["streaming"]["activations_spilled"] > 0 or metric == "magnitude"
@@ -282,6 +283,10 @@ def test_bad_memory_settings_are_refused_with_the_fix(small_ckpt):
         compresskit.prune(**RUN, model=small_ckpt, metric="wanda", max_memory="100MB")
     with pytest.raises(OptionError, match="compresskit eval OUTPUT"):
         compresskit.prune(**RUN, model=small_ckpt, metric="wanda", max_memory="8GB", evaluate=True)
+    with pytest.raises(OptionError, match="pre-pass.*--sparsity-map"):
+        compresskit.prune(**RUN, model=small_ckpt, metric="wanda", max_memory="8GB", allocation="owl", sparsity=0.6)
+    with pytest.raises(OptionError, match="--select prunes several times"):
+        compresskit.prune(**RUN, model=small_ckpt, metric="gblm", max_memory="8GB", select="metric.alpha=0,100")
     assert memory.parse_size("1.3GB") == 1_300_000_000 and memory.parse_size("2MiB") == 2 << 20
 
 
