@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from compresskit import api, llama_sources, zeroshot
+from compresskit import api
+from compresskit_plugins.adapters.llama import sources as llama_sources
+from compresskit_plugins.adapters.llama import zeroshot
 
 METHODS = {  # row label -> prune() overrides
     "magnitude": {"metric": "magnitude"},
@@ -34,6 +36,9 @@ METHODS = {  # row label -> prune() overrides
     "gblm": {"metric": "gblm"},
     "wanda + obs update": {"metric": "wanda", "update": "obs"},
     "gblm + obs update": {"metric": "gblm", "update": "obs"},
+    # the best recipes at 50 % of bench/results/recipes.md
+    "gblm (selected alpha)": {"metric": "gblm", "select": "metric.alpha=0,1,10,100,1000"},
+    "owl + wanda": {"metric": "wanda", "allocation": "owl"},
 }
 DEFAULT_METHODS = "magnitude,wanda,sparsegpt,gblm"
 # Published zero-shot figures (not measured here): SmolLM2 model cards on the Hugging Face Hub,
@@ -74,7 +79,9 @@ def run(args, save) -> dict:
     """Screen, then one row per method; ``save(data)`` is called after every step (partial results)."""
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok, info = llama_sources.load(args.model)
+    if args.resume:
+        return _resume(args, save, t0)
+    model, tok, info = llama_sources.load(args.model, torch.float32)
     scr = screen(model, tok, args.screen_limit)
     tasks = args.tasks.split(",") if args.tasks else [t for t, r in scr["tasks"].items() if r["above_chance"]]
     if not tasks:
@@ -98,7 +105,32 @@ def run(args, save) -> dict:
     done({"method": "dense", "sparsity": 0.0, "prune_s": None, "eval_wall_s": wall, "eval_cpu_s": cpu,
           "eval_shared_with_screen": args.limit == args.screen_limit, "zeroshot": dense})
     del model
-    for label in args.methods.split(","):
+    _methods(args, data, args.methods.split(","), tasks, done)
+    return data
+
+
+def _resume(args, save, t0: float) -> dict:
+    """Keep the rows of ``OUT.json`` and add the ``--methods`` it lacks (same model, tasks, limit)."""
+    data = json.loads(Path(args.out).with_suffix(".json").read_text())
+    if data["model"] != args.model or data["limit"] != args.limit:
+        raise SystemExit(f"--resume: {args.out}.json was run with model {data['model']} and limit {data['limit']}")
+    have = {r["method"] for r in data["rows"]}
+    todo = [m for m in args.methods.split(",") if m not in have]
+    data["methods"] += [m for m in todo if m not in data["methods"]]
+    prior = data.get("total_s", 0.0)
+
+    def done(row):
+        data["rows"].append(row)
+        data.update(total_s=prior + time.perf_counter() - t0, load_average=os.getloadavg()[0])
+        save(data)
+
+    _methods(args, data, todo, data["tasks"], done)
+    return data
+
+
+def _methods(args, data: dict, labels: list[str], tasks: list[str], done) -> None:
+    """One pruned row per method label: prune at 50 % with the prune defaults, evaluate ``tasks``."""
+    for label in labels:
         result, pwall, pcpu = _timed(api.prune, adapter="llama", model=args.model, sparsity=0.5, seed=0,
                                      device="cpu", progress=False, **METHODS[label])
         res, wall, cpu = _timed(zeroshot.evaluate_tasks, result.model, result.loaded.processor, tasks, args.limit,
@@ -107,9 +139,9 @@ def run(args, save) -> dict:
         done({"method": label, "sparsity": result.report.overall_sparsity, "prune_s": pwall, "prune_cpu_s": pcpu,
               "eval_wall_s": wall, "eval_cpu_s": cpu, "zeroshot": res,
               "calibration": {k: result.manifest["calibration"][k] for k in ("nsamples", "seqlen", "fingerprint")},
-              "gradients": result.manifest.get("gradients", {}).get("cache")})
+              "gradients": result.manifest.get("gradients", {}).get("cache"),
+              "selected": (result.manifest.get("selection") or {}).get("chosen")})
         del result
-    return data
 
 
 def _pct(x: float | None) -> str:
@@ -154,7 +186,8 @@ def markdown(data: dict) -> str:
         eval_s = "(screen)" if row.get("eval_shared_with_screen") else f"{row['eval_wall_s']:.0f}"
         if row.get("gradients"):
             prune_s += f" (gradients: {row['gradients']})"
-        lines.append(f"| {row['method']} | {row['sparsity']:.3f} | {cells} | {_pct(mean)} | {prune_s} | {eval_s} |")
+        label = row["method"] + (f" (chose {row['selected']})" if row.get("selected") is not None else "")
+        lines.append(f"| {label} | {row['sparsity']:.3f} | {cells} | {_pct(mean)} | {prune_s} | {eval_s} |")
     if data["model"] != "smollm2":
         return "\n".join(lines + ["", "Command: `.venv/bin/python bench/zeroshot.py`."]) + "\n"
     arc = [scr[t] for t in ("arc_easy", "arc_challenge") if t in scr]
@@ -196,6 +229,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 documents, screen 20, magnitude and wanda")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "zeroshot"))
+    ap.add_argument("--resume", action="store_true", help="keep OUT.json's rows and run only the --methods it lacks")
     ap.add_argument("--render", action="store_true", help="only rewrite OUT.md from an existing OUT.json")
     args = ap.parse_args()
     if args.render:

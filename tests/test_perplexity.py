@@ -79,7 +79,7 @@ def test_text_shorter_than_a_window_raises(tmp_path):
 @pytest.mark.slow
 def test_smollm2_wiki_perplexity_is_sane(monkeypatch):
     monkeypatch.delenv("COMPRESSKIT_CACHE")  # reuse the developer's real cache
-    from compresskit.assets import load_smollm2
+    from compresskit_plugins.adapters.llama.sources import load_smollm2
 
     model, tok, _ = load_smollm2()
     out = perplexity.evaluate(model, tok, "wiki", 256, limit=8, progress=False)
