@@ -41,7 +41,6 @@ def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     """Plan, load, and check every layer (shared by :func:`prune` and :func:`check`)."""
     from compresskit import distributed
     from compresskit.device import resolve_device
-    from compresskit.run import Run, RunnerSettings
     from compresskit.runner import check_layers
     from compresskit.targets import check_covers, layer_id
 
@@ -53,11 +52,7 @@ def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
         loaded = p.adapter.load(p.adapter.resolve_source(config.model))
     checks.check_model(loaded)  # a NaN in the checkpoint would decide masks silently
     checks.check_seqlen(loaded, config.seqlen)
-    settings = RunnerSettings(sparsity=p.sparsity, device=device, propagate=config.propagate,
-                              report_error=config.report_error, progress=config.progress,
-                              accumulate=config.accumulate)
-    run = Run(p.adapter, p.metric, p.pattern, loaded, settings, p.solver, p.allocation, hook=p.registry.pm.hook,
-              sparsity_map=config.sparsity_map, pm=p.registry.pm)
+    run = p.new_run(loaded, device)
     check_layers(run)  # fail fast, before calibration
     uniform = not config.sparsity_map and _norm(config.allocation) == "uniform"  # else per-layer targets decide
     rounding = checks.rounding_report(p.adapter, loaded.model, p.pattern, p.sparsity) if uniform else None
@@ -125,34 +120,16 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     if _streamed(config, registry):  # one block in memory at a time (compresskit.stream)
         from compresskit.stream import engine
 
-        if ctx.enabled:
-            from compresskit.errors import DistributedError
-
-            raise DistributedError("a streamed run (--max-memory, --work-dir, --resume, or a model that does not fit) "
-                                   "runs in a single process: drop torchrun, or give each process the whole model")
-        if output is not None:
-            from compresskit.output import check_target
-
-            check_target(output, overwrite)
-        result = engine.prune(config, registry)
-        if output is not None:
-            result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
-        return result
+        return _single_process(ctx, config, output, overwrite, save_format, lambda: engine.prune(config, registry),
+                               "a streamed run (--max-memory, --work-dir, --resume, or a model that does not fit) "
+                               "runs in a single process: drop torchrun, or give each process the whole model")
     if config.select is not None:  # one prune per value, the best on held-out calibration data
-        from compresskit.output import check_target
         from compresskit.select import prune_selected
 
-        if ctx.enabled:
-            from compresskit.errors import DistributedError
-
-            raise DistributedError("--select prunes several times and compares held-out losses; it runs in a single "
-                                   "process: drop torchrun, or select the value first and rerun it under torchrun")
-        if output is not None:
-            check_target(output, overwrite)
-        result = prune_selected(config, registry, plan, prune, _evaluate_selected)
-        if output is not None:
-            result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
-        return result
+        return _single_process(ctx, config, output, overwrite, save_format,
+                               lambda: prune_selected(config, registry, plan, prune, _evaluate_selected),
+                               "--select prunes several times and compares held-out losses; it runs in a single "
+                               "process: drop torchrun, or select the value first and rerun it under torchrun")
     config = config if ctx.is_writer else dataclasses.replace(config, progress=False)
     t0 = time.perf_counter()
     p, run = _start(config, registry)
@@ -172,11 +149,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     run.batches = ctx.shard(batches)
     manifest = _manifest(config, p, run, calibration, fingerprint)
     distributed.run_started(ctx, run, manifest, len(batches))
-    request, tasks = _eval_requests(config, p.adapter, device)
-    if config.evaluate:
-        manifest["evaluation"] = {"dense": _evaluate_loaded(p.adapter, run.loaded, request)}
-    if config.eval_tasks:
-        manifest["zeroshot"] = {"dense": _evaluate_loaded(p.adapter, run.loaded, tasks)}
+    _evaluate_into(manifest, "dense", config, p.adapter, run.loaded, device)
     if p.gradient_stats:
         from compresskit import gradients
 
@@ -187,36 +160,50 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     manifest["report"] = report.to_dict()
     manifest["notes"] = run.notes
     manifest["total_seconds"] = time.perf_counter() - t0
-    if config.evaluate:
-        manifest["evaluation"]["pruned"] = _evaluate_loaded(p.adapter, run.loaded, request)
-    if config.eval_tasks:
-        manifest["zeroshot"]["pruned"] = _evaluate_loaded(p.adapter, run.loaded, tasks)
+    _evaluate_into(manifest, "pruned", config, p.adapter, run.loaded, device)
     result = PruneResult(run.loaded, p.adapter, report, manifest, run)
     if output is not None:
         result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
     return result
 
 
-def _eval_requests(config: RunConfig, adapter: ModelAdapter, device: Any) -> tuple[EvalRequest, EvalRequest]:
-    """The headline (``--eval``) and the zero-shot (``--eval-tasks``) requests of a run."""
+def _single_process(ctx: Any, config: RunConfig, output: str | Path | None, overwrite: bool, save_format: str,
+                    run: Any, refusal: str) -> PruneResult:
+    """A run that prunes outside the layerwise path here (streamed, selected): refused under
+    torchrun with ``refusal``; ``output`` checked before ``run()`` and written after it."""
+    if ctx.enabled:
+        from compresskit.errors import DistributedError
+
+        raise DistributedError(refusal)
+    if output is not None:
+        from compresskit.output import check_target
+
+        check_target(output, overwrite)
+    result = run()
+    if output is not None:
+        result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)
+    return result
+
+
+def _evaluate_into(manifest: dict[str, Any], which: str, config: RunConfig, adapter: ModelAdapter, loaded: Loaded,
+                   device: Any) -> None:
+    """``manifest["evaluation"][which]`` (``--eval``) and ``manifest["zeroshot"][which]`` (``--eval-tasks``)."""
     request = EvalRequest(config.eval_data, resolve_eval_limit(adapter, config.eval_limit), str(device),
                           config.seqlen, progress=config.progress)
-    return request, dataclasses.replace(request, tasks=config.eval_tasks, task_limit=config.eval_task_limit,
-                                        task_source=config.eval_task_source)
+    if config.evaluate:
+        manifest.setdefault("evaluation", {})[which] = _evaluate_loaded(adapter, loaded, request)
+    if config.eval_tasks:
+        tasks = dataclasses.replace(request, tasks=config.eval_tasks, task_limit=config.eval_task_limit,
+                                    task_source=config.eval_task_source)
+        manifest.setdefault("zeroshot", {})[which] = _evaluate_loaded(adapter, loaded, tasks)
 
 
 def _evaluate_selected(config: RunConfig, best: PruneResult) -> None:
     """The dense (freshly loaded) and pruned evaluations of a ``--select`` run's chosen model."""
-    adapter, loaded = best.adapter, best.loaded
-    request, tasks = _eval_requests(config, adapter, best.run.settings.device)
-    dense = adapter.load(loaded.source)
-    for key, req, wanted in (("evaluation", request, config.evaluate), ("zeroshot", tasks, config.eval_tasks)):
-        if wanted:
-            best.manifest[key] = {"dense": _evaluate_loaded(adapter, dense, req)}
+    dense = best.adapter.load(best.loaded.source)
+    _evaluate_into(best.manifest, "dense", config, best.adapter, dense, best.run.settings.device)
     del dense
-    for key, req, wanted in (("evaluation", request, config.evaluate), ("zeroshot", tasks, config.eval_tasks)):
-        if wanted:
-            best.manifest[key]["pruned"] = _evaluate_loaded(adapter, loaded, req)
+    _evaluate_into(best.manifest, "pruned", config, best.adapter, best.loaded, best.run.settings.device)
 
 
 def _streamed(config: RunConfig, registry: Registry | None) -> bool:

@@ -64,6 +64,16 @@ class Plan:
     def allocation(self) -> Any:
         return self.plugins["allocation"]
 
+    def new_run(self, loaded: Loaded, device: Any) -> Run:
+        """The run state for ``loaded`` on ``device``: this plan's plugins and the config's settings."""
+        from compresskit.run import Run, RunnerSettings
+
+        c = self.config
+        settings = RunnerSettings(sparsity=self.sparsity, device=device, propagate=c.propagate,
+                                  report_error=c.report_error, progress=c.progress, accumulate=c.accumulate)
+        return Run(self.adapter, self.metric, self.pattern, loaded, settings, self.solver, self.allocation,
+                   hook=self.registry.pm.hook, sparsity_map=c.sparsity_map, pm=self.registry.pm)
+
 
 @dataclasses.dataclass
 class PruneResult:

@@ -58,7 +58,6 @@ def check(config: RunConfig, registry: Registry | None = None) -> dict[str, Any]
 def _start(config: RunConfig, registry: Registry | None):
     from compresskit.planning import plan
     from compresskit.device import resolve_device
-    from compresskit.run import Run, RunnerSettings
     from compresskit.runner import check_layers
     from compresskit.targets import check_covers, layer_id
 
@@ -82,10 +81,7 @@ def _start(config: RunConfig, registry: Registry | None):
     checkpoint = Checkpoint(p.adapter.checkpoint_dir(source))
     loaded = p.adapter.load_empty(checkpoint.directory, source)
     device = resolve_device(config.device)
-    settings = RunnerSettings(sparsity=p.sparsity, device=device, propagate=config.propagate,
-                              report_error=config.report_error, progress=config.progress, accumulate=config.accumulate)
-    run = Run(p.adapter, p.metric, p.pattern, loaded, settings, p.solver, p.allocation, hook=p.registry.pm.hook,
-              sparsity_map=config.sparsity_map, pm=p.registry.pm)
+    run = p.new_run(loaded, device)
     check_layers(run)
     if config.sparsity_map:
         blocks = p.adapter.blocks(loaded.model)
