@@ -19,7 +19,7 @@ from compresskit.config import replace as config_replace
 from compresskit.errors import OptionError
 from compresskit.interfaces import EvalRequest, Loaded, ModelAdapter
 from compresskit.options import build
-from compresskit.planning import Plan, PruneResult, _manifest, _norm, plan, resolve_eval_limit
+from compresskit.planning import Plan, PruneResult, _manifest, plan, resolve_eval_limit
 from compresskit.registry import Registry
 
 if TYPE_CHECKING:
@@ -41,8 +41,6 @@ def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     """Plan, load, and check every layer (shared by :func:`prune` and :func:`check`)."""
     from compresskit import distributed
     from compresskit.device import resolve_device
-    from compresskit.runner import check_layers
-    from compresskit.targets import check_covers, layer_id
 
     p = plan(config, registry)
     ctx = distributed.current()
@@ -53,15 +51,7 @@ def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     checks.check_model(loaded)  # a NaN in the checkpoint would decide masks silently
     checks.check_seqlen(loaded, config.seqlen)
     run = p.new_run(loaded, device)
-    check_layers(run)  # fail fast, before calibration
-    uniform = not config.sparsity_map and _norm(config.allocation) == "uniform"  # else per-layer targets decide
-    rounding = checks.rounding_report(p.adapter, loaded.model, p.pattern, p.sparsity) if uniform else None
-    if rounding:
-        log.warning("%s", rounding)
-        run.notes.setdefault("compresskit", {}).setdefault("warnings", []).append(rounding)
-    if config.sparsity_map:
-        blocks = p.adapter.blocks(loaded.model)
-        check_covers(config.sparsity_map, [layer_id(i, n) for i, b in enumerate(blocks) for n in p.adapter.prunable(b)])
+    p.check_run(run)  # fail fast, before calibration
     return p, run
 
 

@@ -64,6 +64,25 @@ class Plan:
     def allocation(self) -> Any:
         return self.plugins["allocation"]
 
+    def check_run(self, run: Run) -> None:
+        """Before any calibration: every layer accepts the pattern, a sparsity map covers every layer,
+        and a uniform target that rounds to little is warned about (recorded in ``run.notes``)
+        or refused when it prunes nothing."""
+        from compresskit import checks
+        from compresskit.runner import check_layers
+        from compresskit.targets import check_covers, layer_id
+
+        c, model = self.config, run.loaded.model
+        check_layers(run)
+        if not c.sparsity_map and _norm(c.allocation) == "uniform":  # else per-layer targets decide
+            rounding = checks.rounding_report(self.adapter, model, self.pattern, self.sparsity)
+            if rounding:
+                log.warning("%s", rounding)
+                run.notes.setdefault("compresskit", {}).setdefault("warnings", []).append(rounding)
+        if c.sparsity_map:
+            blocks = self.adapter.blocks(model)
+            check_covers(c.sparsity_map, [layer_id(i, n) for i, b in enumerate(blocks) for n in self.adapter.prunable(b)])
+
     def new_run(self, loaded: Loaded, device: Any) -> Run:
         """The run state for ``loaded`` on ``device``: this plan's plugins and the config's settings."""
         from compresskit.run import Run, RunnerSettings

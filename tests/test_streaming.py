@@ -283,6 +283,8 @@ def test_bad_memory_settings_are_refused_with_the_fix(small_ckpt):
         compresskit.prune(**RUN, model=small_ckpt, metric="wanda", max_memory="100MB")
     with pytest.raises(OptionError, match="compresskit eval OUTPUT"):
         compresskit.prune(**RUN, model=small_ckpt, metric="wanda", max_memory="8GB", evaluate=True)
+    with pytest.raises(OptionError, match="prunes nothing"):  # the same plan checks as in memory
+        compresskit.prune(**RUN, model=small_ckpt, metric="wanda", max_memory="8GB", sparsity=0.001)
     with pytest.raises(OptionError, match="pre-pass.*--sparsity-map"):
         compresskit.prune(**RUN, model=small_ckpt, metric="wanda", max_memory="8GB", allocation="owl", sparsity=0.6)
     with pytest.raises(OptionError, match="--select prunes several times"):

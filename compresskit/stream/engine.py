@@ -58,8 +58,6 @@ def check(config: RunConfig, registry: Registry | None = None) -> dict[str, Any]
 def _start(config: RunConfig, registry: Registry | None):
     from compresskit.planning import plan
     from compresskit.device import resolve_device
-    from compresskit.runner import check_layers
-    from compresskit.targets import check_covers, layer_id
 
     p = plan(config, registry)
     if config.evaluate or config.eval_tasks:
@@ -82,10 +80,7 @@ def _start(config: RunConfig, registry: Registry | None):
     loaded = p.adapter.load_empty(checkpoint.directory, source)
     device = resolve_device(config.device)
     run = p.new_run(loaded, device)
-    check_layers(run)
-    if config.sparsity_map:
-        blocks = p.adapter.blocks(loaded.model)
-        check_covers(config.sparsity_map, [layer_id(i, n) for i, b in enumerate(blocks) for n in p.adapter.prunable(b)])
+    p.check_run(run)
     return p, run, checkpoint
 
 
