@@ -1,4 +1,4 @@
-"""What the finiteness and settings checks of ``compresskit.checks`` cost inside real runs.
+"""What the finiteness and settings checks of ``compresskit.engine.checks`` cost inside real runs.
 
 Every check function is wrapped with a process-CPU-time accumulator, then whole
 ``compresskit.prune`` calls run as usual; the table gives the CPU seconds of the run, of the
@@ -27,7 +27,8 @@ WRAPPED = ("check_model", "check_layer_stats", "check_scores", "check_new_weight
 
 def instrument() -> dict[str, float]:
     """Wrap every check (where it is called from) with a CPU-time accumulator; returns the totals."""
-    from compresskit import api, checks, gradients, runner
+    from compresskit import api
+    from compresskit.engine import checks, gradients, runner
 
     spent = {"checks": 0.0}
     depth = [0]
@@ -69,7 +70,7 @@ def main() -> None:
     from compresskit_plugins.adapters.llama import LlamaAdapter
 
     spent = instrument()
-    from compresskit import checks
+    from compresskit.engine import checks
 
     rows = []
     t = time.process_time()

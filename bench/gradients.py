@@ -64,7 +64,7 @@ class _Stamped:
 
 def one(model: str, seqlen: int, samples: int, checkpointing: bool, data: str) -> dict:
     """Measure one configuration in this process (called in a subprocess by :func:`main`)."""
-    from compresskit import gradcache, gradients
+    from compresskit.engine import gradcache, gradients
 
     torch.set_num_threads(2)
     adapter, loaded, used = _load(model)

@@ -28,8 +28,8 @@ import torch
 
 from compresskit import api
 from compresskit.options import build
-from compresskit.registry import Registry
-from compresskit.walk import block_output, capture_block_inputs
+from compresskit.engine.registry import Registry
+from compresskit.engine.walk import block_output, capture_block_inputs
 from compresskit_plugins.adapters.llama import perplexity
 
 log = logging.getLogger("bench")

@@ -58,7 +58,7 @@ def random_checkpoint(preset: str) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from compresskit.cache import atomic_directory, cache_dir
-    from compresskit.stream import tensorfile
+    from compresskit.engine.stream import tensorfile
     from compresskit_plugins.adapters.llama.sources import byte_tokenizer
 
     target = cache_dir() / "models" / f"random-llama-{preset}"
@@ -99,7 +99,7 @@ class Peak:
     """Samples RSS (``/proc/self/statm``) and, at each new maximum, the work directory's last step."""
 
     def __init__(self, work: Path | None, every: float = 0.05) -> None:
-        from compresskit.stream.memory import current_rss
+        from compresskit.engine.stream.memory import current_rss
 
         self.rss, self.work, self.every = current_rss, work, every
         self.peak, self.where, self._stop = 0, None, threading.Event()
@@ -126,15 +126,15 @@ def one(spec: dict) -> dict:
 
     torch.set_num_threads(2)
     import compresskit
-    from compresskit.registry import Registry
-    from compresskit.stream.memory import current_rss
-    from compresskit.stream.workdir import describe
+    from compresskit.engine.registry import Registry
+    from compresskit.engine.stream.memory import current_rss
+    from compresskit.engine.stream.workdir import describe
 
     import accelerate  # noqa: F401  (imported by the run anyway: part of the runtime, not of the run)
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    import compresskit.stream.engine  # noqa: F401
-    import compresskit.stream.grads  # noqa: F401
+    import compresskit.engine.stream.engine  # noqa: F401
+    import compresskit.engine.stream.grads  # noqa: F401
 
     reg = Registry.from_entrypoints()
     model = spec.pop("model")
@@ -196,7 +196,7 @@ def masks_differ(a: Path, b: Path) -> tuple[int, int]:
 
 
 def memory_model(nsamples: int, seqlen: int, s: int) -> list[dict]:
-    from compresskit.stream import memory
+    from compresskit.engine.stream import memory
 
     rows = []
     for name, cfg in LLAMA2.items():
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(data: dict) -> str:
-    from compresskit.stream.memory import parse_size
+    from compresskit.engine.stream.memory import parse_size
 
     lines = ["# Streamed pruning: memory, time, bytes read", ""]
     rows = []
@@ -327,7 +327,7 @@ def table(data: dict) -> str:
         lines += ["<!-- --8<-- [end:measured] -->", ""]
     if "memory_model" in data:
         lines += ["## The memory model for LLaMA-2 (GBLM, float16 weights, no error report)", "",
-                  "<!-- --8<-- [start:memory-model] -->", "", "Bytes from the formulas of docs/howto/large-models.md (`compresskit.stream.memory`), without the "
+                  "<!-- --8<-- [start:memory-model] -->", "", "Bytes from the formulas of docs/howto/large-models.md (`compresskit.engine.stream.memory`), without the "
                   "runtime. *Streamed, fixed* is the largest step with every activation on disk; *one copy* is "
                   "the hidden states of the calibration set (N x L x d x 2 bytes), of which a step holds two or "
                   "three when they fit the budget; the gradient pass keeps every block's inputs (*saved inputs*), "

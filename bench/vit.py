@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from compresskit import api
-from compresskit.registry import Registry
+from compresskit.engine.registry import Registry
 
 log = logging.getLogger("bench.vit")
 CANDIDATES = ("magnitude", "wanda", "gblm", "sparsegpt")

@@ -1,7 +1,7 @@
 """The Python API: ``plan`` resolves a config, ``prune`` runs it, ``check`` is the dry run,
 ``evaluate`` measures a model. The CLI is a thin layer over this module.
 
-``plan``, :class:`Plan` and :class:`PruneResult` live in :mod:`compresskit.planning` (which the
+``plan``, :class:`Plan` and :class:`PruneResult` live in :mod:`compresskit.engine.planning` (which the
 streamed engine shares) and are re-exported here.
 """
 
@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compresskit import checks
+from compresskit.engine import checks
 from compresskit.config import RunConfig
 from compresskit.config import replace as config_replace
 from compresskit.errors import OptionError
 from compresskit.interfaces import EvalRequest, Loaded, ModelAdapter
 from compresskit.options import build
-from compresskit.planning import Plan, PruneResult, _manifest, plan, resolve_eval_limit
-from compresskit.registry import Registry
+from compresskit.engine.planning import Plan, PruneResult, _manifest, plan, resolve_eval_limit
+from compresskit.engine.registry import Registry
 
 if TYPE_CHECKING:
     from compresskit.run import Run
@@ -32,15 +32,15 @@ log = logging.getLogger(__name__)
 
 def _guarded(fn):
     """Run an entry point inside a ``torchrun`` session (nothing changes without torchrun)."""
-    from compresskit.distributed import guarded
+    from compresskit.engine.distributed import guarded
 
     return guarded(fn)
 
 
 def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     """Plan, load, and check every layer (shared by :func:`prune` and :func:`check`)."""
-    from compresskit import distributed
-    from compresskit.device import resolve_device
+    from compresskit.engine import distributed
+    from compresskit.engine.device import resolve_device
 
     p = plan(config, registry)
     ctx = distributed.current()
@@ -64,11 +64,11 @@ def check(config: RunConfig | None = None, registry: Registry | None = None, **o
     """
     config = config_replace(config, **overrides)  # an unknown keyword is an OptionError with the fix
     if _streamed(config, registry):
-        from compresskit.stream import engine
+        from compresskit.engine.stream import engine
 
         return engine.check(config, registry)
     if config.select is not None:  # every value of the sweep must plan
-        from compresskit.select import parse, with_value
+        from compresskit.engine.select import parse, with_value
 
         sweep = parse(config.select)
         registry = registry or Registry.from_entrypoints()
@@ -86,12 +86,12 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     """Prune a model end to end and return the result (saved only when ``output`` is given).
 
     A run with ``max_memory``, ``work_dir`` or ``resume``, or whose local checkpoint does not fit
-    in memory, is streamed one block at a time (:func:`compresskit.stream.engine.prune`; its
+    in memory, is streamed one block at a time (:func:`compresskit.engine.stream.engine.prune`; its
     result holds the model on disk until ``save``).
 
     Args:
         config: a :class:`RunConfig`; keyword ``overrides`` replace its fields
-            (``select="metric.alpha=0,1,10"``: see :mod:`compresskit.select`).
+            (``select="metric.alpha=0,1,10"``: see :mod:`compresskit.engine.select`).
         registry: plugin registry (default: every installed plugin).
         output: save the result there; checked right after the model loads, before any
             calibration work (writable, not someone else's data, room for the model's size).
@@ -101,20 +101,20 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     Example:
         >>> result = prune(adapter="llama", model="random:tiny", metric="wanda", sparsity=0.5)
     """
-    from compresskit import distributed
+    from compresskit.engine import distributed
     from compresskit.cache import tensor_fingerprint
-    from compresskit.runner import prune_model
+    from compresskit.engine.runner import prune_model
 
-    ctx = distributed.current()  # under torchrun: this rank's place (see compresskit.distributed)
+    ctx = distributed.current()  # under torchrun: this rank's place (see compresskit.engine.distributed)
     config = config_replace(config, **overrides)  # an unknown keyword is an OptionError with the fix
-    if _streamed(config, registry):  # one block in memory at a time (compresskit.stream)
-        from compresskit.stream import engine
+    if _streamed(config, registry):  # one block in memory at a time (compresskit.engine.stream)
+        from compresskit.engine.stream import engine
 
         return _single_process(ctx, config, output, overwrite, save_format, lambda: engine.prune(config, registry),
                                "a streamed run (--max-memory, --work-dir, --resume, or a model that does not fit) "
                                "runs in a single process: drop torchrun, or give each process the whole model")
     if config.select is not None:  # one prune per value, the best on held-out calibration data
-        from compresskit.select import prune_selected
+        from compresskit.engine.select import prune_selected
 
         return _single_process(ctx, config, output, overwrite, save_format,
                                lambda: prune_selected(config, registry, plan, prune, _evaluate_selected),
@@ -141,7 +141,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     distributed.run_started(ctx, run, manifest, len(batches))
     _evaluate_into(manifest, "dense", config, p.adapter, run.loaded, device)
     if p.gradient_stats:
-        from compresskit import gradients
+        from compresskit.engine import gradients
 
         run.gradients, manifest["gradients"] = gradients.obtain(
             p.adapter, run.loaded, batches, p.gradient_stats, device, config.gradient_settings(), config.progress)
@@ -197,14 +197,14 @@ def _evaluate_selected(config: RunConfig, best: PruneResult) -> None:
 
 
 def _streamed(config: RunConfig, registry: Registry | None) -> bool:
-    from compresskit.stream import wanted
+    from compresskit.engine.stream import wanted
 
     return wanted(config, registry)
 
 
 def _evaluate_loaded(adapter: ModelAdapter, loaded: Loaded, request: EvalRequest) -> dict[str, Any]:
     """Evaluate on ``request.device`` and put the model back where it was."""
-    from compresskit.device import on_device
+    from compresskit.engine.device import on_device
 
     with on_device(loaded.model, request.device):
         return adapter.evaluate(loaded, request)
@@ -229,12 +229,12 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
     Returns:
         The adapter's result dict plus ``model``, ``adapter`` and ``device``.
     """
-    from compresskit.device import resolve_device
+    from compresskit.engine.device import resolve_device
     from compresskit.output import read_manifest
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise OptionError(f"the evaluation limit must be an integer >= 0 (0: everything), got {limit!r}")
-    from compresskit import distributed
+    from compresskit.engine import distributed
 
     progress = progress and distributed.current().is_writer
     reg = registry or Registry.from_entrypoints()

@@ -13,7 +13,7 @@ import re
 from typing import Any, Literal, Mapping
 
 from compresskit.errors import OptionError
-from compresskit.targets import check_fraction, parse_sparsity_map
+from compresskit.engine.targets import check_fraction, parse_sparsity_map
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 PROPAGATE = ("pruned", "dense")
@@ -26,16 +26,16 @@ class RunConfig:
 
     ``sparsity=None`` means "the pattern's implied sparsity, else 0.5". A mapping given as
     ``sparsity`` is taken as ``sparsity_map`` (``{layer glob: sparsity}``, see
-    :mod:`compresskit.targets`). ``update`` names the solver (``none``: zero the pruned weights
+    :mod:`compresskit.engine.targets`). ``update`` names the solver (``none``: zero the pruned weights
     and change nothing else; ``obs``: SparseGPT's reconstruction), ``allocation`` how the target
     is spread over layers. ``eval_limit`` ``None`` is the adapter's CPU-sized cap, ``0`` everything.
     ``select`` (``"metric.alpha=0,1,10"``) prunes once per value of one option and keeps the model
-    with the lowest loss on ``select_nsamples`` held-out calibration samples (:mod:`compresskit.select`).
+    with the lowest loss on ``select_nsamples`` held-out calibration samples (:mod:`compresskit.engine.select`).
     ``accumulate`` is the dtype of every statistic's sums (``float64``: finished in float32, so
     the result hardly depends on summation order, e.g. on how many ``torchrun`` ranks shared the
     samples; it sets the gradient precision to ``float64`` too).
     ``max_memory`` (bytes or a size such as ``"1.3GB"``), ``work_dir`` and ``resume`` ask for a
-    streamed run (:mod:`compresskit.stream`: one block in memory, resumable); a model that does not
+    streamed run (:mod:`compresskit.engine.stream`: one block in memory, resumable); a model that does not
     fit in memory streams without them.
     """
 
@@ -103,7 +103,7 @@ class RunConfig:
         if self.select_nsamples < 1:
             raise OptionError(f"select_nsamples must be >= 1, got {self.select_nsamples}")
         if self.select is not None:
-            from compresskit.select import parse
+            from compresskit.engine.select import parse
 
             parse(self.select)
         if self.eval_limit is not None:
@@ -117,7 +117,7 @@ class RunConfig:
             raise OptionError(f"accumulate=float64 keeps gradient sums in float64 too, but gradient.precision={precision} "
                               "asks otherwise; drop one of them")
         if self.max_memory is not None:
-            from compresskit.stream.memory import parse_size
+            from compresskit.engine.stream.memory import parse_size
 
             parse_size(self.max_memory)
         if self.work_dir is not None:

@@ -56,7 +56,7 @@ class Asset:
 
 @functools.lru_cache(maxsize=1)
 def _default_registry():
-    from compresskit.registry import Registry
+    from compresskit.engine.registry import Registry
 
     return Registry.from_entrypoints()
 

@@ -4,7 +4,7 @@ Each is a one-level ABC. A plugin class sets ``name`` (the registry key typed on
 ``summary`` (one line for ``compresskit list``) and ``Options`` (a frozen dataclass built with
 :func:`compresskit.options.option`). :func:`compresskit.api.plan` builds one instance per run
 with validated options; plugins never build each other and never walk blocks, register hooks
-or move tensors between devices: that is the runner's job (:mod:`compresskit.runner`).
+or move tensors between devices: that is the runner's job (:mod:`compresskit.engine.runner`).
 
 This module imports no torch at run time, so ``import compresskit`` stays light.
 """
@@ -177,7 +177,7 @@ class Allocation(Plugin):
     """How the run's overall target is spread over layers (``--allocation``; ``uniform``: equally).
 
     ``prepare(run)`` runs once before pruning (a pre-pass may walk the dense blocks with
-    :func:`compresskit.walk.walk_blocks`); ``sparsity(run, block_index, layer_name)`` returns a
+    :func:`compresskit.engine.walk.walk_blocks`); ``sparsity(run, block_index, layer_name)`` returns a
     layer's target or None for the run's uniform target. It answers through the
     ``layer_sparsity`` hook after the explicit ``--sparsity-map`` and any installed plugin.
     """

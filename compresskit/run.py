@@ -1,7 +1,7 @@
 """The state of one pruning run, and its report.
 
 A :class:`Run` is built by :func:`compresskit.api.prune` (or by hand for
-:func:`compresskit.runner.prune_model`) and handed to every lifecycle hook. It holds the
+:func:`compresskit.engine.runner.prune_model`) and handed to every lifecycle hook. It holds the
 settings, the configured plugins, the model, the calibration data and statistics, where the
 walk is (``block_index``, ``inputs``), the per-layer targets and the report, so that plugins
 (allocations, checkpoints, monitors) read one explicit object instead of runner internals.
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
 
     from compresskit.interfaces import Allocation, Loaded, MaskPattern, ModelAdapter, ScoreMetric, Solver
-    from compresskit.walk import BlockInput
+    from compresskit.engine.walk import BlockInput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,7 @@ class Run:
         loaded: the model being pruned in place.
         settings: the layerwise knobs.
         hook: the plugin manager's hook relay (``run.hook.block_done(run=..., block_index=...)``);
-            :func:`compresskit.runner.prune_model` gives a run without one a manager holding only
+            :func:`compresskit.engine.runner.prune_model` gives a run without one a manager holding only
             the core's own hooks.
         batches: the calibration batches.
         gradients: finished gradient statistics by ``adapter.gradient_key`` and statistic name.
@@ -110,12 +110,12 @@ class Run:
         targets: the target of every layer decided so far, by layer id ``<block>.<name>``.
         block_index: the block being pruned (None before the first and after the last).
         inputs: the current block's inputs (after ``block_done``: the next block's). Set before
-            :func:`~compresskit.runner.prune_model`, they are ``start_block``'s inputs and the
+            :func:`~compresskit.engine.runner.prune_model`, they are ``start_block``'s inputs and the
             walk skips its capture (streamed and resumed runs).
         report: per-layer rows, filled as blocks finish.
         notes: facts plugins add for the manifest (``notes[plugin] = {...}``).
         residency: where blocks and activations live during the walk (None: in memory, see
-            :class:`compresskit.walk.Residency`; the streamed engine sets its own).
+            :class:`compresskit.engine.walk.Residency`; the streamed engine sets its own).
         start_block: the first block to prune (> 0 when a run resumes; ``report`` then holds
             the rows of the blocks before it).
     """
@@ -146,7 +146,7 @@ class Run:
 
     def target(self, block_index: int, layer_name: str) -> float:
         """This layer's target: the first ``layer_sparsity`` answer, else the uniform one (cached)."""
-        from compresskit.targets import check_fraction, layer_id
+        from compresskit.engine.targets import check_fraction, layer_id
 
         key = layer_id(block_index, layer_name)
         if key not in self.targets:

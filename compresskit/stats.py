@@ -40,7 +40,7 @@ class Statistic(ABC):
         name: key under which the finished value appears in :class:`LayerStats`.
         source: ``inputs`` (folded from every calibration input of the layer by :meth:`update`),
             ``gradients`` (folded by the gradient engine from per-sample weight gradients of the
-            model's loss) or ``block_gradients`` (folded by :mod:`compresskit.blockgrad` from
+            model's loss) or ``block_gradients`` (folded by :mod:`compresskit.engine.blockgrad` from
             per-sample weight gradients of a block-local ``objective``, one block at a time).
     """
 
@@ -158,7 +158,7 @@ class BlockGradNorm(Statistic):
     output on that sample: not squared, not averaged; Wanda++'s regional loss) and ``g_n`` its
     gradient w.r.t. the layer's weight. Parts: ``sum`` = ``sum_n g_n^2`` (``rms``) or
     ``sum_n |g_n|`` (``mean_abs``), and ``samples``. Finished: ``sqrt(sum / samples)`` or
-    ``sum / samples``. Collected by :mod:`compresskit.blockgrad`, one block at a time with a
+    ``sum / samples``. Collected by :mod:`compresskit.engine.blockgrad`, one block at a time with a
     backward pass through that block only, on the block's calibration inputs and its weights
     as they are before the block is pruned.
     """

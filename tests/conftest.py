@@ -30,7 +30,7 @@ def tiny_llama(_tiny_llama_master):
 
 @pytest.fixture(scope="session")
 def registry():
-    from compresskit.registry import Registry
+    from compresskit.engine.registry import Registry
 
     return Registry.from_entrypoints()
 

@@ -9,10 +9,10 @@ import torch
 
 import compresskit
 from compresskit.interfaces import Loaded
-from compresskit.registry import Registry
+from compresskit.engine.registry import Registry
 from compresskit.run import Run, RunnerSettings
-from compresskit.runner import prune_model
-from compresskit.walk import block_output, capture_block_inputs
+from compresskit.engine.runner import prune_model
+from compresskit.engine.walk import block_output, capture_block_inputs
 from compresskit_plugins.adapters.llama import LlamaAdapter
 from compresskit_plugins.metrics.wanda import WandaMetric
 from compresskit_plugins.patterns.nm import NMPattern
@@ -148,7 +148,7 @@ def test_nm_pattern_on_indivisible_layer_fails_fast(tiny_llama):
     model, tok = tiny_llama
     model.model.layers[0].mlp.down_proj = torch.nn.Linear(126, 64, bias=False)
     from compresskit.errors import IncompatiblePatternError
-    from compresskit.runner import check_layers
+    from compresskit.engine.runner import check_layers
 
     run = Run(LlamaAdapter(), WandaMetric(), NMPattern(), Loaded(model, tok, "random:tiny"), RunnerSettings(0.5))
     with pytest.raises(IncompatiblePatternError, match="block 0 mlp.down_proj has in_features=126"):
@@ -159,7 +159,7 @@ def test_registry_suggests_and_rejects_duplicates(registry):
     with pytest.raises(compresskit.UnknownPluginError, match="Did you mean 'wanda'"):
         registry.get("metric", "wnda")
     assert registry.get("metric", "WANDA").name == "wanda"
-    from compresskit.registry import Origin
+    from compresskit.engine.registry import Origin
 
     with pytest.raises(compresskit.DuplicatePluginError, match="both wanda .* and thirdparty"):
         registry.add("metric", WandaMetric, Origin("thirdparty"))
@@ -169,7 +169,7 @@ def test_third_party_plugin_on_fresh_manager():
     import types
 
     from compresskit import ScoreMetric, hookimpl
-    from compresskit.registry import get_plugin_manager
+    from compresskit.engine.registry import get_plugin_manager
 
     class Neg(ScoreMetric):
         name = "neg_magnitude"
@@ -197,7 +197,7 @@ def test_third_party_plugin_on_fresh_manager():
 def test_broken_and_disabled_plugins(monkeypatch):
     import importlib.metadata as md
 
-    from compresskit.registry import get_plugin_manager
+    from compresskit.engine.registry import get_plugin_manager
 
     real = md.entry_points
     bad = md.EntryPoint("broken", "compresskit_no_such_module", "compresskit")

@@ -19,7 +19,7 @@ import torch
 
 import compresskit.api  # noqa: F401 - imported before forking, so ranks start in milliseconds
 import transformers.models.llama.modeling_llama  # noqa: F401
-from compresskit import distributed
+from compresskit.engine import distributed
 from compresskit.errors import CompressKitError, DistributedError
 from distributed_harness import launch
 
@@ -29,7 +29,8 @@ TINY = dict(adapter="llama", model="random:tiny", nsamples=8, seqlen=32, seed=0,
 def _prune(rank: int, overrides: dict) -> dict:
     """Prune on this rank, recording each group's summed statistic parts (every rank) and each
     layer's finished statistics as its metric sees them (the rank that decides the layer)."""
-    from compresskit import api, runner
+    from compresskit import api
+    from compresskit.engine import runner
     from compresskit.stats import leaves
 
     parts, finished = {}, {}

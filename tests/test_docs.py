@@ -65,7 +65,7 @@ def _hookspecs():
 
 def _interface_members():
     from compresskit.interfaces import Plugin
-    from compresskit.kinds import KINDS
+    from compresskit.engine.kinds import KINDS
 
     for base in [Plugin, *(k.base for k in KINDS.values())]:
         for name in vars(base).get("__annotations__", {}):  # class attributes (name, summary, Options, ...)
@@ -98,7 +98,7 @@ def _builtin_entries():
     from compresskit.testing import fresh_registry
 
     reg = fresh_registry()
-    from compresskit.kinds import KINDS
+    from compresskit.engine.kinds import KINDS
 
     return [e for kind in KINDS for e in reg.entries(kind)]
 

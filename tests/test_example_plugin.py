@@ -44,7 +44,7 @@ def test_ria_prunes_random_tiny_through_the_cli(tmp_path):
 
 
 def test_ria_conforms_as_discovered():
-    from compresskit.registry import Registry
+    from compresskit.engine.registry import Registry
     from compresskit.testing import check_metric
 
     reg = Registry.from_entrypoints()

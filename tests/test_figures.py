@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("matplotlib", reason="report extra not installed: pip install -e '.[report]'")
 
-from compresskit import figures  # noqa: E402
+from compresskit.cli import figures  # noqa: E402
 from compresskit.errors import CompressKitError  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"

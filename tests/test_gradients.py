@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import compresskit
-from compresskit import gradcache, gradients
+from compresskit.engine import gradcache, gradients
 from compresskit.api import plan
 from compresskit.errors import GradientError, OptionError
 from compresskit.interfaces import Loaded

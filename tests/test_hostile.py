@@ -27,7 +27,8 @@ import torch
 from click.testing import CliRunner
 
 import compresskit
-import compresskit.cli as cli_mod
+import compresskit.cli.common as cli_mod
+from compresskit.cli import main as cli_main
 from compresskit.cli import cli
 from compresskit.errors import OptionError, UnknownPluginError
 
@@ -67,7 +68,7 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     monkeypatch.setattr(cli, "commands", dict(cli.commands))
     monkeypatch.setattr(sys, "argv", ["compresskit", *args])
     try:
-        cli_mod.main()
+        cli_main()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -327,7 +328,7 @@ def test_gradients_random_bytes(world, tmp_path):
 
 
 def test_computed_gradients_overflow_are_not_cached(monkeypatch, tmp_path):
-    from compresskit import gradients
+    from compresskit.engine import gradients
 
     real = gradients.compute
 

@@ -10,10 +10,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from compresskit import scaffold
+from compresskit.cli import scaffold
 from compresskit.cli import cli
 from compresskit.errors import CompressKitError, OptionError
-from compresskit.kinds import KINDS
+from compresskit.engine.kinds import KINDS
 
 
 def run(*args):

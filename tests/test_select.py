@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from compresskit.api import check, prune
 from compresskit.errors import OptionError
-from compresskit.select import heldout_loss, holdout_batches, parse
+from compresskit.engine.select import heldout_loss, holdout_batches, parse
 
 BASE = dict(model="random:tiny", nsamples=4, seqlen=32, device="cpu", progress=False, report_error=False)
 

@@ -1,4 +1,4 @@
-"""Streamed runs (compresskit.stream): same masks and gradients as in memory, resumable, honest output."""
+"""Streamed runs (compresskit.engine.stream): same masks and gradients as in memory, resumable, honest output."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import compresskit
 from compresskit import hookimpl
 from compresskit.errors import CompressKitError, OptionError
 from compresskit.stats import GradNorm
-from compresskit.stream import memory, tensorfile
-from compresskit.stream.activations import ActivationStore
-from compresskit.stream.workdir import ResumeError
+from compresskit.engine.stream import memory, tensorfile
+from compresskit.engine.stream.activations import ActivationStore
+from compresskit.engine.stream.workdir import ResumeError
 
 RUN = dict(adapter="llama", nsamples=4, seqlen=24, calibration="random", device="cpu", progress=False)
 
@@ -70,11 +70,11 @@ def test_streamed_pruning_equals_in_memory(metric, small_ckpt, tmp_path, spill_a
 
 
 def test_streamed_gradients_equal_in_memory(small_ckpt, tmp_path, spill_all):
-    from compresskit import gradients
-    from compresskit.stream import grads
-    from compresskit.stream.checkpoint import Checkpoint, ModelTensors
-    from compresskit.stream.session import Session
-    from compresskit.stream.workdir import WorkDir
+    from compresskit.engine import gradients
+    from compresskit.engine.stream import grads
+    from compresskit.engine.stream.checkpoint import Checkpoint, ModelTensors
+    from compresskit.engine.stream.session import Session
+    from compresskit.engine.stream.workdir import WorkDir
     from compresskit_plugins.adapters.llama import LlamaAdapter
 
     adapter = LlamaAdapter()
@@ -99,7 +99,7 @@ def test_streamed_gradients_equal_in_memory(small_ckpt, tmp_path, spill_all):
 
 
 def test_each_block_is_read_twice_for_gradients_and_once_for_pruning(small_ckpt, tmp_path, monkeypatch):
-    from compresskit.stream.checkpoint import ModelTensors
+    from compresskit.engine.stream.checkpoint import ModelTensors
 
     reads: dict[str, int] = {}  # whole-tensor reads (the output's copy of the rest reads in row chunks)
     real_read = ModelTensors.read
@@ -172,7 +172,7 @@ def test_killed_after_block_k_resumes_to_identical_output(small_ckpt, reference_
 def test_killed_at_every_step_resumes_to_identical_output(tmp_path, monkeypatch, spill_all):
     """A crash right after each commit (gradient forward, head, backward, every pruned block, the
     output) and a resume give the bytes of the uninterrupted run (random:tiny, gblm, all spilled)."""
-    from compresskit.stream import workdir
+    from compresskit.engine.stream import workdir
 
     cfg = dict(RUN, model="random:tiny", metric="gblm", nsamples=2, seqlen=16)
     compresskit.prune(**cfg, work_dir=str(tmp_path / "wref")).save(tmp_path / "ref")
@@ -339,7 +339,7 @@ def test_resume_without_a_work_dir_finds_the_default_one(tmp_path, registry):
 
 
 def test_imported_reference_gradients_stream_like_in_memory(small_ckpt, tmp_path):
-    from compresskit import gradients
+    from compresskit.engine import gradients
     from compresskit_plugins.adapters.llama import LlamaAdapter
 
     adapter = LlamaAdapter()

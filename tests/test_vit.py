@@ -51,7 +51,7 @@ def test_tiny_structure(adapter, tiny):
 
 
 def test_capture_and_replay_equals_plain_forward(adapter, tiny):
-    from compresskit.walk import block_output, capture_block_inputs
+    from compresskit.engine.walk import block_output, capture_block_inputs
 
     model = tiny.model
     batches = adapter.calibration_batches(tiny, 3, 0, 0, "random")

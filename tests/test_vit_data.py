@@ -85,7 +85,7 @@ def test_probe_head_labels_and_evaluation(vit_cls, folder):
 
 
 def _has_gblm(adapter) -> bool:
-    from compresskit.registry import Registry
+    from compresskit.engine.registry import Registry
 
     return any(e.name == "gblm" for e in Registry.from_entrypoints().entries("metric"))
 

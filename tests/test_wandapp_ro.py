@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compresskit import blockgrad
+from compresskit.engine import blockgrad
 from compresskit.api import prune
 from compresskit.ops import lowest_mask, wanda_score
 from compresskit.stats import BlockGradNorm
 from compresskit.testing import check_metric, check_solver
-from compresskit.walk import block_output, capture_block_inputs
+from compresskit.engine.walk import block_output, capture_block_inputs
 from compresskit_plugins.metrics.wandapp import WandaPPMetric, rgs_score
 from compresskit_plugins.solvers.regional import output_error, tune_block
 from compresskit_plugins.solvers.ro import ROSolver

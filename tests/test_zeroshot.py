@@ -148,7 +148,7 @@ def test_cli_eval_tasks_json(tmp_path):
 
 
 def test_on_device_restores_place_and_mode(tiny_llama):
-    from compresskit.device import on_device
+    from compresskit.engine.device import on_device
 
     model, _ = tiny_llama
     model.train()

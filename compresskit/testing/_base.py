@@ -7,7 +7,7 @@ from typing import Any
 
 from compresskit.errors import CompressKitError
 from compresskit.options import build
-from compresskit.registry import Origin, Registry
+from compresskit.engine.registry import Origin, Registry
 from compresskit.testing.factories import fresh_registry
 
 

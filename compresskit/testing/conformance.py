@@ -12,7 +12,7 @@ from typing import Any
 from compresskit import stats as st
 from compresskit.errors import CompressKitError, IncompatiblePatternError
 from compresskit.interfaces import MaskPattern, ScoreMetric, Solver
-from compresskit.registry import Registry
+from compresskit.engine.registry import Registry
 from compresskit.testing._base import PluginConformanceError, _check_class, _end_to_end, _fail, _instance, _registry_with
 from compresskit.testing.factories import fresh_registry, random_inputs, random_linear
 

@@ -8,8 +8,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from compresskit.errors import CompressKitError
-from compresskit.kinds import KINDS
-from compresskit.registry import BUILTIN_DIST, GROUP, LoadInfo, Registry, add_plugin, new_plugin_manager
+from compresskit.engine.kinds import KINDS
+from compresskit.engine.registry import BUILTIN_DIST, GROUP, LoadInfo, Registry, add_plugin, new_plugin_manager
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,7 @@ def random_inputs(tokens: int = 8, in_features: int = 32, seed: int = 1) -> torc
 
 
 def fresh_registry(*plugin_modules: ModuleType | str | object, builtins: bool = True) -> Registry:
-    """A :class:`~compresskit.registry.Registry` on a fresh pluggy manager (no global state).
+    """A :class:`~compresskit.engine.registry.Registry` on a fresh pluggy manager (no global state).
 
     Args:
         *plugin_modules: modules, dotted module names or other objects (e.g. a class instance)

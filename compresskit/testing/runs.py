@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from compresskit.interfaces import Allocation, Loaded, ModelAdapter
-from compresskit.registry import Registry
+from compresskit.engine.registry import Registry
 from compresskit.testing._base import _check_class, _end_to_end, _fail, _instance, _registry_with
 from compresskit.testing.factories import fresh_registry
 
@@ -84,7 +84,7 @@ def check_adapter(cls: type, source: str = "random:tiny", registry: Registry | N
     import torch
     from torch import nn
 
-    from compresskit.walk import block_output, capture_block_inputs
+    from compresskit.engine.walk import block_output, capture_block_inputs
 
     passed = _check_class(cls, ModelAdapter, options)
     if not isinstance(cls.aliases, dict) or not isinstance(cls.default_model, str):

@@ -62,7 +62,7 @@ def block_outlier_ratios(run: Run, m: float) -> tuple[list[float], list[int]]:
     from compresskit.distributed import combine
     from compresskit.ops import wanda_score
     from compresskit.stats import ActSq
-    from compresskit.walk import walk_blocks
+    from compresskit.blocks import walk_blocks
 
     if not run.batches:
         raise CompressKitError("the owl allocation measures outliers on calibration data, but the run has no "

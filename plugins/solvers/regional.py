@@ -57,7 +57,7 @@ def output_error(block: nn.Module, inputs: Sequence, targets: Sequence[torch.Ten
     """``sum ||f(X) - Y||^2 / sum ||Y||^2`` over the calibration inputs (no gradients)."""
     import torch
 
-    from compresskit.walk import block_output
+    from compresskit.blocks import block_output
 
     num = den = 0.0
     with torch.no_grad():
@@ -88,8 +88,8 @@ def tune_block(block: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, 
     """
     import torch
 
-    from compresskit.blockgrad import requires_grad_only
-    from compresskit.walk import block_output
+    from compresskit.blocks import requires_grad_only
+    from compresskit.blocks import block_output
 
     names = list(masks)
     with _float32(block) as cast:

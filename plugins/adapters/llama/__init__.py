@@ -147,7 +147,7 @@ class LlamaAdapter(ModelAdapter):
         if loaded.processor is not None and hasattr(loaded.processor, "save_pretrained"):
             loaded.processor.save_pretrained(directory)
 
-    # ---- streamed runs (compresskit.stream): see streaming.py
+    # ---- streamed runs (compresskit.engine.stream): see streaming.py
     def checkpoint_dir(self, source: str) -> Path:
         from . import streaming
 

@@ -2,14 +2,14 @@
 
 Statistics with ``source == "block_gradients"`` (e.g. :class:`compresskit.stats.BlockGradNorm`,
 Wanda++'s regional gradients) are collected here, one block at a time, by the runner
-(:func:`compresskit.runner.prune_model`): for every calibration input of the block, one forward
+(:func:`compresskit.engine.runner.prune_model`): for every calibration input of the block, one forward
 with gradients through that block only, ``objective(output)`` (the statistic's scalar, e.g. the
 output's L2 norm), and one backward to the block's prunable weights, whose gradients are folded
 into the statistic's additive parts and freed. Nothing outside the block is touched, so memory
 is one block with its activations for one sample. The block's weights are those before any of
 its layers is pruned; its inputs are the run's (outputs of the already pruned blocks above).
 
-The model-level gradient path (:mod:`compresskit.gradients`, GBLM's loss gradients of the whole
+The model-level gradient path (:mod:`compresskit.engine.gradients`, GBLM's loss gradients of the whole
 dense model) is separate and unchanged.
 """
 
@@ -19,13 +19,13 @@ import contextlib
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from compresskit.errors import CompressKitError
-from compresskit.walk import block_output
+from compresskit.engine.walk import block_output
 
 if TYPE_CHECKING:
     from torch import nn
 
     from compresskit.stats import Parts, Statistic
-    from compresskit.walk import BlockInput
+    from compresskit.engine.walk import BlockInput
 
 
 @contextlib.contextmanager
@@ -61,7 +61,7 @@ def collect(block: nn.Module, layers: dict[str, nn.Linear], inputs: Sequence[Blo
     """
     import torch
 
-    from compresskit.distributed import accumulators
+    from compresskit.engine.distributed import accumulators
 
     parts = {n: accumulators({s.key(): s.init(layer) for s in specs}, accumulate) for n, layer in layers.items()}
     if not specs:

@@ -21,7 +21,7 @@ from typing import Any
 
 from compresskit._version import __version__
 from compresskit.errors import CompressKitError, OptionError
-from compresskit.kinds import KINDS
+from compresskit.engine.kinds import KINDS
 
 TEMPLATES = Path(__file__).parent / "templates" / "plugin"
 

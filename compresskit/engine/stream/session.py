@@ -1,10 +1,10 @@
 """What a streamed run shares between its passes, and the residency that streams blocks.
 
-:class:`Streamed` is the :class:`compresskit.walk.Residency` of streamed passes: a block's
+:class:`Streamed` is the :class:`compresskit.engine.walk.Residency` of streamed passes: a block's
 weights are read from the checkpoint when the walk enters it and put back on the meta device
 when it leaves (after ``write`` saved the pruned block, for the pruning pass); everything
 outside the blocks (embeddings, final norm, head) is read only when a forward calls it and
-released at the next block; block outputs go to the :class:`~compresskit.stream.activations.ActivationStore`.
+released at the next block; block outputs go to the :class:`~compresskit.engine.stream.activations.ActivationStore`.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from compresskit.stream.activations import ActivationStore, Activations, Inputs, contexts
-from compresskit.stream.memory import trim
-from compresskit.walk import Residency, capture_block_inputs
+from compresskit.engine.stream.activations import ActivationStore, Activations, Inputs, contexts
+from compresskit.engine.stream.memory import trim
+from compresskit.engine.walk import Residency, capture_block_inputs
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from compresskit.interfaces import Loaded, ModelAdapter
-    from compresskit.stream.checkpoint import ModelTensors
-    from compresskit.stream.workdir import WorkDir
+    from compresskit.engine.stream.checkpoint import ModelTensors
+    from compresskit.engine.stream.workdir import WorkDir
 
 
 @dataclasses.dataclass

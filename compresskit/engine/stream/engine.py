@@ -2,9 +2,9 @@
 
 :func:`prune` is what :func:`compresskit.prune` does for a run with ``max_memory``, a
 ``work_dir`` or ``resume`` (or a model that does not fit): the model is instantiated on the
-meta device, gradient statistics come from :mod:`compresskit.stream.grads`, and the ordinary
-runner (:func:`compresskit.runner.prune_model`) walks the blocks through the
-:class:`~compresskit.stream.session.Streamed` residency, which reads each block from the
+meta device, gradient statistics come from :mod:`compresskit.engine.stream.grads`, and the ordinary
+runner (:func:`compresskit.engine.runner.prune_model`) walks the blocks through the
+:class:`~compresskit.engine.stream.session.Streamed` residency, which reads each block from the
 checkpoint and writes it, pruned, as one shard of the output. A ``block_done`` hook records
 each finished block in the work directory; ``resume`` continues from the last one.
 """
@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compresskit import hookimpl
-from compresskit.planning import PruneResult
+from compresskit.engine.planning import PruneResult
 from compresskit.errors import CompressKitError, OptionError
 from compresskit.run import LayerReport, PruneReport
-from compresskit.stream import memory, tensorfile
-from compresskit.stream.activations import ActivationStore, Activations, Inputs
-from compresskit.stream.checkpoint import INDEX, Checkpoint, ModelTensors
+from compresskit.engine.stream import memory, tensorfile
+from compresskit.engine.stream.activations import ActivationStore, Activations, Inputs
+from compresskit.engine.stream.checkpoint import INDEX, Checkpoint, ModelTensors
 
 if TYPE_CHECKING:
     from compresskit.config import RunConfig
-    from compresskit.registry import Registry
+    from compresskit.engine.registry import Registry
     from compresskit.run import Run
-    from compresskit.stream.session import Session
+    from compresskit.engine.stream.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def check(config: RunConfig, registry: Registry | None = None) -> dict[str, Any]
 
 
 def _start(config: RunConfig, registry: Registry | None):
-    from compresskit.planning import plan
-    from compresskit.device import resolve_device
+    from compresskit.engine.planning import plan
+    from compresskit.engine.device import resolve_device
 
     p = plan(config, registry)
     if config.evaluate or config.eval_tasks:
@@ -88,12 +88,12 @@ def prune(config: RunConfig, registry: Registry | None = None):
     """Prune block by block from the checkpoint (see the module docstring); returns a :class:`StreamedResult`."""
     import torch
 
-    from compresskit.planning import _manifest
+    from compresskit.engine.planning import _manifest
     from compresskit.cache import cache_dir, tensor_fingerprint
-    from compresskit.runner import needed_statistics
-    from compresskit.stream import grads
-    from compresskit.stream.session import Session
-    from compresskit.stream.workdir import WorkDir
+    from compresskit.engine.runner import needed_statistics
+    from compresskit.engine.stream import grads
+    from compresskit.engine.stream.session import Session
+    from compresskit.engine.stream.workdir import WorkDir
 
     t0 = time.perf_counter()
     p, run, checkpoint = _start(config, registry)
@@ -161,7 +161,7 @@ def _facts(config: RunConfig, p: Any, run: Run, checkpoint: Checkpoint, data_fp:
 def _prune(s: Session, run: Run) -> None:
     """The runner over streamed blocks, from the recorded block on; each finished block is committed."""
     from compresskit.interfaces import Solver
-    from compresskit.runner import needed_statistics, prune_model
+    from compresskit.engine.runner import needed_statistics, prune_model
 
     work, st = s.work, s.work.progress
     blocks = s.blocks

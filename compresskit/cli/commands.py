@@ -1,8 +1,7 @@
 """Sub-commands beside ``prune``: ``recipe`` (a run's settings as TOML) and ``new-plugin`` (a plugin
 package from a template). :mod:`compresskit.cli` adds :data:`COMMANDS` to its group; the work is
-done in :mod:`compresskit.recipe` and :mod:`compresskit.scaffold`. This module does not import the
-CLI: the group's ``prune`` command and its registry come through click's context
-(``ctx.meta[REGISTRY]``, set by the group).
+done in :mod:`compresskit.cli.recipe` and :mod:`compresskit.cli.scaffold`. The group's ``prune`` command
+comes through click's context (the root command).
 """
 
 from __future__ import annotations
@@ -12,21 +11,9 @@ from pathlib import Path
 
 import click
 
+from compresskit.cli.common import registry
 from compresskit.errors import CompressKitError
-from compresskit.kinds import KINDS
-
-REGISTRY = "compresskit.registry"
-"""Key in ``click.Context.meta`` of a callable returning the CLI's plugin registry."""
-
-
-def _registry(ctx: click.Context):
-    get = ctx.meta.get(REGISTRY)
-    if get is not None:
-        return get()
-    from compresskit.registry import Registry
-
-    return Registry.from_entrypoints()
-
+from compresskit.engine.kinds import KINDS
 
 def _prune_command(ctx: click.Context) -> click.Command:
     root = ctx.find_root()
@@ -45,7 +32,7 @@ def recipe_cmd(output: str) -> None:
     compresskit recipe out/ > run.toml
     compresskit prune --recipe <(compresskit recipe out/) --output out2/   # the same masks again
     """
-    from compresskit import recipe
+    from compresskit.cli import recipe
     from compresskit.output import MANIFEST, read_manifest
 
     path = Path(output)
@@ -74,9 +61,9 @@ def new_plugin_cmd(name: str, kind: str, directory: str | None) -> None:
     compresskit new-plugin my_metric --kind metric
     cd compresskit-my-metric && pip install -e . && pytest
     """
-    from compresskit import scaffold
+    from compresskit.cli import scaffold
 
-    target = scaffold.write(name, kind, directory, registry=_registry(click.get_current_context()))
+    target = scaffold.write(name, kind, directory, registry=registry())
     click.echo(f"wrote {target}/ ({kind} {scaffold.plugin_name(name)!r}):")
     for f in sorted(p for p in target.rglob("*") if p.is_file()):
         click.echo(f"  {f.relative_to(target)}")

@@ -1,6 +1,6 @@
 """The process group of a ``torchrun`` launch: ranks, sharding, checked collectives, the session guard.
 
-See :mod:`compresskit.distributed` for the design. Imports torch only inside functions.
+See :mod:`compresskit.engine.distributed` for the design. Imports torch only inside functions.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from compresskit.errors import CompressKitError
-from compresskit.stream.tensorfile import CHUNK, Counter, TensorFile
+from compresskit.engine.stream.tensorfile import CHUNK, Counter, TensorFile
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +148,7 @@ class ModelTensors:
         return tuple(self.checkpoint.entry(self.stored[name]).shape)
 
     def out_dtype(self, name: str) -> torch.dtype:
-        from compresskit.stream.tensorfile import torch_dtype
+        from compresskit.engine.stream.tensorfile import torch_dtype
 
         stored = torch_dtype(self.checkpoint.entry(self.stored[name]).dtype)
         return self.dtype if stored.is_floating_point else stored

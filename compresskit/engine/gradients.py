@@ -12,7 +12,7 @@ exists at a time, and only the prunable weights require grad, so autograd never 
 gradients of embeddings, norms or the head.
 
 Results are cached as safetensors under ``<cache_dir>/gradients/`` keyed by an exact
-fingerprint (see :mod:`compresskit.gradcache`); a reference-repo ``.pth`` file can be imported
+fingerprint (see :mod:`compresskit.engine.gradcache`); a reference-repo ``.pth`` file can be imported
 instead of computing. :func:`obtain` is the entry point used by :func:`compresskit.prune`.
 """
 
@@ -28,10 +28,10 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from compresskit import distributed, gradcache
-from compresskit.blockgrad import requires_grad_only
-from compresskit.checks import check_tensor
-from compresskit.device import to_device
+from compresskit.engine import distributed, gradcache
+from compresskit.engine.blockgrad import requires_grad_only
+from compresskit.engine.checks import check_tensor
+from compresskit.engine.device import to_device
 from compresskit.errors import GradientError
 from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import build, option
@@ -244,7 +244,7 @@ def checkpointed(blocks: Sequence[nn.Module]) -> Iterator[None]:
     """
     from torch.utils.checkpoint import checkpoint
 
-    from compresskit.walk import patched_forwards
+    from compresskit.engine.walk import patched_forwards
 
     with patched_forwards(blocks, lambda i, block: functools.partial(checkpoint, block.forward, use_reentrant=False)):
         yield

@@ -9,7 +9,7 @@ inside its table: ``[metric]`` ``name = "gblm"``, ``alpha = 100`` (``metric = "w
 The keys come from the ``prune`` command itself, so an option added to the command is a recipe key
 at once, checked and converted by the same click types. Precedence: options given on the command
 line, then the recipe, then the defaults. Reading uses the standard library's ``tomllib``
-(``tomli`` on Python 3.10); writing needs no library (:func:`dumps`). This module imports no torch.
+(``tomli`` on Python 3.10); writing needs no library (:mod:`compresskit.cli.toml`). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import re
 import sys
 from typing import Any, Mapping
 
 import click
 from click.core import ParameterSource
 
+from compresskit.cli.toml import dumps, toml_key, toml_value
 from compresskit.errors import CompressKitError, OptionError
-from compresskit.kinds import BY_FIELD
+from compresskit.engine.kinds import BY_FIELD
 
 SCOPES = (*BY_FIELD, "gradient")
 """Plugin option tables: one per ``-o`` scope (the plugin kinds' fields, plus the gradient engine)."""
@@ -231,54 +231,6 @@ def resolve(ctx: click.Context, params: dict[str, Any], options: dict[str, dict[
             if key in params and key not in explicit:
                 params[key] = value
     return params, options, notes
-
-
-# --------------------------------------------------------------------------- writing
-
-_BARE = re.compile(r"^[A-Za-z0-9_-]+$")
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
-
-
-def toml_key(key: str) -> str:
-    """A bare key when TOML allows one, else a quoted key."""
-    return key if _BARE.match(key) else toml_value(key)
-
-
-def toml_value(value: Any) -> str:
-    """One TOML value: string, integer, float (``inf``/``nan`` too), boolean, array or inline table.
-
-    Raises:
-        RecipeError: None (TOML has no null) or another type.
-    """
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, str):
-        return '"' + "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 32 or ord(c) == 127 else c)
-                             for c in value) + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{toml_key(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise RecipeError(f"cannot write {value!r} ({type(value).__name__}) in TOML")
-
-
-def dumps(data: Mapping[str, Any]) -> str:
-    """TOML text of ``{key: scalar or array, table: {key: value}}``: values first, then one ``[table]`` each.
-
-    ``None`` values are left out (TOML has no null: an absent key means the default).
-    """
-    lines = [f"{toml_key(k)} = {toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, Mapping)]
-    for name, table in data.items():
-        if isinstance(table, Mapping):
-            lines += ["", f"[{toml_key(name)}]"]
-            lines += [f"{toml_key(str(k))} = {toml_value(v)}" for k, v in table.items() if v is not None]
-    return "\n".join(lines) + "\n"
 
 
 def from_manifest(manifest: Mapping[str, Any], command: click.Command, where: str = "") -> str:

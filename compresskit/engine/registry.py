@@ -1,4 +1,4 @@
-"""Plugin manager factory and the typed registry of every plugin kind (see :mod:`compresskit.kinds`).
+"""Plugin manager factory and the typed registry of every plugin kind (see :mod:`compresskit.engine.kinds`).
 
 Loading is defensive: a plugin whose module fails to import, whose hook names are misspelled,
 whose registration hook raises, or whose class fails validation is reported (plugin,
@@ -20,9 +20,11 @@ from typing import Any, Iterable
 
 import pluggy
 
-from compresskit import hookspecs, targets
+from compresskit import hookspecs
+
+from compresskit.engine import targets
 from compresskit.errors import DuplicatePluginError, PluginDefinitionError, UnknownPluginError
-from compresskit.kinds import KINDS
+from compresskit.engine.kinds import KINDS
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ GROUP = "compresskit"
 DISABLE_ENV = "COMPRESSKIT_DISABLE_PLUGINS"
 LOAD_ENV = "COMPRESSKIT_PLUGINS"
 BUILTIN_DIST = "compresskit"
-CORE_PLUGIN = "compresskit.targets"
+CORE_PLUGIN = "compresskit.engine.targets"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ TRACEBACK_ENV = "COMPRESSKIT_TRACEBACK"
 
 def _plugin_files(registry: Any) -> list[tuple[str, str, bool]]:
     """``(plugin name, file or package directory, built in?)`` of every registered plugin module."""
-    from compresskit.registry import BUILTIN_DIST, CORE_PLUGIN
+    from compresskit.engine.registry import BUILTIN_DIST, CORE_PLUGIN
 
     out = []
     for name, module in registry.pm.list_name_plugin():
@@ -50,7 +50,7 @@ def blame(exc: BaseException, registry: Any) -> tuple[str, bool] | None:
 
 def unexpected(exc: BaseException, registry: Any = None) -> str:
     """One line for an exception compresskit did not expect (see the module docstring)."""
-    from compresskit.registry import DISABLE_ENV
+    from compresskit.engine.registry import DISABLE_ENV
 
     text = " ".join(str(exc).split())[:300]
     what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -30,7 +30,7 @@ from compresskit.errors import CompressKitError, OptionError
 
 if TYPE_CHECKING:  # RunConfig and PruneResult are annotations only: compresskit.api and .config import this module
     from compresskit.interfaces import ModelAdapter
-    from compresskit.registry import Registry
+    from compresskit.engine.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def heldout_loss(adapter: ModelAdapter, model: Any, batches: Sequence[dict], dev
     """Mean ``adapter.loss`` over ``batches`` (no gradients), on ``device``; the model goes back after."""
     import torch
 
-    from compresskit.device import model_device, to_device
+    from compresskit.engine.device import model_device, to_device
 
     home = model_device(model)
     model.to(device)
@@ -126,9 +126,9 @@ def prune_selected(config: RunConfig, registry: Registry | None, plan: Callable[
     module, not the other way round); ``evaluate(config, best)`` adds the chosen model's evaluation.
     """
     from compresskit.interfaces import ModelAdapter
-    from compresskit.kinds import BY_FIELD
+    from compresskit.engine.kinds import BY_FIELD
 
-    from compresskit.registry import Registry
+    from compresskit.engine.registry import Registry
 
     registry = registry or Registry.from_entrypoints()
     sweep = parse(config.select)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from compresskit.errors import CompressKitError
-from compresskit.stream import tensorfile
+from compresskit.engine.stream import tensorfile
 
 if TYPE_CHECKING:
     import torch

@@ -28,7 +28,7 @@ def print_summary(result, echo: Echo = click.echo) -> None:
         echo(f"{b:>5}  {len(rows):>6}  {tg:>6.3f}  {sp:>8.4f}  {err:>15}  {secs:>7.2f}")
     echo(f"overall sparsity {rep.overall_sparsity:.4f} (target {rep.overall_target:.4f}) in {rep.seconds:.1f}s")
     if "selection" in result.manifest:
-        from compresskit.select import describe
+        from compresskit.engine.select import describe
 
         echo(describe(result.manifest["selection"]))
     ev = result.manifest.get("evaluation")

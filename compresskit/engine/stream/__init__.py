@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from compresskit.config import RunConfig
-    from compresskit.registry import Registry
+    from compresskit.engine.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def wanted(config: RunConfig, registry: Registry | None = None) -> bool:
     except Exception as exc:  # the ordinary path reports real problems with the model
         log.debug("no memory estimate for %s (%s)", source, exc)
         return False
-    from compresskit.stream.memory import available_memory, current_rss, fmt
+    from compresskit.engine.stream.memory import available_memory, current_rss, fmt
 
     avail = available_memory()
     if avail is None or current_rss() + estimate <= FIT_SHARE * avail:
@@ -58,9 +58,9 @@ def in_memory_estimate(config: RunConfig, registry: Registry | None = None) -> i
 
     import torch
 
-    from compresskit.planning import plan
-    from compresskit.stream.checkpoint import Checkpoint
-    from compresskit.stream.tensorfile import torch_dtype
+    from compresskit.engine.planning import plan
+    from compresskit.engine.stream.checkpoint import Checkpoint
+    from compresskit.engine.stream.tensorfile import torch_dtype
 
     p = plan(config, registry)
     ck = Checkpoint(Path(config.model).expanduser())

@@ -1,8 +1,8 @@
 """The single layerwise runner shared by every metric, pattern, solver and adapter.
 
-:func:`prune_model` walks the blocks (:func:`compresskit.walk.walk_blocks`) and, per block:
+:func:`prune_model` walks the blocks (:func:`compresskit.engine.walk.walk_blocks`) and, per block:
 asks every layer's target (``layer_sparsity`` hook), collects the block-local gradient
-statistics (:mod:`compresskit.blockgrad`, once per block, from the unpruned block) and the
+statistics (:mod:`compresskit.engine.blockgrad`, once per block, from the unpruned block) and the
 statistics the metric, the solver and the error report need while the block runs over its
 calibration inputs (per group of layers, all from the unpruned block), decides each layer (score -> mask, or the solver's own
 selection; then the solver's update) and writes it; the walk then propagates the block's
@@ -16,14 +16,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from compresskit import blockgrad, checks, distributed
+from compresskit.engine import blockgrad, checks, distributed
 from compresskit import stats as st
-from compresskit.device import synchronize
+from compresskit.engine.device import synchronize
 from compresskit.errors import CompressKitError, IncompatiblePatternError
 from compresskit.interfaces import Solver
 from compresskit.ops import reconstruction_error, sparsity
 from compresskit.run import LayerReport, PruneReport, Run
-from compresskit.walk import walk_blocks
+from compresskit.engine.walk import walk_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -58,14 +58,14 @@ def prune_model(run: Run) -> PruneReport:
     import torch
 
     if run.hook is None:
-        from compresskit.registry import new_plugin_manager
+        from compresskit.engine.registry import new_plugin_manager
 
         run.pm = run.pm or new_plugin_manager()
         run.hook = run.pm.hook
     report, t0 = run.report, time.perf_counter()
     needed = needed_statistics(run)
     specs = [s for s in needed if s.source == "inputs"]
-    block_specs = [s for s in needed if s.source == "block_gradients"]  # see compresskit.blockgrad
+    block_specs = [s for s in needed if s.source == "block_gradients"]  # see compresskit.engine.blockgrad
     block_solver = run.solver is not None and type(run.solver).solve_block is not Solver.solve_block
     device, offload = torch.device(run.settings.device), torch.device(run.settings.offload)
     run.hook.run_started(run=run)
@@ -133,7 +133,7 @@ def _check_target(run: Run, block_index: int, name: str, layer: nn.Linear) -> No
 def _collect(step, group: list[str], specs: list[st.Statistic], accumulate: str = "float32"
              ) -> dict[str, dict[str, st.Parts]]:
     """Run the block over its inputs once and return every layer's statistic parts, summed over
-    every rank's samples under ``torchrun`` (:func:`compresskit.distributed.combine`)."""
+    every rank's samples under ``torchrun`` (:func:`compresskit.engine.distributed.combine`)."""
     if not specs:
         return {}
     counts = st.Counts()

@@ -30,7 +30,7 @@ Without ``torchrun`` (``WORLD_SIZE`` unset or 1) :func:`current` is a single-pro
 methods do nothing, and nothing changes. This module imports torch only inside functions.
 """
 
-from compresskit.distributed.context import (
+from compresskit.engine.distributed.context import (
     ACCUMULATE,
     DEFAULT_TIMEOUT,
     TIMEOUT_ENV,
@@ -40,7 +40,7 @@ from compresskit.distributed.context import (
     launched,
     session,
 )
-from compresskit.distributed.hooks import (
+from compresskit.engine.distributed.hooks import (
     accumulators,
     check_plan,
     combine,

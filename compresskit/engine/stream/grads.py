@@ -14,7 +14,7 @@ outputs (backward). So, per calibration sample ``n``:
    gradient ``g[b][n]`` is kept for block ``b-1``.
 
 Each block is read twice, whatever the number of samples, and the gradients are those of the
-in-memory engine (:func:`compresskit.gradients.compute`) up to float32 rounding. Every step is
+in-memory engine (:func:`compresskit.engine.gradients.compute`) up to float32 rounding. Every step is
 a commit point of the work directory, so a killed run resumes at the block it was in.
 """
 
@@ -28,17 +28,17 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 
-from compresskit import gradcache
-from compresskit.gradients import folding_hook
-from compresskit.device import to_device
+from compresskit.engine import gradcache
+from compresskit.engine.gradients import folding_hook
+from compresskit.engine.device import to_device
 from compresskit.errors import GradientError
 from compresskit.stats import REFERENCE_SCALE, GradNorm
-from compresskit.stream import tensorfile
-from compresskit.stream.activations import Activations, Inputs
-from compresskit.walk import block_output, patched_forwards, walk_blocks
+from compresskit.engine.stream import tensorfile
+from compresskit.engine.stream.activations import Activations, Inputs
+from compresskit.engine.walk import block_output, patched_forwards, walk_blocks
 
 if TYPE_CHECKING:
-    from compresskit.stream.session import Session
+    from compresskit.engine.stream.session import Session
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import hashlib
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from compresskit.distributed.context import Context, current
+from compresskit.engine.distributed.context import Context, current
 from compresskit.errors import DistributedError
 
 if TYPE_CHECKING:

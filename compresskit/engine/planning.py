@@ -1,7 +1,7 @@
 """Resolving a run: ``plan`` turns a :class:`~compresskit.config.RunConfig` into plugin instances,
 :class:`PruneResult` is what a prune returns, ``_manifest`` starts its ``compresskit.json``.
 
-The API (:mod:`compresskit.api`) and the streamed engine (:mod:`compresskit.stream`) both build on
+The API (:mod:`compresskit.api`) and the streamed engine (:mod:`compresskit.engine.stream`) both build on
 this module; it imports neither.
 """
 
@@ -17,9 +17,9 @@ from compresskit._version import __version__
 from compresskit.config import RunConfig
 from compresskit.errors import CompressKitError, IncompatiblePatternError, OptionError
 from compresskit.interfaces import EvalRequest, Loaded, ModelAdapter
-from compresskit.kinds import KINDS
+from compresskit.engine.kinds import KINDS
 from compresskit.options import as_dict, build
-from compresskit.registry import Registry
+from compresskit.engine.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -68,9 +68,9 @@ class Plan:
         """Before any calibration: every layer accepts the pattern, a sparsity map covers every layer,
         and a uniform target that rounds to little is warned about (recorded in ``run.notes``)
         or refused when it prunes nothing."""
-        from compresskit import checks
-        from compresskit.runner import check_layers
-        from compresskit.targets import check_covers, layer_id
+        from compresskit.engine import checks
+        from compresskit.engine.runner import check_layers
+        from compresskit.engine.targets import check_covers, layer_id
 
         c, model = self.config, run.loaded.model
         check_layers(run)
@@ -122,7 +122,7 @@ class PruneResult:
         import shutil
         import tempfile
 
-        from compresskit import distributed
+        from compresskit.engine import distributed
         from compresskit.output import check_target, save_output, signals_as_exceptions
 
         if not distributed.current().is_writer:
@@ -145,7 +145,7 @@ class PruneResult:
 
 def _options(kind: str, entries: dict[str, Any], values: dict[str, Any]) -> Any:
     """Build ``kind``'s ``Options``; an unknown key names the scope where that key does exist."""
-    from compresskit.gradients import GradientOptions
+    from compresskit.engine.gradients import GradientOptions
 
     cls = entries[kind].cls
     try:
@@ -243,7 +243,7 @@ def _resolve_group(config: RunConfig, metric: Any, pattern: Any, pattern_opts: d
 
 
 def _gradient_stats(config: RunConfig, adapter: ModelAdapter, grads: list[Any]) -> list[Any]:
-    from compresskit.gradients import GradientOptions
+    from compresskit.engine.gradients import GradientOptions
 
     opts = build(GradientOptions, config.gradient_settings(), "gradient.")
     if not grads:

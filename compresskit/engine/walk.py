@@ -11,7 +11,7 @@ such as an allocation's dense statistics, and any later streamed engine::
 Where the blocks and the rest of the model live during a walk is a :class:`Residency`: by default
 every block is moved to the compute device for its step and back to the offload device after
 it, and the calibration activations are plain lists; the streamed engine
-(:mod:`compresskit.stream`) passes one that reads each block from the checkpoint, writes it to
+(:mod:`compresskit.engine.stream`) passes one that reads each block from the checkpoint, writes it to
 the output and keeps activations within a memory budget.
 
 Block 0's inputs are captured with a forward pre-hook that records the positional *and every
@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from compresskit.device import move_outside, synchronize, to_device
+from compresskit.engine.device import move_outside, synchronize, to_device
 
 if TYPE_CHECKING:
     import torch
