@@ -70,6 +70,33 @@ def _agreement(a: dict, b: dict) -> tuple[int, int]:
     return diff, sum(v.numel() for v in a.values())
 
 
+def _order_bound(name: str, value: torch.Tensor, tokens: int, samples: int) -> torch.Tensor:
+    """How far two float32 sums of the same ``n`` terms per entry may differ by summation order alone.
+
+    Recursive summation of ``n`` float32 terms is off by at most ``gamma_n * sum|terms|`` with
+    ``gamma_n = n u / (1 - n u)``, ``u = 2**-24`` (Higham, *Accuracy and Stability of Numerical
+    Algorithms*, eq. 3.4; any order, blocked or pairwise, obeys it), so two orders differ by at
+    most twice that. ``sum|terms|`` per entry: ``act_sq`` sums squares over tokens and ``grad_l1``
+    absolute gradients over samples (all terms >= 0, so the value itself); ``grad_l2`` is the square
+    root of such a sum, whose relative error is half the sum's (plus one rounding); ``gram[i, j] = sum_t x_ti x_tj`` has ``sum_t |x_ti x_tj| <= sqrt(gram_ii gram_jj)``
+    (Cauchy-Schwarz). Measured on random:tiny (8 samples, 256 tokens) the largest difference is 0.07 (sparsegpt)
+    and 0.24 (gblm) of this bound; a later block's inputs also carry the rounding of the previous block's update, which stays
+    far inside it. Integer statistics are compared exactly elsewhere.
+    """
+    u = 2.0 ** -24
+    n = samples if name.startswith("grad_") else tokens
+    gamma = n * u / (1 - n * u)
+    value = value.double()
+    if name in ("act_sq", "grad_l1", "grad_l2"):
+        terms = value.abs()
+    elif name == "gram":
+        diag = value.diagonal().clamp_min(0) * (1 + gamma)  # the diagonal itself is a rounded sum of squares
+        terms = (diag[:, None] * diag[None, :]).sqrt()
+    else:
+        raise AssertionError(f"no rounding bound for statistic {name!r}: derive one in _order_bound")
+    return 2 * gamma * terms
+
+
 def _run(tmp_path: Path, tag: str, world: int, **overrides) -> list[dict]:
     env = {"COMPRESSKIT_CACHE": str(tmp_path / f"cache-{tag}-{{rank}}")}
     return _ok(launch(_prune, world, tmp_path / tag, overrides, env=env))
@@ -91,9 +118,10 @@ def test_two_ranks_equal_one_process_to_float32_rounding(tmp_path, metric, capsy
         for name in want:
             if name in ("tokens", "samples"):  # integer sums: exact
                 assert torch.equal(got[name], want[name]), (layer, name)
-            else:  # float32 rounding: a few ulps of the largest entry (other orders of the same terms)
-                scale = float(want[name].abs().max())
-                torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6 * scale, msg=f"{layer} {name}")
+            else:  # the same terms summed in another order: within the float32 rounding bound of the sums
+                bound = _order_bound(name, want[name], int(want["tokens"]), int(want["samples"]))
+                excess = float(((got[name] - want[name]).abs() - bound).max())
+                assert excess <= 0, f"{layer} {name}: differs beyond the float32 rounding of its sums by {excess:g}"
     for layer in rank0["weights"]:
         assert torch.equal(rank0["weights"][layer], rank1["weights"][layer]), f"ranks pruned {layer} differently"
     assert rank0["rows"] == rank1["rows"], "the ranks' reports differ"
