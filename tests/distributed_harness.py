@@ -4,7 +4,7 @@ Forking keeps every import of the test process (seconds instead of ~10 s per spa
 a 2-core machine). Each rank runs with one thread, gets the environment ``torchrun`` would set
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` on a free port) and
 writes ``{"ok": ..., "result"/"error": ...}`` to ``<dir>/rank<r>.pt``; a rank that has not
-finished after ``timeout`` seconds is killed and reported as hung. ``world=1`` runs the function
+finished after ``timeout`` seconds (``hang.HANG_S``, a safety net) is killed and the test fails as a hang. ``world=1`` runs the function
 in one forked process *without* those variables: the single-process reference, with the same
 threading as the ranks.
 """
@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-TIMEOUT = 120.0
+from hang import HANG_S, hang
 
 
 def free_port() -> int:
@@ -52,7 +52,7 @@ def _child(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
 
 
 def launch(fn: Callable[..., Any], world: int, out: Path, *args: Any, env: dict[str, str] | None = None,
-           timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+           timeout: float = HANG_S) -> list[dict[str, Any]]:
     """Run ``fn(rank, *args)`` on ``world`` ranks; returns each rank's status dict, in rank order."""
     out.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("fork")
@@ -67,12 +67,12 @@ def launch(fn: Callable[..., Any], world: int, out: Path, *args: Any, env: dict[
         if p.is_alive():
             p.kill()
             p.join()
+    if hung:
+        hang(f"rank(s) {hung} of {world} running {getattr(fn, '__name__', fn)}", timeout)
     results = []
     for r in range(world):
         f = out / f"rank{r}.pt"
-        if r in hung:
-            results.append({"ok": False, "error": f"hung (killed after {timeout:g} s)", "stdout": ""})
-        elif not f.exists():
+        if not f.exists():
             results.append({"ok": False, "error": f"died (exit code {procs[r].exitcode})", "stdout": ""})
         else:
             results.append(torch.load(f, weights_only=True))

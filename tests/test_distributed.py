@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import compresskit.api  # noqa: F401 - imported before forking, so ranks start i
 import transformers.models.llama.modeling_llama  # noqa: F401
 from compresskit.engine import distributed
 from compresskit.errors import CompressKitError, DistributedError
+import hang
 from distributed_harness import launch
 
 TINY = dict(adapter="llama", model="random:tiny", nsamples=8, seqlen=32, seed=0, device="cpu", progress=False)
@@ -172,7 +172,7 @@ def test_owl_targets_and_block_gradients_are_summed_across_ranks(tmp_path, overr
 @pytest.mark.parametrize("overrides, words", [(dict(metric="wanda", update="ro"), "solve_block"),
                                               (dict(metric="gblm", select="metric.alpha=0,100"), "--select")])
 def test_block_solvers_and_selection_refuse_torchrun(tmp_path, overrides, words):
-    for res in launch(_prune_plain, 2, tmp_path, overrides, timeout=60):
+    for res in launch(_prune_plain, 2, tmp_path, overrides):
         assert not res["ok"] and words in res["error"] and "single process" in res["error"]
 
 
@@ -234,13 +234,13 @@ def _prune_failing(rank: int, how: str) -> dict:
 
 
 def test_an_error_on_one_rank_stops_every_rank_with_its_message(tmp_path):
-    rank0, rank1 = launch(_prune_failing, 2, tmp_path, "raise", timeout=60)
+    rank0, rank1 = launch(_prune_failing, 2, tmp_path, "raise")
     assert rank1["error"] == "CompressKitError: rank one cannot go on"
     assert rank0["error"] == "DistributedError: rank 1 of 2 failed: rank one cannot go on"
 
 
 def test_a_rank_that_dies_does_not_hang_the_others(tmp_path):
-    rank0, rank1 = launch(_prune_failing, 2, tmp_path, "die", timeout=60)
+    rank0, rank1 = launch(_prune_failing, 2, tmp_path, "die")
     assert rank1["error"].startswith("died")
     assert rank0["error"].startswith("DistributedError: rank 0 lost contact with the other ranks"), rank0["error"]
 
@@ -253,13 +253,13 @@ def _prune_plain(rank: int, overrides: dict) -> dict:
 
 
 def test_more_ranks_than_samples_is_refused(tmp_path):
-    for res in launch(_prune_plain, 2, tmp_path, {"metric": "wanda", "nsamples": 1}, timeout=60):
+    for res in launch(_prune_plain, 2, tmp_path, {"metric": "wanda", "nsamples": 1}):
         assert not res["ok"] and "2 ranks but only 1 calibration samples" in res["error"]
 
 
 def test_reference_gradient_precision_is_refused(tmp_path):
     over = {"metric": "gblm", "gradient_options": {"precision": "reference"}}
-    for res in launch(_prune_plain, 2, tmp_path, over, timeout=60):
+    for res in launch(_prune_plain, 2, tmp_path, over):
         assert not res["ok"] and "gradient.precision=reference" in res["error"]
 
 
@@ -342,14 +342,14 @@ def test_torchrun_cli(tmp_path):
     cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(__import__("distributed_harness").free_port()),
            "-m", "compresskit", "prune", "--model", "random:tiny", "--metric", "gblm", "--nsamples", "4",
            "--seqlen", "16", "--device", "cpu", "--no-progress", "--output", str(tmp_path / "out")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "COMPRESSKIT_CACHE": str(tmp_path / "cache")})
+    res = hang.run(cmd, capture_output=True, text=True, cwd=tmp_path,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "COMPRESSKIT_CACHE": str(tmp_path / "cache")})
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads((tmp_path / "out" / "compresskit.json").read_text())
     assert manifest["distributed"]["world_size"] == 2
-    bad = subprocess.run([*cmd[:5], "-m", "compresskit", "prune", "--model", "random:tiny", "--nsamples", "1",
-                          "--device", "cpu", "--no-progress"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    bad = hang.run([*cmd[:5], "-m", "compresskit", "prune", "--model", "random:tiny", "--nsamples", "1",
+                    "--device", "cpu", "--no-progress"], capture_output=True, text=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert bad.returncode != 0 and "2 ranks but only 1 calibration samples" in bad.stderr
 
 

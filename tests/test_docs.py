@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import hang
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"prune_llama.py": "overall sparsity 0.5000", "prune_vit.py": "overall sparsity 0.5000",
@@ -34,8 +35,7 @@ def test_example_script_runs(script, capsys, monkeypatch, tmp_path):
 def test_example_script_runs_as_a_program(script, tmp_path):
     """As a user runs it (a fresh interpreter: ~10 s of imports each on a 2-core machine)."""
     _needs(script)
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)
+    res = hang.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert SCRIPTS[script] in res.stdout
 
@@ -147,8 +147,8 @@ def test_mkdocs_build_strict(tmp_path):
     pytest.importorskip("mkdocs", reason="docs extra not installed: pip install -e '.[docs]'")
     pytest.importorskip("mkdocstrings", reason="docs extra not installed: pip install -e '.[docs]'")
     pytest.importorskip("mkdocs_click", reason="docs extra not installed: pip install -e '.[docs]'")
-    res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+    res = hang.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+                   cwd=ROOT, capture_output=True, text=True,
                          env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "site" / "plugins" / "tutorial" / "index.html").exists()

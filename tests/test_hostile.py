@@ -18,13 +18,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from click.testing import CliRunner
+
+import hang
 
 import compresskit
 import compresskit.cli.common as cli_mod
@@ -809,12 +810,9 @@ def test_sigterm_to_a_real_process_while_saving(earlier, tmp_path):
     exe = Path(sys.executable).with_name("compresskit")
     proc = subprocess.Popen([str(exe), "prune", "--adapter", "interrupted", *WANDA[2:], "--output", str(out),
                              "--overwrite"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(out.parent.glob(".out.tmp-*/READY")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
+    hang.wait_for(lambda: bool(list(out.parent.glob(".out.tmp-*/READY"))), "the half-written output", proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = hang.communicate(proc, "the process after SIGTERM")
     assert proc.returncode == 143 and "terminated by signal SIGTERM" in err and "Traceback" not in err
     assert snapshot(out) == before and leftovers(out.parent) == []
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+import hang
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PUBLIC = {
@@ -122,7 +124,7 @@ def test_wheel_holds_every_package_and_prunes_when_installed_outside_the_tree(tm
     env.pop("COMPRESSKIT_PLUGINS", None)
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        return hang.run([sys.executable, *args], cwd=work, env=env, capture_output=True, text=True)
 
     where = run("-c", "import compresskit, compresskit_plugins, compresskit.engine.stream, compresskit.engine.distributed, "
                       "compresskit.cli; print(compresskit.__file__); print(compresskit_plugins.__file__)")

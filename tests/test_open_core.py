@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ast
 import json
-import subprocess
 import sys
 import textwrap
 import types
 from pathlib import Path
 
 import pytest
+
+import hang
 import torch
 
 import compresskit
@@ -107,10 +108,10 @@ def test_throwaway_entry_point_plugin_changes_a_normal_cli_prune(tmp_path):
            "PATH": "/usr/bin:/bin"}
     cmd = [sys.executable, "-m", "compresskit", "prune", "--model", "random:tiny", "--metric", "wanda",
            "--nsamples", "2", "--seqlen", "16", "--no-progress", "--output", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = hang.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    listed = subprocess.run([sys.executable, "-m", "compresskit", "plugins"], capture_output=True, text=True,
-                            env=env, cwd=tmp_path, timeout=120)
+    listed = hang.run([sys.executable, "-m", "compresskit", "plugins"], capture_output=True, text=True,
+                      env=env, cwd=tmp_path)
     assert "throwaway" in listed.stdout and "throwaway-targets 0.1" in listed.stdout
     from transformers import AutoModelForCausalLM
 
@@ -256,7 +257,7 @@ def test_import_and_light_commands_do_not_import_torch(argv):
     else:
         code = ("import sys, atexit; atexit.register(lambda: print('TORCH', 'torch' in sys.modules)); "
                 f"sys.argv = ['compresskit', *{argv!r}]; from compresskit.cli import main; main()")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = hang.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("False"), out.stdout[-300:]
 

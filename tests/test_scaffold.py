@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import os
-import subprocess
 import sys
 
 import pytest
+
+import hang
 from click.testing import CliRunner
 
 from compresskit.cli import scaffold
@@ -30,9 +31,9 @@ def installed(tmp_path_factory):
         assert r.exit_code == 0, r.output
         dirs[kind] = root / f"compresskit-tpl-{kind}"
     target = root / "site"
-    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+    res = hang.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                           "--no-index", "--disable-pip-version-check", "--target", str(target), *map(str, dirs.values())],
-                         capture_output=True, text=True, timeout=300, cwd=root)
+                         capture_output=True, text=True, cwd=root)
     assert res.returncode == 0, res.stderr[-3000:]
     return root, dirs, target
 
@@ -48,9 +49,9 @@ def test_the_generated_tests_pass_against_the_installed_packages(installed):
     """One pytest process over the five test directories; only the installed copies are importable."""
     root, dirs, target = installed
     env = {**os.environ, "PYTHONPATH": str(target), "PYTHONDONTWRITEBYTECODE": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root),
+    res = hang.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root),
                           *[str(d / "tests") for d in dirs.values()]],
-                         capture_output=True, text=True, timeout=600, cwd=root, env=env)
+                         capture_output=True, text=True, cwd=root, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " failed" not in res.stdout and "14 passed" in res.stdout, res.stdout[-2000:]
 
@@ -104,5 +105,5 @@ def test_generated_plugin_modules_load_with_p_and_without_torch(tmp_path):
             "assert not reg.failures, [f.message() for f in reg.failures]; "
             "assert [reg.get(k, 'tpl_' + k).name for k in ('metric', 'pattern', 'adapter', 'solver', 'allocation')]; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
-    res = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=120)
+    res = hang.run([sys.executable, "-c", code, *paths], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]

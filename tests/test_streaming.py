@@ -7,11 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+import hang
 
 import compresskit
 from compresskit import hookimpl
@@ -205,27 +206,27 @@ def test_sigkill_then_resume_gives_identical_output(small_ckpt, reference_output
     args = ["prune", "--model", small_ckpt, "--metric", "gblm", "--nsamples", "4", "--seqlen", "24",
             "--calibration", "random", "--device", "cpu", "--no-progress", "--work-dir", str(work),
             "--output", str(out)]
-    slow = ("import sys, time\nfrom compresskit import hookimpl\nfrom compresskit.cli import main, registry\n"
-            "class Slow:\n    @hookimpl\n    def block_done(self, run, block_index):\n        time.sleep(2)\n"
-            "registry().pm.register(Slow())\nsys.argv = ['compresskit', *sys.argv[1:]]\nmain()\n")
-    proc = subprocess.Popen([sys.executable, "-c", slow, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    marker = tmp_path / "pruned-block-0"
+    # block_done of block 0 (after the streamed engine committed the block): write the marker, then
+    # wait there until killed, so the kill lands between block 0 and block 1 of the pruning phase
+    stop = ("import sys, time\nfrom pathlib import Path\nfrom compresskit import hookimpl\n"
+            "from compresskit.cli import main, registry\n"
+            "class Stop:\n    @hookimpl\n    def block_done(self, run, block_index):\n"
+            f"        Path({str(marker)!r}).write_text(str(block_index))\n        time.sleep({hang.HANG_S})\n"
+            "registry().pm.register(Stop())\nsys.argv = ['compresskit', *sys.argv[1:]]\nmain()\n")
+    proc = subprocess.Popen([sys.executable, "-c", stop, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                st = json.loads((work / "progress.json").read_text())
-            except (OSError, ValueError):
-                st = {}
-            if st.get("phase") == "prune" and st.get("next", 0) >= 1:
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            time.sleep(0.05)
+        hang.wait_for(marker.exists, "pruning reached block_done", proc)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        hang.communicate(proc, "the process after SIGKILL")
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL and not out.exists()
+            proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the process was not killed by the SIGKILL"
+    assert marker.read_text() == "0" and not out.exists(), "the run got past block 0 or wrote its output"
+    progress = json.loads((work / "progress.json").read_text())
+    assert progress["phase"] == "prune" and progress["next"] == 1, progress  # killed during pruning, not done
     from click.testing import CliRunner
 
     from compresskit.cli import cli
