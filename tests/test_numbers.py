@@ -54,7 +54,9 @@ ALLOWED = {  # numbers on a page that are not our measurements, and why
     "docs/explanation/wandapp.md": {"0.01": "the default of the obs solver's percdamp (a setting)"},
     "docs/benchmarks.md": {"1.45": "the --max-memory budget (GB) of bench/streaming.py's big run (a setting)"},
     "docs/howto/large-models.md": {"1.45": "the --max-memory budget (GB) of bench/streaming.py's big run (a setting)"},
-    "docs/plugins/testing.md": {"0.02": "the conformance check's end-to-end sparsity tolerance (a setting)"},
+    "docs/plugins/testing.md": {"0.02": "the conformance check's end-to-end slack for Wanda's adaptive rule (a setting)",
+                                "0.001": "the adaptive rule's bisection tolerance (a setting)",
+                                "0.002": "check_pattern's slack for adaptive and third-party groups (a setting)"},
     "docs/howto/export.md": {
         **{v: "a compressed-tensors version" for v in ("0.13", "0.14", "0.15", "0.20")},
         "2.125": "bytes per float32 weight of the bitmask format at 50 %: 0.5 x 4 + 1/8 (arithmetic)",

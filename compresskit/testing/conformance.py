@@ -295,9 +295,15 @@ def check_solver(cls: type, registry: Registry | None = None, end_to_end: bool =
     stats = _layer_stats(solver, layer, {"gram": gram})
     weight = layer.weight.detach().clone()
     mask = lowest_mask(weight.abs(), 16)
-    new = solver.solve(weight.clone(), mask.clone(), stats)
+    given_weight, given_mask, given_gram = weight.clone(), mask.clone(), gram.clone()
+    new = solver.solve(given_weight, given_mask, stats)
+    if not (torch.equal(given_weight, weight) and torch.equal(given_mask, mask) and torch.equal(gram, given_gram)):
+        _fail(cls, "solve() modified the weight, mask or statistics it was given", "work on a clone, never in place")
     if not isinstance(new, torch.Tensor) or new.shape != weight.shape or not torch.isfinite(new).all():
         _fail(cls, "solve() must return finite weights of the weight's shape", "return the reconstructed weight")
+    if new.dtype != weight.dtype:
+        _fail(cls, f"solve() returned {new.dtype} weights for a {weight.dtype} layer",
+              "return the weight's dtype (float32 here; cast back after computing in another precision)")
     if new[mask].any():
         _fail(cls, "solve() left pruned weights non-zero", "zero the entries where mask is True")
     plain = reconstruction_error(weight, weight.masked_fill(mask, 0.0), gram)
