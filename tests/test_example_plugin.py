@@ -1,7 +1,8 @@
 """End-to-end discovery of the separately installed example plugin (examples/compresskit-example-plugin).
 
-CI installs it with ``pip install -e examples/compresskit-example-plugin --no-deps``; without it
-these tests skip.
+scripts/bootstrap (and so CI) installs it with ``pip install -e examples/compresskit-example-plugin``,
+its compresskit requirement resolved against the installed compresskit; without it these tests
+skip. tests/test_plugin_install.py installs it (and every generated plugin) in a fresh environment.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ INSTALLED = any(ep.name == "ria" and ep.value.startswith("compresskit_example_pl
                 for ep in md.entry_points(group="compresskit"))
 pytestmark = pytest.mark.skipif(
     not INSTALLED,
-    reason="example plugin not installed; run `pip install -e examples/compresskit-example-plugin --no-deps`",
+    reason="example plugin not installed; run `pip install -e examples/compresskit-example-plugin`",
 )
 
 
