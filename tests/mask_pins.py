@@ -9,9 +9,12 @@ intended and explained in the commit::
 
     .venv/bin/python tests/mask_pins.py --write            # the fast random:tiny cases
     .venv/bin/python tests/mask_pins.py --write --slow     # plus the packaged SmolLM2 cases
+    .venv/bin/python tests/mask_pins.py --write --new      # only cases that have no pin yet
 
 Since 0.2 the configurations are spelled in the 0.2 API (SparseGPT's block size is an option of
 the ``obs`` solver: ``update_options``); the digests are still those computed with 0.1.0.
+The recipes of ``_cases_0_2`` (OWL, Wanda++, RO, streamed and 2-rank runs) came later and are
+pinned as computed at 0.2 (``--write --new``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 PINS = Path(__file__).parent / "data" / "mask_pins.json"
@@ -61,6 +65,29 @@ def _cases() -> dict[str, dict[str, Any]]:
     return cases
 
 
+def _cases_0_2() -> dict[str, dict[str, Any]]:
+    """Recipes added after 0.1.0, pinned at 0.2 (issue 24): OWL, Wanda++, RO, streamed and 2-rank runs.
+
+    ``streamed`` prunes a saved copy of random:tiny through the streamed engine; ``ranks`` runs on
+    that many forked gloo ranks (tests/distributed_harness.py) and digests rank 0's model.
+    """
+    base = {**TINY, "adapter": "llama", "pattern": "unstructured"}
+    cases = {
+        "llama/wanda/owl-0.6": dict(metric="wanda", allocation="owl", sparsity=0.6),
+        "llama/gblm/owl-0.6": dict(metric="gblm", allocation="owl", sparsity=0.6),
+        "llama/wandapp/unstructured": dict(metric="wandapp"),
+        "llama/wandapp/2:4": dict(metric="wandapp", **PATTERNS["2:4"]),
+        "llama/wanda/update-ro": dict(metric="wanda", update="ro", update_options={"lr": 1e-3}),
+        "llama/sparsegpt/update-ro-2:4": dict(metric="sparsegpt", update="ro", update_options={"lr": 1e-4},
+                                              **PATTERNS["2:4"]),
+        "llama/wanda/streamed": dict(metric="wanda", streamed=True, calibration="random"),
+        "llama/gblm/streamed": dict(metric="gblm", streamed=True, calibration="random"),
+        "llama/wanda/2-ranks": dict(metric="wanda", ranks=2),
+        "llama/gblm/2-ranks": dict(metric="gblm", ranks=2),
+    }
+    return {name: {**base, **over} for name, over in cases.items()}
+
+
 def _slow_cases() -> dict[str, dict[str, Any]]:
     base = dict(adapter="llama", model="smollm2", nsamples=32, seqlen=256, seed=0, device="cpu", progress=False)
     return {f"smollm2/{m}/{p}": dict(base, metric=m, **PATTERNS[p]) for m in ("wanda", "gblm") for p in ("unstructured", "2:4")}
@@ -87,16 +114,65 @@ def digest(result) -> dict[str, Any]:
 def compute(config: dict[str, Any]) -> dict[str, Any]:
     import compresskit
 
+    config = dict(config)
+    if config.pop("streamed", False):
+        return _streamed(config)
+    ranks = config.pop("ranks", 1)
+    if ranks > 1:
+        return _ranks(config, ranks)
     return digest(compresskit.prune(**config))
 
 
+def _streamed(config: dict[str, Any]) -> dict[str, Any]:
+    """Save the model, prune it through the streamed engine, digest the written checkpoint."""
+    import tempfile
+
+    import compresskit
+    from compresskit.engine.registry import Registry
+    from compresskit_plugins.adapters.llama.sources import random_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tok = random_model(config["model"].split(":", 1)[1])
+        ckpt = Path(tmp) / "ckpt"
+        model.save_pretrained(ckpt, max_shard_size="100KB")
+        tok.save_pretrained(ckpt)
+        result = compresskit.prune(**{**config, "model": str(ckpt), "max_memory": "8GB"})
+        assert "streaming" in result.manifest, "the run was not streamed"
+        result.save(Path(tmp) / "out")
+        adapter = Registry.from_entrypoints().get("adapter", config["adapter"]).cls()
+        return digest(SimpleNamespace(adapter=adapter, loaded=adapter.load(str(Path(tmp) / "out"))))
+
+
+def _rank_digest(rank: int, config: dict[str, Any]) -> dict[str, Any]:
+    import compresskit
+
+    return digest(compresskit.prune(**config))
+
+
+def _ranks(config: dict[str, Any], world: int) -> dict[str, Any]:
+    import tempfile
+
+    from distributed_harness import launch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"COMPRESSKIT_CACHE": str(Path(tmp) / "cache-{rank}")}
+        results = launch(_rank_digest, world, Path(tmp) / "ranks", config, env=env)
+    for r, res in enumerate(results):
+        assert res["ok"], f"rank {r}: {res['error']}"
+    digests = [res["result"] for res in results]
+    assert all(d == digests[0] for d in digests), "the ranks' models differ"
+    return digests[0]
+
+
 def main(argv: list[str]) -> None:
-    cases = _cases()
+    old = json.loads(PINS.read_text()) if PINS.exists() else {}
+    cases = {**_cases(), **_cases_0_2()}
     if "--slow" in argv:
         cases.update(_slow_cases())
+    if "--new" in argv:  # only cases without a pin yet: the existing pins stay as they are
+        cases = {name: cfg for name, cfg in cases.items() if name not in old}
     out = {name: compute(cfg) for name, cfg in cases.items()}
     if "--write" in argv:
-        old = json.loads(PINS.read_text()) if PINS.exists() else {}
         PINS.parent.mkdir(parents=True, exist_ok=True)
         PINS.write_text(json.dumps({**old, **out}, indent=1, sort_keys=True) + "\n")
     print(json.dumps(out, indent=1))

@@ -32,3 +32,20 @@ def test_tiny_masks_equal_release_0_1_0(name):
 @pytest.mark.parametrize("name", sorted(mask_pins._slow_cases()))
 def test_smollm2_masks_equal_release_0_1_0(name):
     _check(name, mask_pins._slow_cases()[name])
+
+
+@pytest.mark.parametrize("name", sorted(mask_pins._cases_0_2()))
+def test_tiny_masks_equal_their_0_2_pins(name):
+    """OWL, Wanda++, RO, streamed and 2-rank runs: pinned when they were added (0.2)."""
+    got = mask_pins.compute(mask_pins._cases_0_2()[name])
+    want = PINNED[name]
+    assert got["layers"] == want["layers"]
+    assert got["masks"] == want["masks"], f"{name}: masks differ from their 0.2 pin"
+    assert got["weight_sum"] == pytest.approx(want["weight_sum"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("way", ["streamed", "2-ranks"])
+@pytest.mark.parametrize("metric", ["wanda", "gblm"])
+def test_streamed_and_2_rank_pins_are_the_in_memory_0_1_0_pins(way, metric):
+    """The streamed engine and 2 ranks give the single-process in-memory masks of release 0.1.0."""
+    assert PINNED[f"llama/{metric}/{way}"] == PINNED[f"llama/{metric}/unstructured"]
