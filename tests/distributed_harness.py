@@ -4,7 +4,8 @@ Forking keeps every import of the test process (seconds instead of ~10 s per spa
 a 2-core machine). Each rank runs with one thread, gets the environment ``torchrun`` would set
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT`` on a free port) and
 writes ``{"ok": ..., "result"/"error": ...}`` to ``<dir>/rank<r>.pt``; a rank that has not
-finished after ``timeout`` seconds (``hang.HANG_S``, a safety net) is killed and the test fails as a hang. ``world=1`` runs the function
+finished after ``timeout`` seconds (``hang.HANG_S``, a safety net) is killed and the test fails
+as a hang. ``world=1`` runs the function
 in one forked process *without* those variables: the single-process reference, with the same
 threading as the ranks.
 """

@@ -78,10 +78,11 @@ def _order_bound(name: str, value: torch.Tensor, tokens: int, samples: int) -> t
     Algorithms*, eq. 3.4; any order, blocked or pairwise, obeys it), so two orders differ by at
     most twice that. ``sum|terms|`` per entry: ``act_sq`` sums squares over tokens and ``grad_l1``
     absolute gradients over samples (all terms >= 0, so the value itself); ``grad_l2`` is the square
-    root of such a sum, whose relative error is half the sum's (plus one rounding); ``gram[i, j] = sum_t x_ti x_tj`` has ``sum_t |x_ti x_tj| <= sqrt(gram_ii gram_jj)``
-    (Cauchy-Schwarz). Measured on random:tiny (8 samples, 256 tokens) the largest difference is 0.07 (sparsegpt)
-    and 0.24 (gblm) of this bound; a later block's inputs also carry the rounding of the previous block's update, which stays
-    far inside it. Integer statistics are compared exactly elsewhere.
+    root of such a sum, whose relative error is half the sum's (plus one rounding);
+    ``gram[i, j] = sum_t x_ti x_tj`` has ``sum_t |x_ti x_tj| <= sqrt(gram_ii gram_jj)`` (Cauchy-Schwarz).
+    Measured on random:tiny (8 samples, 256 tokens) the largest difference is 0.07 (sparsegpt) and
+    0.24 (gblm) of this bound; a later block's inputs also carry the rounding of the previous
+    block's update, which stays far inside it. Integer statistics are compared exactly elsewhere.
     """
     u = 2.0 ** -24
     n = samples if name.startswith("grad_") else tokens

@@ -75,7 +75,7 @@ ALLOWED = {  # numbers on a page that are not our measurements, and why
                                   "2": "a bound in prose: less than 2x faster with 2 ranks (not a figure of a record)"},
     "docs/howto/nm.md": {"25": "1 weight in 4 is 25 % (arithmetic)"},
     "docs/howto/per-layer-sparsity.md": {v: "a value of an example --sparsity-map (an input)" for v in ("0.3", "0.6")},
-    "docs/howto/recipes.md": {"0.6": "a value in an example recipe (an input)", "0.4": "a value in an example recipe (an input)"},
+    "docs/howto/recipes.md": {v: "a value in an example recipe (an input)" for v in ("0.4", "0.6")},
     "docs/howto/report.md": {"0.7": "an example target: 64 weights at 0.7 prune 44 (arithmetic)"},
     "docs/explanation/reference-semantics.md": {
         "6.92": "the GBLM paper's Wanda perplexity on LLaMA-2-7B at L=2048, cited",
@@ -243,7 +243,8 @@ def _file_values(path: Path) -> list[float]:
 
 def _path(obj, path: str) -> list:
     """Values at a dotted ``path``: ``a.0.b`` indexes lists by number, ``*`` takes every item,
-    ``[recipe=wanda, setting=70%]`` the list items whose fields read so (``!=``: do not), ``'key with spaces'`` is quoted."""
+    ``[recipe=wanda, setting=70%]`` the list items whose fields read so (``!=``: do not),
+    ``'key with spaces'`` is quoted."""
     values = [obj]
     for part in re.findall(r"'[^']*'|\[[^\]]*\]|[^.]+", path):
         nxt = []
