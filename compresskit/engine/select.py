@@ -106,16 +106,15 @@ def heldout_loss(adapter: ModelAdapter, model: Any, batches: Sequence[dict], dev
     """Mean ``adapter.loss`` over ``batches`` (no gradients), on ``device``; the model goes back after."""
     import torch
 
-    from compresskit.engine.device import model_device, to_device
+    from compresskit.engine.device import Placement, host_float
 
-    home = model_device(model)
-    model.to(device)
-    try:
-        with adapter.run_context(model), torch.no_grad():
-            losses = [float(adapter.loss(model, to_device(b, device))) for b in batches]
-    finally:
-        model.to(home)
-    return sum(losses) / len(losses)
+    place = Placement(device)
+    with place.whole_model(model), adapter.run_context(model), torch.no_grad():
+        total = None
+        for b in batches:  # summed on the device in order; one host read at the end
+            loss = adapter.loss(model, place.to_compute(b)).double()
+            total = loss if total is None else total + loss
+    return host_float(total) / len(batches)
 
 
 def prune_selected(config: RunConfig, registry: Registry | None, plan: Callable[..., Any],

@@ -1,0 +1,125 @@
+"""Device placement: one owner of every crossing, and the strict mode that finds device mixes on a CPU.
+
+On a CPU-only machine the compute device and the place where tensors rest are the same, so a
+tensor that was never moved to the compute device goes unnoticed; on CUDA the same code crashes
+("Expected all tensors to be on the same device"). In the strict mode (the ``strict_devices``
+fixture) tensors at rest are tagged and refuse to mix with compute tensors: the runner matrix
+below runs every metric x pattern x solver x allocation, in memory and streamed, under it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compresskit
+from compresskit.engine.device import DeviceMixError, Placement, at_rest_type, to_rest
+from device_matrix import combos, config, ids
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """random:tiny saved as a checkpoint (what a streamed run reads)."""
+    from compresskit_plugins.adapters.llama.sources import random_model
+
+    model, tok = random_model("tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    model.save_pretrained(path, max_shard_size="200KB")
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _sparsity_reached(result, pattern: str) -> None:
+    assert result.report.layers
+    for row in result.report.layers:
+        assert abs(row.sparsity - row.target) <= 1.0 / row.shape[1] + 1e-9, (row.block, row.name)
+
+
+# --------------------------------------------------------------------------- the strict mode itself
+
+
+def test_strict_mode_refuses_a_mix_and_allows_the_crossings(strict_devices):
+    rest = to_rest(torch.ones(4))
+    assert isinstance(rest, at_rest_type()) and isinstance(rest * 2, at_rest_type())  # derived tensors stay at rest
+    with pytest.raises(DeviceMixError, match="Placement.to_compute"):
+        torch.ones(4) * rest
+    with pytest.raises(DeviceMixError):
+        torch.nn.Parameter(torch.ones(4)).add(rest)
+    moved = Placement("cpu").to_compute({"g": [rest]})["g"][0]
+    assert type(moved) is torch.Tensor and torch.equal(torch.ones(4) * moved, torch.ones(4))
+    dst = torch.zeros(4)
+    dst.copy_(rest)  # a crossing: allowed, and the destination stays a compute tensor
+    assert type(dst) is torch.Tensor and dst.sum().item() == 4.0
+    assert isinstance(rest.to(torch.float64), at_rest_type())  # a dtype cast does not move it
+
+
+def test_without_the_strict_mode_tensors_at_rest_are_plain(monkeypatch):
+    from compresskit.engine.device import STRICT_ENV
+
+    monkeypatch.delenv(STRICT_ENV, raising=False)
+    assert type(to_rest(torch.ones(2))) is torch.Tensor
+
+
+def test_a_run_places_gradient_statistics_at_rest(strict_devices):
+    result = compresskit.prune(**config("gblm", "unstructured", "none", "uniform", "cpu"), model="random:tiny")
+    grads = next(iter(result.run.gradients.values()))
+    assert grads and all(isinstance(t, at_rest_type()) for t in grads.values())
+
+
+# --------------------------------------------------------------------------- the GBLM-on-CUDA crash
+
+
+def _todays_runner(monkeypatch):
+    """The runner before the fix: gradient statistics merged into a layer's statistics where they rest."""
+    monkeypatch.setattr(Placement, "to_compute", lambda self, obj: obj)
+
+
+@pytest.mark.parametrize("metric", ["gblm", "gradient"])
+def test_strict_mode_fails_on_the_old_gradient_merge_in_memory(metric, strict_devices, monkeypatch):
+    _todays_runner(monkeypatch)
+    with pytest.raises(DeviceMixError):
+        compresskit.prune(**config(metric, "unstructured", "none", "uniform", "cpu"), model="random:tiny")
+
+
+def test_strict_mode_fails_on_the_old_gradient_merge_streamed(strict_devices, monkeypatch, tiny_ckpt, tmp_path):
+    _todays_runner(monkeypatch)
+    with pytest.raises(DeviceMixError):
+        compresskit.prune(**config("gblm", "unstructured", "none", "uniform", "cpu"), model=tiny_ckpt,
+                          work_dir=str(tmp_path / "work"))
+
+
+def test_the_old_gradient_merge_passes_unnoticed_without_the_strict_mode(monkeypatch):
+    """Why the strict mode exists: on a CPU the old code ran (and on CUDA it crashed)."""
+    from compresskit.engine.device import STRICT_ENV
+
+    monkeypatch.delenv(STRICT_ENV, raising=False)
+    _todays_runner(monkeypatch)
+    compresskit.prune(**config("gblm", "unstructured", "none", "uniform", "cpu"), model="random:tiny")
+
+
+def test_cached_gradients_are_moved_too(strict_devices, tmp_path, monkeypatch):
+    """The second run reads the gradient cache (at rest): it must reach the metric on the compute device."""
+    monkeypatch.setenv("COMPRESSKIT_CACHE", str(tmp_path / "cache"))
+    cfg = dict(config("gblm", "unstructured", "none", "uniform", "cpu"), model="random:tiny")
+    first = compresskit.prune(**cfg)
+    second = compresskit.prune(**cfg)
+    assert second.manifest["gradients"]["statistics"]["grad_l1"]["cache"] == "hit"
+    for name, weight in first.model.state_dict().items():
+        assert torch.equal(weight, second.model.state_dict()[name]), name
+
+
+# --------------------------------------------------------------------------- the runner matrix, strict
+
+
+@pytest.mark.parametrize("combo", combos(streamed=False), ids=ids)
+def test_runner_matrix_in_memory_strict(combo, strict_devices):
+    metric, pattern, solver, allocation = combo
+    result = compresskit.prune(**config(*combo, "cpu"), model="random:tiny")
+    _sparsity_reached(result, pattern)
+
+
+@pytest.mark.parametrize("combo", combos(streamed=True), ids=ids)
+def test_runner_matrix_streamed_strict(combo, strict_devices, tiny_ckpt, tmp_path):
+    metric, pattern, solver, allocation = combo
+    result = compresskit.prune(**config(*combo, "cpu"), model=tiny_ckpt, work_dir=str(tmp_path / "work"))
+    _sparsity_reached(result, pattern)
