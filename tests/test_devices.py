@@ -9,6 +9,9 @@ below runs every metric x pattern x solver x allocation, in memory and streamed,
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -123,3 +126,37 @@ def test_runner_matrix_streamed_strict(combo, strict_devices, tiny_ckpt, tmp_pat
     metric, pattern, solver, allocation = combo
     result = compresskit.prune(**config(*combo, "cpu"), model=tiny_ckpt, work_dir=str(tmp_path / "work"))
     _sparsity_reached(result, pattern)
+
+
+# --------------------------------------------------------------------------- the source check
+
+FORBIDDEN = re.compile(r"""\.cpu\(\)|\.cuda\(|torch\.device\(|\.to\(\s*(?:["']|[\w.]*(?:device|dev|offload|home|via|gpu)\b"""
+                       r"""|[^()]*\bdevice\s*=)|\bdevice\s*=\s*["'](?:cpu|cuda)""")
+OWNERS = {"compresskit/engine/device.py", "compresskit/engine/atrest.py"}
+ALLOWED = [  # (file, the code allowed there, why)
+    ("compresskit/engine/stream/engine.py", ".store.open(", "an activation sequence read onto the compute device "
+     "(Activations.to moves each tensor through the device module)"),
+    ("compresskit/engine/stream/grads.py", ".store.open(", "the same: activation sequences read onto the device"),
+    ("compresskit/testing/_base.py", 'device="cpu"', "conformance checks run on the CPU by design"),
+    ("compresskit/testing/runs.py", 'device="cpu"', "conformance checks run on the CPU by design"),
+    ("plugins/adapters/vit/timm_models.py", '"meta"', "a model built on the meta device: no crossing"),
+    ("plugins/adapters/vit/timm_models.py", 'to_empty(device="cpu")', "the meta model materialised at rest"),
+]
+
+
+def test_device_moves_live_in_the_device_module():
+    """``.cpu()``, ``.cuda()``, ``.to(<device>)`` and ``torch.device(`` only in compresskit.engine.device
+    (and the allow-list above, each with its reason): every other crossing goes through it."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for top in ("compresskit", "plugins"):
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel in OWNERS:
+                continue
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                code = line.split("#")[0]
+                if FORBIDDEN.search(code) and not any(f == rel and snippet in code for f, snippet, _ in ALLOWED):
+                    found.append(f"{rel}:{i}: {line.strip()}")
+    assert not found, ("device moves outside compresskit.engine.device; use Placement.to_compute/to_rest, "
+                       "to_device or to_host there:\n" + "\n".join(found))

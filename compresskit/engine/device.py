@@ -175,6 +175,17 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return _tree(obj, lambda t: _strip(t.to(device)))
 
 
+def to_host(obj: Any) -> Any:
+    """Tensors of a nested ``obj`` read back to the host for reporting (evaluation results, hashes,
+    exports): plain CPU tensors, never tagged, because they do not go back to compute."""
+    return to_device(obj, "cpu")
+
+
+def move_module(module: nn.Module, device: Any) -> nn.Module:
+    """Move a module (a block entering or leaving the compute device) in place; returns it."""
+    return module.to(device)
+
+
 def to_rest(obj: Any, device: Any = "cpu") -> Any:
     """Put the tensors of a nested ``obj`` at rest on ``device`` (detached; tagged :class:`AtRest`
     in the strict mode)."""

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from compresskit.cache import hash_into, atomic_write, cache_dir, tensor_fingerprint
-from compresskit.engine.device import to_rest
+from compresskit.engine.device import as_device, to_rest
 from compresskit.errors import GradientError
 from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import as_dict
@@ -57,7 +57,7 @@ def fingerprint(adapter: ModelAdapter, loaded: Loaded, batches: Sequence[dict[st
         "source": loaded.source,
         "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
         "adapter_options": repr(sorted(as_dict(adapter.options).items())),
-        "device": torch.device(device).type,
+        "device": as_device(device).type,
         "torch": torch.__version__,
         "transformers": _version(md, "transformers"),
     }
