@@ -69,7 +69,7 @@ def test_runner_matrix_streamed_on_cuda(combo, tiny_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("metric,pattern,floor", [
-    ("magnitude", "unstructured", 1.0), ("magnitude", "2:4", 1.0),
+    ("magnitude", "unstructured", 0.9999), ("magnitude", "2:4", 0.9999),  # exact ties may break differently
     ("wanda", "unstructured", 0.999), ("wanda", "2:4", 0.999),
     ("gblm", "unstructured", 0.999), ("gblm", "2:4", 0.999),
     ("gradient", "unstructured", 0.999), ("wandapp", "unstructured", 0.99),
