@@ -132,3 +132,10 @@ def test_prune_with_evaluation_on_cuda(tmp_path):
     ev = result.manifest["evaluation"]
     assert ev["dense"]["perplexity"] > 0 and ev["pruned"]["perplexity"] > 0
     _at_rest(result)
+
+
+def test_streamed_activations_on_the_gpu_leave_the_host_budget_alone(tiny_ckpt, tmp_path):
+    result = compresskit.prune(**config("gblm", "unstructured", "none", "uniform", "cuda"), model=tiny_ckpt,
+                               work_dir=str(tmp_path / "work"))
+    assert result.manifest["streaming"]["activations_peak_in_memory"] == 0  # host bytes: they all lived on the GPU
+    _reached(result)

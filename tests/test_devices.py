@@ -160,3 +160,16 @@ def test_device_moves_live_in_the_device_module():
                     found.append(f"{rel}:{i}: {line.strip()}")
     assert not found, ("device moves outside compresskit.engine.device; use Placement.to_compute/to_rest, "
                        "to_device or to_host there:\n" + "\n".join(found))
+
+
+def test_activations_on_the_gpu_are_not_counted_against_the_host_budget(tmp_path):
+    """A streamed run's store budgets host memory and device memory separately."""
+    from compresskit.engine.stream.activations import ActivationStore
+
+    store = ActivationStore(tmp_path, budget=100)
+    store.device_budget = 100  # set: no GPU is asked for its free memory
+    gpu = torch.device("cuda")
+    assert store._take(80, gpu) and store.resident == 0 and store.device_resident == 80
+    assert store._take(80, torch.device("cpu")) and store.resident == 80  # the host budget is untouched by the GPU's
+    assert not store._take(40, gpu) and not store._take(40, torch.device("cpu"))  # each full on its own
+    assert store.device_peak == 80 and store.peak == 80
