@@ -1,7 +1,8 @@
 """The :class:`AtRest` tensor subclass of the strict device mode (see :mod:`compresskit.engine.device`).
 
 Its own module because it subclasses ``torch.Tensor`` at import (the device module imports torch
-only inside functions); at module level, tagged tensors pickle and deep-copy.
+only inside functions, and imports this one lazily); at module level, tagged tensors pickle and
+deep-copy.
 """
 
 from __future__ import annotations
@@ -9,7 +10,23 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_flatten
 
-from compresskit.engine.device import _CROSSING, DeviceMixError, _moves, _strip
+from compresskit.errors import DeviceMixError
+
+_CROSSING = frozenset({"to", "cpu", "cuda", "copy_", "as_subclass"})
+"""Calls allowed to mix: the crossings themselves (``to``/``cpu``/``cuda`` with a device strip the tag)."""
+
+
+def _moves(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether a ``to``/``cpu``/``cuda`` call names a device (a dtype-only ``to`` keeps the tag)."""
+    if name != "to":
+        return True
+    if "device" in kwargs:
+        return True
+    return any(isinstance(a, (str, torch.device, torch.Tensor)) for a in args[1:])
+
+
+def _strip(out):
+    return out.as_subclass(torch.Tensor) if isinstance(out, AtRest) else out
 
 
 class AtRest(torch.Tensor):

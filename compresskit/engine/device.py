@@ -24,7 +24,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Iterator
 
-from compresskit.errors import CompressKitError, OptionError
+from compresskit.errors import DeviceMixError, OptionError  # noqa: F401  (DeviceMixError: raised by AtRest)
 
 if TYPE_CHECKING:
     import torch
@@ -112,34 +112,15 @@ def is_cuda(dev: Any) -> bool:
 STRICT_ENV = "COMPRESSKIT_STRICT_DEVICES"
 
 
-class DeviceMixError(CompressKitError, RuntimeError):
-    """One tensor operation mixed a tensor at rest with a compute tensor (strict device mode)."""
-
-
 def strict() -> bool:
     """True when ``$COMPRESSKIT_STRICT_DEVICES`` is set (not empty, not ``0``): the strict test mode."""
     return os.environ.get(STRICT_ENV, "") not in ("", "0")
-
-
-_CROSSING = frozenset({"to", "cpu", "cuda", "copy_", "as_subclass"})
-"""Calls allowed to mix: the crossings themselves (``to``/``cpu``/``cuda`` with a device strip the tag)."""
 
 
 def _at_rest_class() -> type:
     from compresskit.engine.atrest import AtRest
 
     return AtRest
-
-
-def _moves(name: str, args: tuple, kwargs: dict) -> bool:
-    """Whether a ``to``/``cpu``/``cuda`` call names a device (a dtype-only ``to`` keeps the tag)."""
-    import torch
-
-    if name != "to":
-        return True
-    if "device" in kwargs:
-        return True
-    return any(isinstance(a, (str, torch.device, torch.Tensor)) for a in args[1:])
 
 
 def _strip(out: Any) -> Any:
