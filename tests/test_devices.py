@@ -173,3 +173,11 @@ def test_activations_on_the_gpu_are_not_counted_against_the_host_budget(tmp_path
     assert store._take(80, torch.device("cpu")) and store.resident == 80  # the host budget is untouched by the GPU's
     assert not store._take(40, gpu) and not store._take(40, torch.device("cpu"))  # each full on its own
     assert store.device_peak == 80 and store.peak == 80
+
+
+def test_select_keeps_to_the_placement(strict_devices):
+    """--select draws held-out batches (at rest, like the run's) and moves the whole model for its losses."""
+    result = compresskit.prune(**config("gblm", "unstructured", "none", "uniform", "cpu"), model="random:tiny",
+                               select="metric.alpha=0,10", select_nsamples=2)
+    selection = result.manifest["selection"]
+    assert len(selection["sweep"]) == 2 and selection["heldout_loss"] == min(r["heldout_loss"] for r in selection["sweep"])

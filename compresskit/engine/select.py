@@ -85,12 +85,14 @@ def _same_batch(a: dict, b: dict) -> bool:
 def holdout_batches(adapter: ModelAdapter, loaded: Any, config: RunConfig, calibration: str | None,
                     used: Sequence[dict]) -> tuple[list[dict], dict[str, Any]]:
     """Held-out calibration batches disjoint from ``used`` (see the module docstring) and facts about them."""
-    n, k = len(used), config.select_nsamples
-    draw = adapter.calibration_batches(loaded, n + k, config.seqlen, config.seed, calibration)
+    from compresskit.engine.device import to_rest
+
+    n, k = len(used), config.select_nsamples  # calibration data rests on the CPU, like the run's batches
+    draw = to_rest(adapter.calibration_batches(loaded, n + k, config.seqlen, config.seed, calibration))
     if len(draw) == n + k and all(_same_batch(a, b) for a, b in zip(draw[:n], used)):
         extra, how = draw[n:], f"samples {n}..{n + k - 1} of the calibration sampler's draw with seed {config.seed}"
     else:
-        extra = adapter.calibration_batches(loaded, k, config.seqlen, config.seed + RESEED, calibration)
+        extra = to_rest(adapter.calibration_batches(loaded, k, config.seqlen, config.seed + RESEED, calibration))
         how = f"a separate draw with seed {config.seed + RESEED} (the sampler's draws are not prefix-stable)"
     held = [b for b in extra if not any(_same_batch(b, c) for c in used)]
     if not held:

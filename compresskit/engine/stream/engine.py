@@ -99,7 +99,8 @@ def prune(config: RunConfig, registry: Registry | None = None):
     p, run, checkpoint = _start(config, registry)
     adapter, loaded = p.adapter, run.loaded
     calibration = config.calibration or adapter.default_calibration(loaded.source)
-    run.batches = adapter.calibration_batches(loaded, config.nsamples, config.seqlen, config.seed, calibration)
+    run.batches = run.placement.to_rest(
+        adapter.calibration_batches(loaded, config.nsamples, config.seqlen, config.seed, calibration))
     data_fp = tensor_fingerprint(run.batches)
     facts = _facts(config, p, run, checkpoint, data_fp)
     owned = config.work_dir is None
