@@ -40,12 +40,12 @@ def _guarded(fn):
 def _start(config: RunConfig, registry: Registry | None) -> tuple[Plan, Run]:
     """Plan, load, and check every layer (shared by :func:`prune` and :func:`check`)."""
     from compresskit.engine import distributed
-    from compresskit.engine.device import resolve_device
+    from compresskit.engine.device import compute_device
 
     p = plan(config, registry)
     ctx = distributed.current()
     distributed.check_plan(ctx, config, p)
-    device = ctx.device(resolve_device(config.device))
+    device = compute_device(config.device, ctx)  # under torchrun: this rank's GPU
     with ctx.writer_first():  # under torchrun: rank 0 fills the model caches, the others read them
         loaded = p.adapter.load(p.adapter.resolve_source(config.model))
     checks.check_model(loaded)  # a NaN in the checkpoint would decide masks silently
@@ -136,7 +136,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     with ctx.writer_first():
         batches = p.adapter.calibration_batches(run.loaded, config.nsamples, config.seqlen, config.seed, calibration)
     fingerprint = tensor_fingerprint(batches)  # of every rank's samples: the same as in a single process
-    run.batches = ctx.shard(batches)
+    run.batches = run.placement.to_rest(ctx.shard(batches))  # moved with each forward (walk, gradient pass)
     manifest = _manifest(config, p, run, calibration, fingerprint)
     distributed.run_started(ctx, run, manifest, len(batches))
     _evaluate_into(manifest, "dense", config, p.adapter, run.loaded, device)
@@ -203,10 +203,11 @@ def _streamed(config: RunConfig, registry: Registry | None) -> bool:
 
 
 def _evaluate_loaded(adapter: ModelAdapter, loaded: Loaded, request: EvalRequest) -> dict[str, Any]:
-    """Evaluate on ``request.device`` and put the model back where it was."""
-    from compresskit.engine.device import on_device
+    """Evaluate on ``request.device`` and put the model back where it was (the one crossing of
+    evaluation: the adapter finds the model on the compute device)."""
+    from compresskit.engine.device import Placement
 
-    with on_device(loaded.model, request.device):
+    with Placement(request.device).whole_model(loaded.model):
         return adapter.evaluate(loaded, request)
 
 
@@ -229,7 +230,7 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
     Returns:
         The adapter's result dict plus ``model``, ``adapter`` and ``device``.
     """
-    from compresskit.engine.device import resolve_device
+    from compresskit.engine.device import compute_device
     from compresskit.output import read_manifest
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
@@ -243,7 +244,7 @@ def evaluate(model: str | Path | Loaded, adapter: str | None = None, data: str |
     entry = reg.get("adapter", adapter or recorded.get("adapter") or "llama")
     options = adapter_options if adapter_options is not None else (recorded.get("adapter_options", {}) if not adapter else {})
     ad = entry.cls(build(entry.cls.Options, options, "adapter."))
-    dev = resolve_device(device)
+    dev = compute_device(device, distributed.current())
     tasks = tuple(t.strip() for t in tasks.split(",") if t.strip()) if isinstance(tasks, str) else tuple(tasks)
     request = EvalRequest(data, resolve_eval_limit(ad, limit), str(dev), seqlen, tasks, task_limit, task_source,
                           progress)

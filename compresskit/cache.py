@@ -164,7 +164,9 @@ def hash_into(h: Any, name: str, obj: Any) -> None:
     import torch
 
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().to("cpu").contiguous()
+        from compresskit.engine.device import to_host
+
+        t = to_host(obj.detach()).contiguous()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))

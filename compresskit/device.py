@@ -7,9 +7,13 @@ say where it is:
 - :func:`resolve_device` turns ``"auto"``/``"cpu"``/``"cuda:1"`` into a ``torch.device``
   (``auto``: CUDA when present);
 - :func:`model_device` is the device of a model's parameters;
-- ``with on_device(model, device):`` runs a block with the model there and puts it back after.
+- ``with on_device(model, device):`` runs a block with the model there and puts it back after;
+- :func:`to_device` moves the tensors of nested tuples/lists/dicts (data the adapter reads itself,
+  e.g. evaluation windows) to the model's device; :func:`to_host` reads results back for reporting;
+- :class:`Placement` is a run's ``(compute, at_rest)`` pair (``run.placement``), :func:`to_rest`
+  puts tensors where they rest (tagged in the strict device mode of the tests).
 """
 
-from compresskit.engine.device import model_device, on_device, resolve_device
+from compresskit.engine.device import Placement, model_device, on_device, resolve_device, to_device, to_host, to_rest
 
-__all__ = ["model_device", "on_device", "resolve_device"]
+__all__ = ["Placement", "model_device", "on_device", "resolve_device", "to_device", "to_host", "to_rest"]

@@ -48,3 +48,8 @@ class NonFiniteError(CompressKitError, ValueError):
 
 class DistributedError(CompressKitError):
     """A multi-process run (``torchrun``) cannot go on: another rank failed, or the ranks disagree."""
+
+
+class DeviceMixError(CompressKitError, RuntimeError):
+    """One tensor operation mixed a tensor at rest with a compute tensor (the strict device mode of
+    :mod:`compresskit.engine.device`; on CUDA the same code fails with a device mismatch)."""

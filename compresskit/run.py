@@ -105,7 +105,8 @@ class Run:
             :func:`compresskit.engine.runner.prune_model` gives a run without one a manager holding only
             the core's own hooks.
         batches: the calibration batches.
-        gradients: finished gradient statistics by ``adapter.gradient_key`` and statistic name.
+        gradients: finished gradient statistics by ``adapter.gradient_key`` and statistic name, at
+            rest (CPU); the runner hands each layer's to the compute device.
         sparsity_map: explicit ``{layer glob: sparsity}`` targets (highest priority).
         targets: the target of every layer decided so far, by layer id ``<block>.<name>``.
         block_index: the block being pruned (None before the first and after the last).
@@ -143,6 +144,13 @@ class Run:
     @property
     def model(self):
         return self.loaded.model
+
+    @property
+    def placement(self):
+        """Where the run computes and where its tensors rest (:class:`compresskit.engine.device.Placement`)."""
+        from compresskit.engine.device import Placement
+
+        return Placement(self.settings.device, self.settings.offload)
 
     def target(self, block_index: int, layer_name: str) -> float:
         """This layer's target: the first ``layer_sparsity`` answer, else the uniform one (cached)."""

@@ -14,6 +14,25 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: a second thread only spins (and CI shares its cores)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where a CUDA device is present and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (where one is present, pytest -m cuda runs these)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def strict_devices(monkeypatch):
+    """The strict device mode (compresskit.engine.device): tensors at rest refuse to mix with compute
+    tensors, so a CPU-only run finds the device mixes that would crash on CUDA."""
+    from compresskit.engine.device import STRICT_ENV
+
+    monkeypatch.setenv(STRICT_ENV, "1")
+
+
 @pytest.fixture(scope="session")
 def _tiny_llama_master():
     from compresskit_plugins.adapters.llama.sources import random_model

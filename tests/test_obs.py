@@ -208,10 +208,8 @@ def test_saliency_uses_the_factor_diagonal():
     assert torch.allclose(obs_saliency(w, fac.u.diagonal())[:, 0].double(), first, rtol=1e-4)
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 def test_cuda_sweep_matches_cpu():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     w, h = _layer(out=64, cols=256, seed=9)
     cpu_w, cpu_m = sparsegpt_prune(w, h, 0.5, blocksize=64)
     gpu_w, gpu_m = sparsegpt_prune(w.cuda(), h.cuda(), 0.5, blocksize=64)

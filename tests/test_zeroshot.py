@@ -157,12 +157,8 @@ def test_on_device_restores_place_and_mode(tiny_llama):
     assert model.training and next(model.parameters()).device.type == "cpu"
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 def test_zeroshot_runs_on_the_given_cuda_device_and_returns_the_model(tiny_llama):
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
     model, tok = tiny_llama
     res = zeroshot.evaluate_tasks(model, tok, ["piqa"], limit=4, device="cuda", progress=False)
     assert res["protocol"]["device"].startswith("cuda") and 0.0 <= res["tasks"]["piqa"]["acc"] <= 1.0

@@ -13,7 +13,9 @@ plugin needs are re-exported there under a stability promise (:mod:`compresskit.
   :mod:`~compresskit.engine.blockgrad`: full-model and block-local gradient statistics;
 - :mod:`~compresskit.engine.select`: ``--select`` sweeps;
 - :mod:`~compresskit.engine.registry`, :mod:`~compresskit.engine.kinds`: plugin discovery;
-- :mod:`~compresskit.engine.device`: devices;
+- :mod:`~compresskit.engine.device`: devices: the run's ``Placement`` and every crossing
+  between where tensors rest and the compute device, device choice, host reads, the strict test
+  mode (:mod:`~compresskit.engine.atrest`);
 - :mod:`~compresskit.engine.stream`: block-streamed runs; :mod:`~compresskit.engine.distributed`:
   torchrun data parallelism.
 """

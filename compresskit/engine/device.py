@@ -1,12 +1,30 @@
-"""The one place that knows about devices: resolution, moves, synchronisation."""
+"""The one place that knows about devices: choice, placement, moves, host reads, synchronisation.
+
+The placement rule: a run has one :class:`Placement` ``(compute, at_rest)``. Tensors *rest* on
+``at_rest`` (the CPU: the model between blocks, gradient statistics, caches, files) and every
+tensor that crosses to the compute device goes through :meth:`Placement.to_compute` (and back
+through :meth:`Placement.to_rest`). Metrics, patterns, solvers, statistics and the OBS code
+receive everything on the compute device and never move tensors; the engine does the crossing
+when a block is entered or left, when statistics are handed to a layer, at storage load/save,
+and when the whole model is needed (gradients, evaluation, ``--select``). Device *choice*
+(``auto``, a rank's GPU under ``torchrun``) happens here too (:func:`compute_device`).
+
+The strict test mode (``$COMPRESSKIT_STRICT_DEVICES=1``; the test suite sets it): tensors placed
+at rest become :class:`AtRest` tensors, whose ``__torch_function__`` raises
+:class:`DeviceMixError` when one call mixes them with plain (compute) tensors. On a CPU-only
+machine, where both devices are the CPU, it finds the device mixes that would crash on CUDA
+("Expected all tensors to be on the same device"). Moving to compute strips the tag.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 from typing import TYPE_CHECKING, Any, Iterator
 
-from compresskit.errors import OptionError
+from compresskit.errors import DeviceMixError, OptionError  # noqa: F401  (DeviceMixError: raised by AtRest)
 
 if TYPE_CHECKING:
     import torch
@@ -45,19 +63,157 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return dev
 
 
-def to_device(obj: Any, device: torch.device) -> Any:
-    """Move tensors inside nested tuples/lists/dicts to ``device`` (other values unchanged)."""
+def compute_device(spec: str = "auto", ctx: Any = None) -> torch.device:
+    """The run's compute device: :func:`resolve_device`, then, under ``torchrun`` (``ctx`` a
+    :class:`~compresskit.engine.distributed.Context`), ``cuda`` without an index becomes this rank's
+    ``cuda:<local rank>`` (made current, and recorded as ``ctx.gpu`` when the collectives use NCCL).
+
+    Raises:
+        OptionError: see :func:`resolve_device`.
+        DistributedError: a local rank without a GPU, or one explicit GPU for several ranks of a node.
+    """
+    import torch
+
+    from compresskit.errors import DistributedError
+
+    dev = resolve_device(spec)
+    if ctx is None or not ctx.enabled or dev.type != "cuda":
+        return dev
+    if dev.index is None:
+        count = torch.cuda.device_count()
+        if ctx.local_rank >= count:
+            raise DistributedError(f"local rank {ctx.local_rank} has no GPU: {count} CUDA device(s) are visible "
+                                   f"on this node; start at most {count} processes per node (--nproc-per-node)")
+        dev = torch.device("cuda", ctx.local_rank)
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise DistributedError(f"--device {dev} would put every rank of this node on one GPU; give --device cuda "
+                               "(or auto): each rank then computes on cuda:<LOCAL_RANK>")
+    torch.cuda.set_device(dev)
+    ctx.gpu = dev if "nccl" in (ctx.backend or "") else None
+    return dev
+
+
+def as_device(dev: Any) -> torch.device:
+    """``dev`` (a string or a device) as a ``torch.device``."""
+    import torch
+
+    return torch.device(dev)
+
+
+def is_cuda(dev: Any) -> bool:
+    """True for a CUDA device (or its string)."""
+    import torch
+
+    return torch.device(dev).type == "cuda"
+
+
+# ------------------------------------------------------------------------------------ strict mode
+
+STRICT_ENV = "COMPRESSKIT_STRICT_DEVICES"
+
+
+def strict() -> bool:
+    """True when ``$COMPRESSKIT_STRICT_DEVICES`` is set (not empty, not ``0``): the strict test mode."""
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
+def _at_rest_class() -> type:
+    from compresskit.engine.atrest import AtRest
+
+    return AtRest
+
+
+def _strip(out: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor) and type(out) is not torch.Tensor and isinstance(out, _at_rest_class()):
+        return out.as_subclass(torch.Tensor)
+    return out
+
+
+def at_rest_type() -> type:
+    """The :class:`AtRest` tensor subclass of the strict mode (for tests: ``isinstance(t, at_rest_type())``)."""
+    return _at_rest_class()
+
+
+def _tree(obj: Any, fn: Any) -> Any:
     import torch
 
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(_tree(o, fn) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+        return [_tree(o, fn) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: _tree(v, fn) for k, v in obj.items()}
     return obj
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move tensors inside nested tuples/lists/dicts to ``device`` (other values unchanged; an
+    :class:`AtRest` tag is stripped: this is the move to compute)."""
+    return _tree(obj, lambda t: _strip(t.to(device)))
+
+
+def to_host(obj: Any) -> Any:
+    """Tensors of a nested ``obj`` read back to the host for reporting (evaluation results, hashes,
+    exports): plain CPU tensors, never tagged, because they do not go back to compute."""
+    return to_device(obj, "cpu")
+
+
+def move_module(module: nn.Module, device: Any) -> nn.Module:
+    """Move a module (a block entering or leaving the compute device) in place; returns it."""
+    return module.to(device)
+
+
+def to_rest(obj: Any, device: Any = "cpu") -> Any:
+    """Put the tensors of a nested ``obj`` at rest on ``device`` (detached; tagged :class:`AtRest`
+    in the strict mode)."""
+    tag = _at_rest_class() if strict() else None
+
+    def rest(t):
+        t = _strip(t.detach().to(device))
+        return t.as_subclass(tag) if tag is not None else t
+
+    return _tree(obj, rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a run computes and where its tensors rest; every crossing goes through here.
+
+    Attributes:
+        compute: the device blocks, statistics, metrics and solvers compute on.
+        at_rest: where the model rests between blocks and where gradient statistics, caches and
+            files live (the CPU).
+    """
+
+    compute: Any = "cpu"
+    at_rest: Any = "cpu"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compute", as_device(self.compute))
+        object.__setattr__(self, "at_rest", as_device(self.at_rest))
+
+    def to_compute(self, obj: Any) -> Any:
+        """Tensors of a nested ``obj`` on the compute device (the tag of the strict mode stripped)."""
+        return to_device(obj, self.compute)
+
+    def to_rest(self, obj: Any) -> Any:
+        """Tensors of a nested ``obj`` at rest (see :func:`to_rest`)."""
+        return to_rest(obj, self.at_rest)
+
+    @contextlib.contextmanager
+    def whole_model(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The whole model on the compute device for the block (gradients, evaluation, ``--select``)."""
+        with on_device(model, self.compute) as m:
+            yield m
+
+
+def host_float(t: Any) -> float:
+    """One number read back to the host (a synchronisation on CUDA: call it outside per-layer loops)."""
+    return float(t.item()) if hasattr(t, "item") else float(t)
 
 
 def move_outside(model: nn.Module, blocks: list[nn.Module], device: torch.device) -> None:
@@ -72,6 +228,16 @@ def move_outside(model: nn.Module, blocks: list[nn.Module], device: torch.device
         for key, b in module._buffers.items():
             if b is not None and b.device != device:
                 module._buffers[key] = b.to(device)
+
+
+def free_memory(device: Any) -> int:
+    """Free bytes on a CUDA ``device`` (0 for any other device: nothing to budget there)."""
+    import torch
+
+    if not is_cuda(device):
+        return 0
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -103,3 +269,20 @@ def on_device(model: nn.Module, device: torch.device | str) -> Iterator[nn.Modul
         yield model
     finally:
         model.to(home).train(was_training)
+
+
+@contextlib.contextmanager
+def model_on(model: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+    """Like :func:`on_device` but leaves the mode alone (the gradient pass sets its own) and does
+    nothing when the model is already there."""
+    import torch
+
+    home = model_device(model)
+    if home == torch.device(device):
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from compresskit.cache import hash_into, atomic_write, cache_dir, tensor_fingerprint
+from compresskit.engine.device import as_device, to_rest
 from compresskit.errors import GradientError
 from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import as_dict
@@ -56,7 +57,7 @@ def fingerprint(adapter: ModelAdapter, loaded: Loaded, batches: Sequence[dict[st
         "source": loaded.source,
         "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
         "adapter_options": repr(sorted(as_dict(adapter.options).items())),
-        "device": torch.device(device).type,
+        "device": as_device(device).type,
         "torch": torch.__version__,
         "transformers": _version(md, "transformers"),
     }
@@ -94,7 +95,8 @@ def save(path: Path, grads: dict[str, torch.Tensor], fp: str, meta: dict[str, st
 
 
 def load(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> dict[str, torch.Tensor] | None:
-    """Cached parts at ``path`` if they exist and match ``fp``, the layer shapes and their checksum."""
+    """Cached parts at ``path`` if they exist and match ``fp``, the layer shapes and their checksum
+    (at rest on the CPU: the runner moves each layer's to the compute device)."""
     if not path.exists():
         return None
     from safetensors import safe_open
@@ -119,7 +121,7 @@ def load(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> dict[str,
     if bad is not None:
         log.warning("gradient cache %s holds non-finite or negative values (layer %s); recomputing", path, bad)
         return None
-    return grads
+    return to_rest(grads)
 
 
 def import_reference(
@@ -168,7 +170,7 @@ def import_reference(
     if hint and hint.group(1) != norm:
         log.warning("gradient file %s looks like an %s file but the metric uses %s (-o metric.grad_norm)",
                     p, hint.group(1), norm)
-    grads = {k: obj[k].float() for k in expected}
+    grads = to_rest({k: obj[k].float() for k in expected})
     bad = [k for k, v in grads.items() if not torch.isfinite(v).all()]
     if bad:
         raise GradientError(f"gradient file {p} holds NaN/inf values in {len(bad)} layers (first: {bad[0]!r}; an "

@@ -31,7 +31,7 @@ from torch import nn
 from compresskit.engine import distributed, gradcache
 from compresskit.engine.blockgrad import requires_grad_only
 from compresskit.engine.checks import check_tensor
-from compresskit.engine.device import to_device
+from compresskit.engine.device import model_on, to_device, to_rest
 from compresskit.errors import GradientError
 from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import build, option
@@ -88,8 +88,9 @@ def obtain(
         progress: show a progress bar over samples.
 
     Returns:
-        ``(grads, info)``: ``grads[gradient_key][stat.name]`` is a float32 ``[out, in]`` CPU
-        tensor; ``info`` holds facts for the manifest (norms, scale, samples, cache, seconds).
+        ``(grads, info)``: ``grads[gradient_key][stat.name]`` is a float32 ``[out, in]`` tensor at
+        rest on the CPU (:func:`compresskit.engine.device.to_rest`; the runner moves each layer's to
+        the compute device); ``info`` holds facts for the manifest (norms, scale, samples, cache, seconds).
 
     Raises:
         GradientError: an invalid import file, or a layer that received no gradient.
@@ -118,7 +119,7 @@ def obtain(
                      factor, REFERENCE_SCALE, stat.scale)
             grads = {k: v * factor for k, v in grads.items()}
         for k, v in grads.items():
-            out[k][stat.name] = v
+            out[k][stat.name] = to_rest(v)
         info["nsamples"] = None
         info["statistics"][stat.name].update(cache="imported", path=str(opts.import_path), fingerprint=None,
                                              file_scale=REFERENCE_SCALE, rescaled_by=factor)
@@ -141,6 +142,7 @@ def obtain(
         fresh = distributed.sum_over_samples(  # under torchrun: each rank its shard, parts summed across ranks
             lambda shard: compute(adapter, model, shard, [s for s, _, _ in todo], device, opts.checkpointing, progress),
             batches)
+        fresh = to_rest(fresh)  # the sums rest on the CPU (the gradients of a 7B model do not fit beside it)
         for s, fp, path in todo:
             for k, p in fresh[s.key()].items():  # never cache (or prune with) an overflowed sum
                 check_tensor(p, f"gradient statistic {s.name!r} computed for layer {k!r}",
@@ -154,7 +156,7 @@ def obtain(
                 info["statistics"][s.name]["path"] = None
     for s in stats:
         for k, p in parts[s.key()].items():
-            out[k][s.name] = s.finish(p).cpu()
+            out[k][s.name] = to_rest(s.finish(p))
     info["seconds"] = time.perf_counter() - t0
     return out, info
 
@@ -186,13 +188,14 @@ def compute(
     on error.
 
     Returns:
-        ``parts[stat.key()][gradient_key]`` = the statistic's parts (CPU tensors).
+        ``parts[stat.key()][gradient_key]`` = the statistic's parts (on ``device``; under
+        ``torchrun`` they are summed across ranks there, on the GPU with NCCL).
     """
     layers = target_layers(adapter, model)
     params = {k: layer.weight for k, layer in layers.items()}
     batches = list(batches)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_on_device(model, device))
+        stack.enter_context(model_on(model, device))
         stack.enter_context(_eval_mode(model))
         stack.enter_context(requires_grad_only(model, params.values()))
         stack.enter_context(adapter.run_context(model))
@@ -216,7 +219,7 @@ def compute(
             if missing:
                 raise GradientError(f"no gradient reached {missing[0]!r}: the layer is not on the loss path; "
                                     "exclude it from adapter.prunable() or fix adapter.loss()")
-    return {sk: {k: {n: t.cpu() for n, t in p.items()} for k, p in layers.items()} for sk, layers in acc.items()}
+    return acc
 
 
 def folding_hook(key: str, targets: list[tuple[GradNorm, dict[str, torch.Tensor]]], folded: set[str]):
@@ -258,19 +261,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
-
-
-@contextlib.contextmanager
-def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
-    home = next(model.parameters()).device
-    if home == device:
-        yield
-        return
-    model.to(device)
-    try:
-        yield
-    finally:
-        model.to(home)
 
 
 def _progress(batches: list, enabled: bool):

@@ -55,8 +55,6 @@ def needed_statistics(run: Run) -> list[st.Statistic]:
 
 def prune_model(run: Run) -> PruneReport:
     """Prune ``run.loaded.model`` in place, block by block, and return ``run.report``."""
-    import torch
-
     if run.hook is None:
         from compresskit.engine.registry import new_plugin_manager
 
@@ -67,7 +65,7 @@ def prune_model(run: Run) -> PruneReport:
     specs = [s for s in needed if s.source == "inputs"]
     block_specs = [s for s in needed if s.source == "block_gradients"]  # see compresskit.engine.blockgrad
     block_solver = run.solver is not None and type(run.solver).solve_block is not Solver.solve_block
-    device, offload = torch.device(run.settings.device), torch.device(run.settings.offload)
+    place = run.placement
     run.hook.run_started(run=run)
     bar = _progress(len(run.adapter.blocks(run.model)), run.settings.progress, f"pruning {run.metric.name}",
                     run.start_block)
@@ -82,7 +80,7 @@ def prune_model(run: Run) -> PruneReport:
 
     with run.adapter.run_context(run.model):
         data = run.batches if specs or block_specs or block_solver else None
-        walk = walk_blocks(run.adapter, run.model, data, device, offload, run.settings.propagate,
+        walk = walk_blocks(run.adapter, run.model, data, place.compute, place.at_rest, run.settings.propagate,
                            start=run.start_block, inputs=(run.inputs or None) if data is not None else None,
                            on_step=block_finished, residency=run.residency,
                            keep_dense=block_solver or run.settings.propagate == "dense")
@@ -153,9 +151,10 @@ def _collect(step, group: list[str], specs: list[st.Statistic], accumulate: str 
 
 
 def layer_stats(run: Run, block_index: int, name: str, parts: dict[str, st.Parts], specs: list[st.Statistic]) -> st.LayerStats:
-    """Finish a layer's collected parts and add its gradient statistics."""
+    """Finish a layer's collected parts and add its gradient statistics (which rest on the CPU or
+    on disk: moved to the compute device here, the one crossing a metric's statistics make)."""
     values = {s.name: s.finish(parts[s.key()]) for s in specs if s.key() in parts}
-    values.update(run.gradients.get(run.adapter.gradient_key(block_index, name), {}))
+    values.update(run.placement.to_compute(dict(run.gradients.get(run.adapter.gradient_key(block_index, name), {}))))
     counts = st.Counts().finish(parts["counts"]) if "counts" in parts else {"tokens": 0, "samples": 0}
     return st.LayerStats(values, block_index, name, counts["tokens"], counts["samples"])
 

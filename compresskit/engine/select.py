@@ -85,12 +85,14 @@ def _same_batch(a: dict, b: dict) -> bool:
 def holdout_batches(adapter: ModelAdapter, loaded: Any, config: RunConfig, calibration: str | None,
                     used: Sequence[dict]) -> tuple[list[dict], dict[str, Any]]:
     """Held-out calibration batches disjoint from ``used`` (see the module docstring) and facts about them."""
-    n, k = len(used), config.select_nsamples
-    draw = adapter.calibration_batches(loaded, n + k, config.seqlen, config.seed, calibration)
+    from compresskit.engine.device import to_rest
+
+    n, k = len(used), config.select_nsamples  # calibration data rests on the CPU, like the run's batches
+    draw = to_rest(adapter.calibration_batches(loaded, n + k, config.seqlen, config.seed, calibration))
     if len(draw) == n + k and all(_same_batch(a, b) for a, b in zip(draw[:n], used)):
         extra, how = draw[n:], f"samples {n}..{n + k - 1} of the calibration sampler's draw with seed {config.seed}"
     else:
-        extra = adapter.calibration_batches(loaded, k, config.seqlen, config.seed + RESEED, calibration)
+        extra = to_rest(adapter.calibration_batches(loaded, k, config.seqlen, config.seed + RESEED, calibration))
         how = f"a separate draw with seed {config.seed + RESEED} (the sampler's draws are not prefix-stable)"
     held = [b for b in extra if not any(_same_batch(b, c) for c in used)]
     if not held:
@@ -106,16 +108,15 @@ def heldout_loss(adapter: ModelAdapter, model: Any, batches: Sequence[dict], dev
     """Mean ``adapter.loss`` over ``batches`` (no gradients), on ``device``; the model goes back after."""
     import torch
 
-    from compresskit.engine.device import model_device, to_device
+    from compresskit.engine.device import Placement, host_float
 
-    home = model_device(model)
-    model.to(device)
-    try:
-        with adapter.run_context(model), torch.no_grad():
-            losses = [float(adapter.loss(model, to_device(b, device))) for b in batches]
-    finally:
-        model.to(home)
-    return sum(losses) / len(losses)
+    place = Placement(device)
+    with place.whole_model(model), adapter.run_context(model), torch.no_grad():
+        total = None
+        for b in batches:  # summed on the device in order; one host read at the end
+            loss = adapter.loss(model, place.to_compute(b)).double()
+            total = loss if total is None else total + loss
+    return host_float(total) / len(batches)
 
 
 def prune_selected(config: RunConfig, registry: Registry | None, plan: Callable[..., Any],

@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from compresskit.engine.device import move_outside, synchronize, to_device
+from compresskit.engine.device import as_device, model_device, move_module, move_outside, synchronize, to_device
 
 if TYPE_CHECKING:
     import torch
@@ -55,10 +55,8 @@ class Residency:
     """
 
     def __init__(self, device: Any, offload: Any = None) -> None:
-        import torch
-
-        self.device = torch.device(device)
-        self.offload = torch.device(offload or "cpu")
+        self.device = as_device(device)
+        self.offload = as_device(offload or "cpu")
 
     def outside_in(self, model: nn.Module, blocks: list[nn.Module]) -> None:
         """Before the capture: everything outside the blocks (embeddings, head) onto the compute device."""
@@ -71,20 +69,20 @@ class Residency:
     @contextlib.contextmanager
     def capturing(self, first: nn.Module) -> Iterator[None]:
         """Block 0's placement while its inputs are captured (it is called, but never computes)."""
-        home = _device_of(first)
-        first.to(self.device)
+        home = model_device(first)
+        move_module(first, self.device)
         try:
             yield
         finally:
-            first.to(home)
+            move_module(first, home)
 
     def enter(self, index: int, block: nn.Module) -> None:
         """Make block ``index`` ready on the compute device for its step."""
-        block.to(self.device)
+        move_module(block, self.device)
 
     def leave(self, index: int, block: nn.Module) -> None:
         """The step of block ``index`` is over (its outputs are computed)."""
-        block.to(self.offload)
+        move_module(block, self.offload)
 
     def captures(self) -> list:
         """An empty container for the captured block-0 inputs (``append((args, kwargs))``)."""
@@ -254,11 +252,6 @@ class _Discard:
     def append(self, _item: Any) -> None: ...
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    import torch
-
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -91,6 +91,7 @@ def check_adapter(cls: type, source: str = "random:tiny", registry: Registry | N
     import torch
     from torch import nn
 
+    from compresskit.engine.device import as_device
     from compresskit.engine.walk import block_output, capture_block_inputs
 
     passed = _check_class(cls, ModelAdapter, options)
@@ -127,7 +128,7 @@ def check_adapter(cls: type, source: str = "random:tiny", registry: Registry | N
             handle.remove()
         if len(last) != 1:
             _fail(cls, "forward() did not run the last block exactly once", "run the full model in forward()")
-        args, kwargs = capture_block_inputs(adapter, model, batches[:1], torch.device("cpu"))[0]
+        args, kwargs = capture_block_inputs(adapter, model, batches[:1], as_device("cpu"))[0]
         with torch.no_grad():
             for block in blocks:
                 args = (block_output(block, args, kwargs), *args[1:])

@@ -28,8 +28,16 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
     dominate the mean, as in the reference's concatenation of a block's score matrices.
     """
     numel = sum(s.numel() for s in scores)
-    mean = sum(float(s.double().sum()) for s in scores) / numel
-    return sum(int((s.double() > m * mean).sum()) for s in scores) / numel
+    total = None
+    for s in scores:  # in order, in float64, on the scores' device: two host reads, not two per tensor
+        part = s.double().sum()
+        total = part if total is None else total + part
+    mean = float(total) / numel
+    count = None
+    for s in scores:
+        part = (s.double() > m * mean).sum()
+        count = part if count is None else count + part
+    return int(count) / numel
 
 
 def owl_targets(ratios: Sequence[float], sizes: Sequence[int], sparsity: float, lmbda: float,
@@ -68,10 +76,10 @@ def block_outlier_ratios(run: Run, m: float) -> tuple[list[float], list[int]]:
         raise CompressKitError("the owl allocation measures outliers on calibration data, but the run has no "
                                "calibration batches; give --nsamples >= 1 (compresskit.prune samples them)")
     act, ratios, sizes = ActSq(), [], []
-    device, offload = torch.device(run.settings.device), torch.device(run.settings.offload)
+    place = run.placement  # the blocks visit the compute device one at a time, as in the runner
     nblocks = len(run.adapter.blocks(run.model))
     with run.adapter.run_context(run.model):
-        steps = walk_blocks(run.adapter, run.model, run.batches, device, offload, propagate="dense")
+        steps = walk_blocks(run.adapter, run.model, run.batches, place.compute, place.at_rest, propagate="dense")
         for step in tqdm(steps, total=nblocks, desc="owl outliers", unit="block", leave=False,
                          disable=not run.settings.progress):
             parts = {n: act.init(layer) for n, layer in step.layers.items()}

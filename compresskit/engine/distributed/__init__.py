@@ -26,20 +26,17 @@ Sums over a different split of the samples round differently in float32. ``accum
 (``--accumulate float64``) keeps the accumulators in float64 and casts the finished sums to
 float32, so a run's statistics (and masks) no longer depend on how many ranks shared the work.
 
+The modules: :mod:`.context` (this rank's place), :mod:`.sharding`, :mod:`.collectives`,
+:mod:`.lifecycle` (the process group and the session guard), :mod:`.hooks` (what a run does
+with them).
+
 Without ``torchrun`` (``WORLD_SIZE`` unset or 1) :func:`current` is a single-process context whose
 methods do nothing, and nothing changes. This module imports torch only inside functions.
 """
 
-from compresskit.engine.distributed.context import (
-    ACCUMULATE,
-    DEFAULT_TIMEOUT,
-    TIMEOUT_ENV,
-    Context,
-    current,
-    guarded,
-    launched,
-    session,
-)
+from compresskit.engine.distributed.collectives import TIMEOUT_ENV
+from compresskit.engine.distributed.context import ACCUMULATE, Context
+from compresskit.engine.distributed.lifecycle import DEFAULT_TIMEOUT, current, guarded, launched, session
 from compresskit.engine.distributed.hooks import (
     accumulators,
     check_plan,

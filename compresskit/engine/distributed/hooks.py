@@ -10,7 +10,8 @@ import hashlib
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from compresskit.engine.distributed.context import Context, current
+from compresskit.engine.distributed.context import Context
+from compresskit.engine.distributed.lifecycle import current
 from compresskit.errors import DistributedError
 
 if TYPE_CHECKING:

@@ -28,8 +28,12 @@ class ActivationStore:
     """Budgeted in-memory copies plus files under ``directory`` (see the module docstring).
 
     Attributes:
-        budget: bytes of activations kept in memory at most (all live sequences together).
-        resident: bytes currently kept in memory; ``peak`` its high-water mark.
+        budget: bytes of activations kept in host memory at most (all live sequences together).
+        resident: bytes currently kept in host memory; ``peak`` its high-water mark.
+        device_budget: bytes kept on the compute device (a GPU) at most; None: half of the
+            device's free memory when the first tensor arrives there. Device memory is not host
+            memory: the two are counted separately.
+        device_resident: bytes currently kept on the compute device; ``device_peak`` its high-water mark.
         spilled: bytes written because they did not fit (``persisted``: written as checkpoints).
     """
 
@@ -37,6 +41,8 @@ class ActivationStore:
         self.directory = Path(directory)
         self.budget = int(budget)
         self.resident = self.peak = self.spilled = self.persisted = 0
+        self.device_budget: int | None = None
+        self.device_resident = self.device_peak = 0
         self.counter = counter or tensorfile.Counter()
 
     def sequence(self, name: str | None = None) -> Activations:
@@ -56,12 +62,29 @@ class ActivationStore:
         seq.persistent = True
         return seq
 
-    def _take(self, nbytes: int) -> bool:
+    def _take(self, nbytes: int, device: Any = None) -> bool:
+        """Whether a tensor of ``nbytes`` on ``device`` may stay in memory (counted if so)."""
+        if device is not None and device.type != "cpu":  # on the GPU: its own budget, not the host's
+            if self.device_budget is None:
+                from compresskit.engine.device import free_memory
+
+                self.device_budget = free_memory(device) // 2
+            if self.device_resident + nbytes > self.device_budget:
+                return False
+            self.device_resident += nbytes
+            self.device_peak = max(self.device_peak, self.device_resident)
+            return True
         if self.resident + nbytes > self.budget:
             return False
         self.resident += nbytes
         self.peak = max(self.peak, self.resident)
         return True
+
+    def _give_back(self, t: torch.Tensor) -> None:
+        if t.device.type != "cpu":
+            self.device_resident -= _size(t)
+        else:
+            self.resident -= _size(t)
 
 
 class Activations(Sequence):
@@ -82,7 +105,7 @@ class Activations(Sequence):
         t = t.detach()
         self._device = t.device
         i = len(self._items)
-        if self.store._take(_size(t)):
+        if self.store._take(_size(t), t.device):
             self._items.append(t)
         else:
             self._write(i, t)
@@ -100,7 +123,9 @@ class Activations(Sequence):
             return t
         f = tensorfile.TensorFile(self.directory / _file(i))
         out = f.read("t", self.store.counter)
-        return out if self._device is None else out.to(self._device)
+        from compresskit.engine.device import to_device, to_rest
+
+        return to_rest(out) if self._device is None else to_device(out, self._device)  # from disk: at rest
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i in range(len(self)):
@@ -133,7 +158,9 @@ class Activations(Sequence):
         self._on_disk.add(i)
 
     def _release(self) -> None:
-        self.store.resident -= sum(_size(t) for t in self._items if t is not None)
+        for t in self._items:
+            if t is not None:
+                self.store._give_back(t)
         self._items = [None] * len(self._items)
 
     def __del__(self) -> None:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from compresskit.engine.device import to_device
 from compresskit.errors import CompressKitError
 from compresskit.engine.stream.tensorfile import CHUNK, Counter, TensorFile
 
@@ -160,7 +161,7 @@ class ModelTensors:
             current = getattr(module, attr)
             if current is not None and not current.is_meta:
                 continue
-            self._set(name, self.read(name).to(device))
+            self._set(name, to_device(self.read(name), device))
 
     def release(self, names: Iterable[str]) -> None:
         """Put ``names`` back on the meta device (their storage is freed)."""

@@ -57,7 +57,7 @@ def check(config: RunConfig, registry: Registry | None = None) -> dict[str, Any]
 
 def _start(config: RunConfig, registry: Registry | None):
     from compresskit.engine.planning import plan
-    from compresskit.engine.device import resolve_device
+    from compresskit.engine.device import compute_device
 
     p = plan(config, registry)
     if config.evaluate or config.eval_tasks:
@@ -78,7 +78,7 @@ def _start(config: RunConfig, registry: Registry | None):
     source = p.adapter.resolve_source(config.model)
     checkpoint = Checkpoint(p.adapter.checkpoint_dir(source))
     loaded = p.adapter.load_empty(checkpoint.directory, source)
-    device = resolve_device(config.device)
+    device = compute_device(config.device)  # a streamed run is a single process
     run = p.new_run(loaded, device)
     p.check_run(run)
     return p, run, checkpoint
@@ -99,7 +99,8 @@ def prune(config: RunConfig, registry: Registry | None = None):
     p, run, checkpoint = _start(config, registry)
     adapter, loaded = p.adapter, run.loaded
     calibration = config.calibration or adapter.default_calibration(loaded.source)
-    run.batches = adapter.calibration_batches(loaded, config.nsamples, config.seqlen, config.seed, calibration)
+    run.batches = run.placement.to_rest(
+        adapter.calibration_batches(loaded, config.nsamples, config.seqlen, config.seed, calibration))
     data_fp = tensor_fingerprint(run.batches)
     facts = _facts(config, p, run, checkpoint, data_fp)
     owned = config.work_dir is None

@@ -30,7 +30,7 @@ import torch
 
 from compresskit.engine import gradcache
 from compresskit.engine.gradients import folding_hook
-from compresskit.engine.device import to_device
+from compresskit.engine.device import to_device, to_rest
 from compresskit.errors import GradientError
 from compresskit.stats import REFERENCE_SCALE, GradNorm
 from compresskit.engine.stream import tensorfile
@@ -220,7 +220,8 @@ def block_file(b: int) -> str:
 
 
 class BlockGradients(Mapping):
-    """``gradients[gradient_key][stat.name]``: finished statistics read from the block files on access."""
+    """``gradients[gradient_key][stat.name]``: finished statistics read from the block files on access
+    (at rest on the CPU: the runner moves each layer's to the compute device)."""
 
     def __init__(self, directory, stats: Sequence[GradNorm], keys: dict[str, int],
                  counter: tensorfile.Counter | None = None) -> None:
@@ -233,7 +234,7 @@ class BlockGradients(Mapping):
         for st in self.stats:
             prefix = f"{st.key()}::{key}::"
             parts = {k[len(prefix):]: f.read(k, self.counter) for k in f.keys() if k.startswith(prefix)}
-            out[st.name] = (parts[FINISHED] if FINISHED in parts else st.finish(parts)).cpu()
+            out[st.name] = to_rest(parts[FINISHED] if FINISHED in parts else st.finish(parts))
         return out
 
     def __iter__(self):

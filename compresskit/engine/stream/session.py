@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from compresskit.engine.device import to_device
 from compresskit.engine.stream.activations import ActivationStore, Activations, Inputs, contexts
 from compresskit.engine.stream.memory import trim
 from compresskit.engine.walk import Residency, capture_block_inputs
@@ -74,7 +75,7 @@ class Streamed(Residency):
                 continue
             for key, b in module._buffers.items():
                 if b is not None and not b.is_meta and b.device != self.device:
-                    module._buffers[key] = b.to(self.device)
+                    module._buffers[key] = to_device(b, self.device)
             names = tensors.owner_names(module)
             if names:
                 self._hooks.append(module.register_forward_pre_hook(self._loader(names)))

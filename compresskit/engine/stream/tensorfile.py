@@ -172,7 +172,9 @@ def write(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor | Lazy], m
 def _write_tensor(f: Any, t: torch.Tensor) -> None:
     import torch
 
-    flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    from compresskit.engine.device import to_host
+
+    flat = to_host(t.detach()).contiguous().reshape(-1).view(torch.uint8)
     if flat.numel():
         f.write(memoryview(flat.numpy()))
 

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from . import ct_backend
+from compresskit.device import to_host
 from compresskit.errors import CompressKitError, OutputExistsError
 from compresskit.cache import atomic_directory
 from compresskit.output import MANIFEST, read_manifest, write_manifest
@@ -165,7 +166,7 @@ def _targets(manifest: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> se
 def digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes."""
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(to_host(t.detach()).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -75,7 +75,7 @@ def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit
     import torch
     from tqdm.auto import tqdm
 
-    from compresskit.device import model_device
+    from compresskit.device import model_device, to_device
 
     from . import corpora
 
@@ -102,7 +102,7 @@ def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit
     start, stop = ctx.shard_range(windows.shape[0])
     with torch.no_grad():
         for w in tqdm(windows[start:stop], desc=f"perplexity {corpus.name}", disable=not progress, leave=False):
-            w = w.to(device)
+            w = to_device(w, device)
             logits = model(input_ids=w.unsqueeze(0), use_cache=False).logits[0]
             losses.append(float(window_loss(logits, w)))
     model.train(was_training)

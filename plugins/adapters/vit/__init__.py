@@ -151,7 +151,7 @@ class TimmViTAdapter(ModelAdapter):
             raise CompressKitError("a headless backbone gives no logits for the GBLM loss; load it with -o adapter.head=probe")
         logits = model(batch["x"])
         if "labels" in batch and self.options.loss_target != "predicted":
-            target = batch["labels"].to(logits.device)
+            target = batch["labels"]  # the engine hands the batch on the compute device
         else:  # gradients are taken on the dense model, so its own top-1 class is the dense prediction
             target = logits.detach().argmax(-1)
         return nn.functional.cross_entropy(logits, target)

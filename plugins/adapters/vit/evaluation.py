@@ -61,7 +61,10 @@ def evaluate(model: nn.Module, info: dict[str, Any], data: str, limit: int | Non
         ref = distributed.current().from_writer(lambda: _cached_reference(path))
     if ref is None and dense_fp and load_dense is not None and not is_dense:
         try:
-            ref_logits, ref_feats = _forward_sharded(load_dense(), x, batch_size)
+            from compresskit.device import model_device, on_device
+
+            with on_device(load_dense(), model_device(model)) as dense:  # on the evaluated model's device
+                ref_logits, ref_feats = _forward_sharded(dense, x, batch_size)
             ref = {"logits": ref_logits, "features": ref_feats}
         except CompressKitError as exc:
             log.warning("no dense reference for agreement/cosine: %s", exc)

@@ -21,13 +21,15 @@ def forward_all(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> tupl
     """``(logits, features)`` for every image: features are the pre-logits (pooled) vectors."""
     from tqdm.auto import tqdm
 
+    from compresskit.device import model_device, to_device, to_host
+
     logits, feats = [], []
-    device = next(model.parameters()).device
+    device = model_device(model)
     chunks = x.split(batch_size)
     for chunk in tqdm(chunks, desc="images", unit="batch", leave=False, disable=len(chunks) < 4):
-        f = model.forward_head(model.forward_features(chunk.to(device)), pre_logits=True)
-        feats.append(f.float().cpu())
-        logits.append(model.get_classifier()(f).float().cpu() if model.num_classes else f.new_zeros(len(f), 0).cpu())
+        f = model.forward_head(model.forward_features(to_device(chunk, device)), pre_logits=True)
+        feats.append(to_host(f.float()))
+        logits.append(to_host(model.get_classifier()(f).float() if model.num_classes else f.new_zeros(len(f), 0)))
     return torch.cat(logits), torch.cat(feats)
 
 

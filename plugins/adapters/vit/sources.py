@@ -86,7 +86,9 @@ def save(model: nn.Module, info: dict[str, Any], directory: Path) -> None:
     """Write ``model.safetensors`` and ``vit.json`` (timm name, kwargs, provenance) into ``directory``."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
+    from compresskit.device import to_host
+
+    save_file({k: to_host(v.detach()).contiguous() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
     (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
 
 
