@@ -66,13 +66,13 @@ FULL = {
              "sparsegpt": 200},
 }
 REHEARSE = {
-    "device": "cpu", "dtype": "float32", "nsamples": 16, "seqlen": 256, "budget": 175.0,
+    "device": "cpu", "dtype": "float32", "nsamples": 64, "seqlen": 256, "budget": 175.0,
     "agree": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=512, max_position_embeddings=512),
     "agree_data": (4, 64),
-    "scale": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+    "scale": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512, rms_norm_eps=1e-5),
-    "linears": {"q/k/v/o": ((256, 256), 4), "gate/up": ((688, 256), 2), "down": ((256, 688), 1)}, "tokens": 512,
+    "linears": {"q/k/v/o": ((128, 128), 4), "gate/up": ((344, 128), 2), "down": ((128, 344), 1)}, "tokens": 512,
     "floor": "each", "floor_cap": 20,
     "caps": {"agreement": 45, "sparse24": 15, "build": 25, "magnitude": 25, "wanda": 30, "gblm": 45,
              "sparsegpt": 30},
