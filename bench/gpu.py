@@ -186,6 +186,7 @@ def child_prune(cfg: dict, args) -> dict:
            "sparsity": round(report.overall_sparsity, 6), "floor_seconds": None, "error": None}
     errors = [r.error for r in report.layers if r.error is not None]
     row["mean_layer_error"] = round(sum(errors) / len(errors), 6) if errors else None
+    row["error_samples"] = report.error_samples  # None: the errors come from the full Gram
     if args.floor_here:
         row.update(measure_floor(result, cfg))
         row["floor_measured_in"] = args.metric
