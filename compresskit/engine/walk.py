@@ -73,19 +73,23 @@ class Residency:
     def capturing(self, first: nn.Module) -> Iterator[None]:
         """Block 0's placement while its inputs are captured (it is called, but never computes)."""
         home = _device_of(first)
+        rest = resting_tensors(first) if home != self.device else None
         first.to(self.device)
         try:
             yield
         finally:
-            first.to(home)
+            return_to(first, rest, home)
 
     def enter(self, index: int, block: nn.Module) -> None:
         """Make block ``index`` ready on the compute device for its step."""
+        self._resting = resting_tensors(block) if self.device != self.offload else None
         block.to(self.device)
 
     def leave(self, index: int, block: nn.Module) -> None:
-        """The step of block ``index`` is over (its outputs are computed)."""
-        block.to(self.offload)
+        """The step of block ``index`` is over (its outputs are computed): its tensors go back into
+        the ones it rested in (:func:`return_to`)."""
+        rest, self._resting = getattr(self, "_resting", None), None
+        return_to(block, rest, self.offload)
 
     def captures(self) -> list:
         """An empty container for the captured block-0 inputs (``append((args, kwargs))``)."""
@@ -268,6 +272,40 @@ class _Discard:
     """A sink that drops what it is given (outputs nobody reads)."""
 
     def append(self, _item: Any) -> None: ...
+
+
+def resting_tensors(module: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
+    """``(module, "_parameters" or "_buffers", name, tensor)`` of every tensor of ``module`` where it rests."""
+    return [(m, kind, key, t.data if kind == "_parameters" else t) for m in module.modules()
+            for kind in ("_parameters", "_buffers") for key, t in getattr(m, kind).items() if t is not None]
+
+
+def return_to(module: nn.Module, rest: list | None, device: torch.device) -> None:
+    """Move ``module`` back to ``device``, writing each tensor into the one it rested in (``rest``
+    from :func:`resting_tensors`; None: a plain ``module.to(device)``).
+
+    A model loaded from safetensors rests in a memory-mapped file: a new copy per block would
+    leave the mapped file's pages in memory beside it (twice the model's bytes by the last
+    block), while a write into the mapped tensor replaces the file's page with its own.
+    """
+    import torch
+
+    if rest is None:
+        module.to(device)
+        return
+    with torch.no_grad():
+        for m, kind, key, home in rest:
+            now = getattr(m, kind).get(key)
+            if now is None:
+                continue
+            if home.device != torch.device(device) or home.shape != now.shape or home.dtype != now.dtype:
+                home = now.data.to(device)
+            elif home.data_ptr() != now.data_ptr():
+                home.copy_(now.data)
+            if kind == "_parameters":
+                now.data = home
+            else:
+                m._buffers[key] = home
 
 
 def _device_of(module: nn.Module) -> torch.device:
