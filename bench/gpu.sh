@@ -6,7 +6,8 @@
 #   bash bench/gpu.sh                # about 9 minutes: tests at most $TEST_SECONDS (100), bench $BUDGET (430)
 #
 # Both run with `python3 -P`, so the installed wheel is imported, not this tree (the JSON records
-# compresskit's file). pytest exit code 5 (no `cuda` tests collected yet) is tolerated.
+# compresskit's file). pytest exit code 5 (no `cuda` tests collected yet) is tolerated; test modules
+# that import packages the GPU image lacks are reported as collection errors and skipped.
 set -u
 OUT=${OUT:-/tmp/compresskit-gpu}
 WHEELS=${WHEELS:-.whl}
@@ -22,13 +23,13 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 compresskit.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())") | tee "$OUT/install.log"
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv >>"$OUT/install.log" 2>&1
 
-timeout -k 5 "${TEST_SECONDS:-100}" python3 -P -m pytest -m cuda -q -p no:cacheprovider -x tests >"$OUT/pytest.log" 2>&1
+timeout -k 5 "${TEST_SECONDS:-100}" python3 -P -m pytest -m cuda -q -p no:cacheprovider --continue-on-collection-errors tests >"$OUT/pytest.log" 2>&1
 rc=$?
 case $rc in
     0) echo "cuda tests: passed" ;;
     5) echo "cuda tests: none collected (exit 5)" ;;
     124|137) echo "cuda tests: stopped at ${TEST_SECONDS:-100} s" ;;
-    *) echo "cuda tests: FAILED (exit $rc)" ;;
+    *) echo "cuda tests: failures or collection errors (exit $rc), see pytest.log" ;;
 esac
 tail -n 15 "$OUT/pytest.log"
 
