@@ -486,9 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, help="overall time guard in seconds (default 470; 175 rehearsing)")
     ap.add_argument("--model-dir", type=Path, help="where the 7B-shaped model is saved (reused if it holds one; "
                     "default: a temporary directory, removed at the end)")
-    ap.add_argument("--nsamples", type=int, help="calibration samples of the scale runs (default 128; 16 rehearsing)")
+    ap.add_argument("--nsamples", type=int, help="calibration samples of the scale runs (default 128; 64 rehearsing)")
     ap.add_argument("--seqlen", type=int, help="tokens per sample of the scale runs (default 2048; 256 rehearsing)")
-    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="dtype of the scale runs (bfloat16)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="dtype of the scale runs (bfloat16; float32 rehearsing)")
     ap.add_argument("--floor", choices=("once", "each"), help="measure the floor in the first method's process "
                     "only (default on a GPU: it depends on the model and the samples, not on the method) or in each "
                     "method's process (default rehearsing, where the machine's load moves between processes)")
