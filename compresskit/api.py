@@ -137,6 +137,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
         batches = p.adapter.calibration_batches(run.loaded, config.nsamples, config.seqlen, config.seed, calibration)
     fingerprint = tensor_fingerprint(batches)  # of every rank's samples: the same as in a single process
     run.batches = run.placement.to_rest(ctx.shard(batches))  # moved with each forward (walk, gradient pass)
+    run.sample_offset = ctx.shard_range(len(batches))[0]
     manifest = _manifest(config, p, run, calibration, fingerprint)
     distributed.run_started(ctx, run, manifest, len(batches))
     _evaluate_into(manifest, "dense", config, p.adapter, run.loaded, device)

@@ -30,7 +30,9 @@ class RunnerSettings:
         offload: where the model rests between blocks (CPU).
         propagate: ``pruned`` (the next block sees the pruned block's outputs, the reference LLM
             procedure) or ``dense`` (statistics from the dense network, Wanda's vision script).
-        report_error: record ``||WX - W'X||^2/||WX||^2`` per layer (collects the Gram matrix).
+        report_error: record ``||WX - W'X||^2/||WX||^2`` per layer: from the Gram matrix when the
+            metric or solver collects it, else from a Gram matrix of the first few calibration
+            samples (``PruneReport.error_samples``; see compresskit.engine.runner.ERROR_SAMPLES).
         progress: show a progress bar over blocks.
         accumulate: dtype of the statistics' sums (``float32``; ``float64``: finished in float32,
             nearly independent of summation order, e.g. of how many processes shared the samples).
@@ -66,6 +68,9 @@ class PruneReport:
     block_seconds: list[float] = dataclasses.field(default_factory=list)
     capture_seconds: float = 0.0
     seconds: float = 0.0
+    error_samples: int | None = None
+    """The layer errors were measured on the first this many calibration samples (all of them when
+    there are fewer; None: on all of them, from the Gram matrix the metric or solver collects)."""
 
     def _weighted(self, attr: str) -> float:
         total = sum(r.shape[0] * r.shape[1] for r in self.layers)
@@ -88,6 +93,7 @@ class PruneReport:
             "seconds": self.seconds,
             "capture_seconds": self.capture_seconds,
             "block_seconds": self.block_seconds,
+            "error_samples": self.error_samples,
             "layers": [dataclasses.asdict(r) for r in self.layers],
         }
 
@@ -119,6 +125,8 @@ class Run:
             :class:`compresskit.engine.walk.Residency`; the streamed engine sets its own).
         start_block: the first block to prune (> 0 when a run resumes; ``report`` then holds
             the rows of the blocks before it).
+        sample_offset: where ``batches`` start among all calibration samples (this rank's shard
+            under ``torchrun``; 0 otherwise), so that "the first samples" mean the same in any world size.
     """
 
     adapter: ModelAdapter
@@ -140,6 +148,7 @@ class Run:
     pm: pluggy.PluginManager | None = None
     residency: Any = None
     start_block: int = 0
+    sample_offset: int = 0
 
     @property
     def model(self):

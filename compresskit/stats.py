@@ -46,6 +46,9 @@ class Statistic(ABC):
 
     name: ClassVar[str]
     source: ClassVar[str] = "inputs"
+    sample_limit: ClassVar[int | None] = None
+    """``inputs`` statistics only: fold the first this many calibration samples (per process), then
+    stop (None: every sample). The runner's default error report uses it (:class:`ErrorGram`)."""
 
     @abstractmethod
     def init(self, layer: nn.Linear) -> Parts:
@@ -103,6 +106,24 @@ class Gram(Statistic):
             xtx.addmm_(x.t(), x)
         else:  # float64 accumulators (--accumulate float64): each sample's float32 product, summed in float64
             xtx += (x.t() @ x).to(xtx.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorGram(Gram):
+    """``error_gram``: ``X^T X`` over the first ``sample_limit`` calibration samples only.
+
+    What the runner's error report reads when nothing else collects the full ``gram``: a few
+    samples cost a small fraction of a full Gram matrix per distinct layer input, and the report
+    then says the errors were measured on those samples (``PruneReport.error_samples``).
+    """
+
+    sample_limit: int = 4  # type: ignore[misc]
+    name: ClassVar[str] = "error_gram"
+
+    def key(self) -> str:
+        """``error_gram`` whatever the limit: under ``torchrun`` each rank folds its share of the
+        first samples (some none), and the ranks' parts must carry the same keys to be summed."""
+        return self.name
 
 
 @dataclasses.dataclass(frozen=True)

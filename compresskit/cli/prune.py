@@ -30,7 +30,7 @@ from compresskit.engine.kinds import BY_FIELD
 @click.option("--calibration", default=None, help="Calibration data: corpus name, local file, hf:name:split, image folder, or 'random'.")
 @click.option("--device", default=DEFAULTS["device"], show_default=True, help="auto (CUDA if present), cpu, cuda:1, ...")
 @click.option("--propagate", type=click.Choice(["pruned", "dense"]), default=DEFAULTS["propagate"], show_default=True, help="Next block's inputs from the pruned (LLM reference) or dense block.")
-@click.option("--error-report/--no-error-report", default=DEFAULTS["report_error"], show_default=True, help="Per-layer reconstruction error (costs one Gram matrix per layer).")
+@click.option("--error-report/--no-error-report", default=DEFAULTS["report_error"], show_default=True, help="Per-layer reconstruction error (from the metric's Gram matrix, else from one of the first 4 calibration samples).")
 @click.option("--eval", "evaluate", is_flag=True, help="Evaluate the dense and the pruned model and record both.")
 @click.option("--eval-data", default=None, help="Evaluation data (default: the adapter's).")
 @click.option("--eval-windows", type=int, default=None, help="Cap on evaluation windows/batches [default: the adapter's CPU-sized cap, 64 windows for llama; 0 = all].")

@@ -167,6 +167,40 @@ def move_module(module: nn.Module, device: Any) -> nn.Module:
     return module.to(device)
 
 
+def resting_tensors(module: nn.Module) -> list[tuple[nn.Module, str, str, torch.Tensor]]:
+    """``(module, "_parameters" or "_buffers", name, tensor)`` of every tensor of ``module`` where it rests."""
+    return [(m, kind, key, t.data if kind == "_parameters" else t) for m in module.modules()
+            for kind in ("_parameters", "_buffers") for key, t in getattr(m, kind).items() if t is not None]
+
+
+def return_to(module: nn.Module, rest: list | None, device: torch.device) -> None:
+    """Move ``module`` back to ``device``, writing each tensor into the one it rested in (``rest``
+    from :func:`resting_tensors`; None: a plain ``module.to(device)``).
+
+    A model loaded from safetensors rests in a memory-mapped file: a new copy per block would
+    leave the mapped file's pages in memory beside it (twice the model's bytes by the last
+    block), while a write into the mapped tensor replaces the file's page with its own.
+    """
+    import torch
+
+    if rest is None:
+        move_module(module, device)
+        return
+    with torch.no_grad():
+        for m, kind, key, home in rest:
+            now = getattr(m, kind).get(key)
+            if now is None:
+                continue
+            if home.device != torch.device(device) or home.shape != now.shape or home.dtype != now.dtype:
+                home = now.data.to(device)
+            elif home.data_ptr() != now.data_ptr():
+                home.copy_(now.data)
+            if kind == "_parameters":
+                now.data = home
+            else:
+                m._buffers[key] = home
+
+
 def to_rest(obj: Any, device: Any = "cpu") -> Any:
     """Put the tensors of a nested ``obj`` at rest on ``device`` (detached; tagged :class:`AtRest`
     in the strict mode)."""

@@ -43,14 +43,24 @@ def check_layers(run: Run) -> int:
     return n
 
 
+ERROR_SAMPLES = 4
+"""Calibration samples the error report reads when the run collects no full Gram matrix itself.
+
+A full float32 Gram matrix per distinct layer input costs about as much arithmetic as the block
+forwards (at LLaMA-7B shape and 128 x 2048 tokens, ~90 TFLOP per block), and only SparseGPT and
+the OBS update need it; every other run measures its layer errors on the first few samples."""
+
+
 def needed_statistics(run: Run) -> list[st.Statistic]:
-    """Distinct input and gradient statistics of the metric, the solver and the error report."""
+    """Distinct input and gradient statistics of the metric, the solver and the error report
+    (the full ``gram`` where the metric or solver collects it, else :class:`~compresskit.stats.ErrorGram`)."""
     specs = list(run.metric.statistics())
     if run.solver is not None:
         specs += list(run.solver.statistics())
-    if run.settings.report_error:
-        specs.append("gram")
-    return st.resolve(specs)
+    resolved = st.resolve(specs)
+    if run.settings.report_error and not any(s.key() == "gram" for s in resolved):
+        resolved.append(st.ErrorGram(max(0, ERROR_SAMPLES - run.sample_offset)))  # this process's share
+    return resolved
 
 
 def prune_model(run: Run) -> PruneReport:
@@ -62,6 +72,7 @@ def prune_model(run: Run) -> PruneReport:
         run.hook = run.pm.hook
     report, t0 = run.report, time.perf_counter()
     needed = needed_statistics(run)
+    report.error_samples = ERROR_SAMPLES if any(isinstance(s, st.ErrorGram) for s in needed) else None
     specs = [s for s in needed if s.source == "inputs"]
     block_specs = [s for s in needed if s.source == "block_gradients"]  # see compresskit.engine.blockgrad
     block_solver = run.solver is not None and type(run.solver).solve_block is not Solver.solve_block
@@ -131,23 +142,62 @@ def _check_target(run: Run, block_index: int, name: str, layer: nn.Linear) -> No
 def _collect(step, group: list[str], specs: list[st.Statistic], accumulate: str = "float32"
              ) -> dict[str, dict[str, st.Parts]]:
     """Run the block over its inputs once and return every layer's statistic parts, summed over
-    every rank's samples under ``torchrun`` (:func:`compresskit.engine.distributed.combine`)."""
+    every rank's samples under ``torchrun`` (:func:`compresskit.engine.distributed.combine`).
+
+    Statistics are folded once per distinct input: layers tapped one after the other with the
+    same input tensor (q/k/v, gate/up) share one set of parts (the same dict object). A statistic
+    with a ``sample_limit`` folds only that many samples, and when every statistic has one the
+    forward stops there (nothing reads the outputs of this pass).
+    """
     if not specs:
         return {}
     counts = st.Counts()
-    parts = {n: distributed.accumulators({s.key(): s.init(step.layers[n]) for s in specs}, accumulate)
-             | {"counts": counts.init(step.layers[n])} for n in group}
+    shared: dict[str, dict] = {}  # "q|k|v" -> parts of the layers fed one input tensor
+    seen: dict[str, int] = {}  # samples folded into shared[key]
+    pending: list = []  # [input, samples, names]: the input being tapped, not folded yet
+
+    def zero(name: str) -> dict:
+        layer = step.layers[name]
+        return distributed.accumulators({s.key(): s.init(layer) for s in specs}, accumulate) | \
+            {"counts": counts.init(layer)}
+
+    def flush() -> None:
+        if not pending:
+            return
+        x, samples, names = pending
+        key = "|".join(names)
+        if key not in shared:
+            shared[key], seen[key] = zero(names[0]), 0
+        parts = shared[key]
+        for s in specs:
+            if s.sample_limit is None or seen[key] < s.sample_limit:
+                s.update(parts[s.key()], x)
+        counts.count(parts["counts"], x.shape[0], samples)
+        seen[key] += samples
+        pending.clear()
 
     def tap(name: str):
         def fold(x: torch.Tensor, samples: int) -> None:
-            for s in specs:
-                s.update(parts[name][s.key()], x)
-            counts.count(parts[name]["counts"], x.shape[0], samples)
+            if pending and pending[0] is x:
+                pending[2].append(name)
+            else:
+                flush()
+                pending[:] = [x, samples, [name]]
 
         return fold
 
-    step.forward({n: tap(n) for n in group})
-    return distributed.combine(parts)
+    limits = [s.sample_limit for s in specs]  # one sample at least: it shows which layers share an input
+    step.forward({n: tap(n) for n in group}, limit=None if None in limits else max(1, *limits))
+    flush()
+    for name in group:  # a layer the forward never reached keeps zero statistics
+        if not any(name in key.split("|") for key in shared):
+            shared[name] = zero(name)
+    distributed.combine(shared)
+    out: dict[str, dict[str, st.Parts]] = {}
+    for key, parts in shared.items():
+        for name in key.split("|"):
+            out[name] = st.merge(out[name], parts) if name in out else parts
+    return out
 
 
 def layer_stats(run: Run, block_index: int, name: str, parts: dict[str, st.Parts], specs: list[st.Statistic]) -> st.LayerStats:
@@ -190,7 +240,7 @@ def _prune_layer(run: Run, i: int, name: str, layer: nn.Linear, parts: dict, spe
     except CompressKitError as exc:
         raise type(exc)(f"block {i} {name}: {exc}") from exc
     w.copy_(new.to(w.dtype))
-    gram = stats.get("gram") if run.settings.report_error else None
+    gram = stats.get("gram", stats.get("error_gram")) if run.settings.report_error else None
     err = reconstruction_error(dense, w.float(), gram) if gram is not None else None
     synchronize(w.device)
     row = LayerReport(i, name, tuple(w.shape), target, sparsity(w), time.perf_counter() - t, err)

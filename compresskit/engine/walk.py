@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+import itertools
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
-from compresskit.engine.device import as_device, model_device, move_module, move_outside, synchronize, to_device
+from compresskit.engine.device import (as_device, model_device, move_module, move_outside, resting_tensors, return_to,
+                                       synchronize, to_device)
 
 if TYPE_CHECKING:
     import torch
@@ -70,19 +72,23 @@ class Residency:
     def capturing(self, first: nn.Module) -> Iterator[None]:
         """Block 0's placement while its inputs are captured (it is called, but never computes)."""
         home = model_device(first)
+        rest = resting_tensors(first) if home != self.device else None
         move_module(first, self.device)
         try:
             yield
         finally:
-            move_module(first, home)
+            return_to(first, rest, home)
 
     def enter(self, index: int, block: nn.Module) -> None:
         """Make block ``index`` ready on the compute device for its step."""
+        self._resting = resting_tensors(block) if self.device != self.offload else None
         move_module(block, self.device)
 
     def leave(self, index: int, block: nn.Module) -> None:
-        """The step of block ``index`` is over (its outputs are computed)."""
-        move_module(block, self.offload)
+        """The step of block ``index`` is over (its outputs are computed): its tensors go back into
+        the ones it rested in (:func:`~compresskit.engine.device.return_to`)."""
+        rest, self._resting = getattr(self, "_resting", None), None
+        return_to(block, rest, self.offload)
 
     def captures(self) -> list:
         """An empty container for the captured block-0 inputs (``append((args, kwargs))``)."""
@@ -145,18 +151,27 @@ def sample_count(x: torch.Tensor) -> int:
     return int(x.shape[0]) if x.dim() > 2 else 1
 
 
-def replay(block: nn.Module, inputs: Sequence[BlockInput], layers: dict[str, nn.Module] | None = None,
+def replay(block: nn.Module, inputs: Iterable[BlockInput], layers: dict[str, nn.Module] | None = None,
            taps: dict[str, Tap] | None = None, sink: Any = None) -> list[torch.Tensor]:
     """Run ``block`` over every input (no gradients); ``taps[name]`` sees ``layers[name]``'s inputs.
 
-    The outputs are appended to ``sink`` (default: a new list), which is returned.
+    Layers called one after the other on the same input tensor (q/k/v, gate/up) get one
+    flattened float32 copy, the same object, so a tap can tell a shared input by identity. The
+    outputs are appended to ``sink`` (default: a new list), which is returned.
     """
     import torch
+
+    last: list = [None, -1, None]  # the previous tapped input, its version and its flattened copy
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        if last[0] is not x or last[1] != x._version:  # _version: changed in place since
+            last[:] = [x, x._version, flatten_inputs(x)]
+        return last[2]
 
     handles = []
     for name, tap in (taps or {}).items():
         def hook(module, args, _tap=tap):
-            _tap(flatten_inputs(args[0]), sample_count(args[0]))
+            _tap(flat(args[0]), sample_count(args[0]))
 
         handles.append(layers[name].register_forward_pre_hook(hook))
     try:
@@ -164,6 +179,7 @@ def replay(block: nn.Module, inputs: Sequence[BlockInput], layers: dict[str, nn.
         with torch.no_grad():
             for a, k in inputs:
                 out.append(block_output(block, a, k))
+                last[:] = [None, -1, None]
         return out
     finally:
         for h in handles:
@@ -193,10 +209,15 @@ class BlockStep:
     sink: Callable[[], Any] = list
     keep_dense: bool = True
 
-    def forward(self, taps: dict[str, Tap] | None = None) -> Sequence[torch.Tensor]:
-        """Outputs of the block over every input, feeding each tapped layer's inputs to its tap."""
+    def forward(self, taps: dict[str, Tap] | None = None, limit: int | None = None) -> Sequence[torch.Tensor]:
+        """Outputs of the block over every input, feeding each tapped layer's inputs to its tap.
+
+        ``limit``: the taps need only the first this many inputs; honoured when nobody keeps the
+        outputs of this pass (then it returns nothing useful), ignored otherwise.
+        """
         if not self.keep_dense and taps:
-            return replay(self.block, self.inputs, self.layers, taps, sink=_Discard())
+            inputs = self.inputs if limit is None else itertools.islice(self.inputs, limit)
+            return replay(self.block, inputs, self.layers, taps, sink=_Discard())
         outs = replay(self.block, self.inputs, self.layers, taps, sink=self.sink())
         if self.dense_outputs is None:
             self.dense_outputs = outs

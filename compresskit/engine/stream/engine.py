@@ -111,7 +111,7 @@ def prune(config: RunConfig, registry: Registry | None = None):
         tensors = ModelTensors(loaded.model, checkpoint, dtype)
         specs = needed_statistics(run)
         n_grads = sum(1 for s in specs if s.source == "gradients")
-        gram = any(s.name == "gram" for s in specs)
+        gram = any(s.name in ("gram", "error_gram") for s in specs)  # the error report's is as large
         z = memory.sizes_of(adapter, loaded.model, tensors, len(run.batches), config.seqlen,
                             torch.empty((), dtype=dtype).element_size())
         limit = memory.parse_size(config.max_memory) if config.max_memory else None
