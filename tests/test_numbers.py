@@ -104,7 +104,7 @@ def test_every_number_in_the_readme_paragraph_is_in_the_record():
 
 def test_main_job_table_is_the_record():
     assert (RESULTS / "main-job.md").read_text() == MAIN_JOB["table"](_record()), \
-        "bench/results/main-job.md differs from main-job.json: rerun scripts/main-job"
+        "bench/results/main-job.md differs from main-job.json: run bench/main_job.py --record"
 
 
 def test_report_example_is_what_its_command_prints(monkeypatch, tmp_path):
