@@ -942,19 +942,35 @@ def test_bad_plugin_is_reported_by_plugins_command(name, tmp_path, monkeypatch, 
     body, level, words = BAD_PLUGINS[name]
     monkeypatch.setenv("COMPRESSKIT_PLUGINS", plugin_file(tmp_path, name, body))
     status, out, _ = run_main(monkeypatch, capsys, "plugins")
-    line = next(ln for ln in out.splitlines() if ln.startswith(level))
-    assert status == 0 and f"plugin {name}" in line and words in line and "wanda" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith(f"{level}: plugin {name}"))
+    assert words in line and "wanda" in out
+    assert status == (1 if level == "FAILED" else 0)  # a plugin the user named failed: listed, exit 1
     if name == "importerror":  # a module that never loaded: the fix is to drop it from $COMPRESSKIT_PLUGINS
         assert "fix or remove" in line and "COMPRESSKIT_PLUGINS" in line
     elif level == "FAILED":
         assert f"COMPRESSKIT_DISABLE_PLUGINS={name}" in line
 
 
-@pytest.mark.parametrize("name", ["raising", "duplicate", "badcommand", "hijack"])
-def test_other_commands_keep_working_beside_a_bad_plugin(name, tmp_path, monkeypatch, capsys):
-    body, _, _ = BAD_PLUGINS[name]
-    monkeypatch.setenv("COMPRESSKIT_PLUGINS", plugin_file(tmp_path, name, body))
+def install_plugin(tmp_path: Path, monkeypatch, name: str, body: str) -> None:
+    """``body`` as an *installed* plugin: a distribution ``<name>dist`` with a ``compresskit`` entry point."""
+    import importlib
+
+    site = tmp_path / "site"
+    info = site / f"{name}dist-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}dist\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[compresskit]\n{name} = {name}_installed\n")
+    (site / f"{name}_installed.py").write_text("from compresskit import hookimpl\n" + body)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+
+
+@pytest.mark.parametrize("name", ["raising", "duplicate", "badcommand", "hijack", "importerror"])
+def test_other_commands_keep_working_beside_a_bad_installed_plugin(name, tmp_path, monkeypatch, capsys, caplog):
+    body, _, words = BAD_PLUGINS[name]
+    install_plugin(tmp_path, monkeypatch, name, body)
     status, out, err = run_main(monkeypatch, capsys, "prune", *WANDA, "--output", str(tmp_path / "o"))
+    assert f"plugin {name} ({name}dist 0.1)" in caplog.text and words in caplog.text  # isolated, with a warning
     assert status == 0 and "saved to" in out and "hijacked" not in out
     man = json.loads((tmp_path / "o" / "compresskit.json").read_text())
     assert man["plugins"]["metric"].startswith("wanda (compresskit")  # the built-in, never the duplicate
@@ -964,7 +980,7 @@ def test_plugins_json_lists_failures(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("COMPRESSKIT_PLUGINS", plugin_file(tmp_path, "raising", BAD_PLUGINS["raising"][0]))
     status, out, _ = run_main(monkeypatch, capsys, "plugins", "--json")
     data = json.loads(out)
-    assert status == 0 and [f["plugin"] for f in data["failed"]] == ["raising"]
+    assert status == 1 and [f["plugin"] for f in data["failed"]] == ["raising"]
 
 
 def test_disabled_bad_plugin_is_silent(tmp_path, monkeypatch, capsys):

@@ -60,6 +60,9 @@ def cli(verbose: int, plugins: tuple[str, ...]) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose == 0:  # still show the few lines a user must see (cache reuse, retries)
         logging.getLogger("compresskit").setLevel(logging.INFO)
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand not in (None, "plugins"):  # `plugins` lists the failure and exits 1 itself
+        registry().check_explicit()  # a plugin the user named and that failed: stop before any work
 
 
 for _command in (prune, *outputs.COMMANDS, *catalog.COMMANDS, *commands.COMMANDS):
