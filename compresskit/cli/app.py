@@ -72,14 +72,17 @@ for _command in (prune, *outputs.COMMANDS, *catalog.COMMANDS, *commands.COMMANDS
 def main() -> None:
     """Console-script entry point: plugin commands, clear errors, exit 130 on Ctrl-C."""
     from compresskit.cli import diagnose
-    from compresskit.output import Terminated
+    from compresskit.output import Terminated, signals_as_exceptions
 
     reg = None
     try:
         use_plugins(plugin_args(sys.argv[1:]))  # before the registry exists: -p modules may add commands
         reg = registry()
         reg.add_commands(cli)
-        cli.main(prog_name="compresskit", standalone_mode=False)
+        # SIGTERM/SIGHUP anywhere in a command unwind like Ctrl-C: every temporary file and
+        # directory (gradient cache, work directory, output) is removed on the way out
+        with signals_as_exceptions():
+            cli.main(prog_name="compresskit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
