@@ -424,6 +424,11 @@ def environment(cfg: dict) -> dict:
     return env
 
 
+def page(data: dict) -> str:
+    """The results page written beside the JSON record (its rendering; tests/test_numbers.py checks it)."""
+    return markdown(data) + "\n"
+
+
 def markdown(data: dict) -> str:
     s = data["settings"]
     head = ("**CPU rehearsal — not a GPU measurement**: tiny shapes on the CPU, to check that the script runs "
@@ -539,7 +544,7 @@ def parent(cfg: dict, args) -> int:
     def save() -> None:
         data["wall_seconds"] = time.monotonic() - t0
         out.write_text(json.dumps(data, indent=1))
-        out.with_suffix(".md").write_text(markdown(data) + "\n")
+        out.with_suffix(".md").write_text(page(data))
 
     caps = cfg["caps"]
     if "agreement" not in skip:

@@ -1,6 +1,7 @@
 """The main job, recorded: run it, keep its numbers, and write the README paragraph from them.
 
     .venv/bin/python bench/main_job.py [PRUNE ARGS]   # what scripts/main-job runs
+    .venv/bin/python bench/main_job.py --record [DIR]  # commit a run's record: bench/results + README
     .venv/bin/python bench/main_job.py --readme       # rewrite README.md's main-job paragraph
     .venv/bin/python bench/main_job.py --readme --check   # exit 1 if README.md is stale
 
@@ -8,9 +9,14 @@ The job is ``compresskit prune --metric gblm --sparsity 0.5 --eval --output runs
 [PRUNE ARGS]`` (GBLM at 50 % on the packaged SmolLM2-135M, dense and pruned perplexity); its
 output and exit status are passed through. Afterwards its numbers (wall time of the command, the
 gradient pass, the layerwise runner, the evaluations, perplexities, settings and machine) go to
-``bench/results/main-job.json`` and ``main-job.md`` (included by docs/benchmarks.md); the
-README's paragraph between the ``main-job`` markers is generated from that JSON file, so every
-figure in it is one the job printed or recorded (tests/test_numbers.py checks it).
+``main-job.json`` and ``main-job.md`` *in the output directory* (``runs/main/``, ignored by git):
+running the job changes no tracked file, so ``scripts/main-job`` then ``scripts/test`` passes on a
+clean clone, as often as they are run (tests/test_main_job.py checks it).
+
+Refreshing the committed record is a deliberate step: ``--record [DIR]`` copies ``DIR``'s record
+(default ``runs/main``) to ``bench/results/main-job.json`` and ``main-job.md`` (included by
+docs/benchmarks.md) and regenerates the README's paragraph between the ``main-job`` markers from
+it, so every figure in it is one the job printed or recorded (tests/test_numbers.py checks it).
 """
 
 from __future__ import annotations
@@ -133,7 +139,33 @@ def readme_text(rec: dict, readme: str) -> str:
     return head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1]
 
 
+def write_record(rec: dict, directory: Path) -> tuple[Path, Path]:
+    """Write ``rec`` as ``main-job.json`` and ``main-job.md`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    js, md = directory / JSON.name, directory / TABLE.name
+    js.write_text(json.dumps(rec, indent=2) + "\n")
+    md.write_text(table(rec))
+    return js, md
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--record"]:
+        src = Path(argv[1]) if len(argv) > 1 else ROOT / "runs" / "main"
+        src = src if src.is_absolute() else ROOT / src
+        if not (src / JSON.name).is_file():
+            print(f"no main-job record in {_shown(src)}: run scripts/main-job first (it writes "
+                  f"{_shown(src / JSON.name)})", file=sys.stderr)
+            return 2
+        rec = json.loads((src / JSON.name).read_text())
+        write_record(rec, RESULTS)
+        README.write_text(readme_text(rec, README.read_text()))
+        print(f"{_shown(JSON)}, {_shown(TABLE)} and README.md's main-job paragraph from {_shown(src)}; "
+              "review and commit them")
+        return 0
     if argv[:1] == ["--readme"]:
         rec = json.loads(JSON.read_text())
         new = readme_text(rec, README.read_text())
@@ -155,11 +187,9 @@ def main(argv: list[str]) -> int:
     out = output_dir(argv)
     manifest = json.loads((out / "compresskit.json").read_text())
     rec = record(manifest, argv, wall, load)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    JSON.write_text(json.dumps(rec, indent=2) + "\n")
-    TABLE.write_text(table(rec))
-    print(f"recorded in {JSON.relative_to(ROOT)} and {TABLE.relative_to(ROOT)}; "
-          "`.venv/bin/python bench/main_job.py --readme` updates README.md", file=sys.stderr)
+    js, md = write_record(rec, out)
+    print(f"recorded in {_shown(js)} and {_shown(md)}; `.venv/bin/python bench/main_job.py --record "
+          f"{_shown(out)}` makes it the committed record (bench/results/, README.md)", file=sys.stderr)
     return 0
 
 

@@ -126,7 +126,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     if output is not None and ctx.is_writer:  # under torchrun rank 0 alone writes
         from compresskit.output import check_room, check_target, estimate_bytes
 
-        check_target(output, overwrite)
+        check_target(output, overwrite, config.model)
         if save_format != "dense":
             p.adapter.check_save_format(save_format)
         copies = 1 if save_format == "dense" else 2  # another format is exported from a dense scratch copy
@@ -169,7 +169,7 @@ def _single_process(ctx: Any, config: RunConfig, output: str | Path | None, over
     if output is not None:
         from compresskit.output import check_target
 
-        check_target(output, overwrite)
+        check_target(output, overwrite, config.model)
     result = run()
     if output is not None:
         result.save(output, overwrite=overwrite, format=save_format, progress=config.progress)

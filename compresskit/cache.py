@@ -113,6 +113,7 @@ def atomic_directory(final: str | os.PathLike, replace: bool = False, keep_exist
     """
     final = Path(final)
     tmp = temp_sibling(final)
+    held = [hold(tmp)]  # a live run's temporaries are not stale to another run of the same output
     try:
         yield tmp
         if final.exists() or final.is_symlink():
@@ -122,6 +123,7 @@ def atomic_directory(final: str | os.PathLike, replace: bool = False, keep_exist
             if not replace:
                 raise FileExistsError(f"{final} exists")
             trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            held.append(hold(trash))
             os.replace(final, trash / "old")
             try:
                 os.replace(tmp, final)
@@ -135,6 +137,43 @@ def atomic_directory(final: str | os.PathLike, replace: bool = False, keep_exist
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        for fd in held:
+            if fd is not None:
+                os.close(fd)
+
+
+def hold(path: Path) -> int | None:
+    """An exclusive ``flock`` on directory ``path`` for as long as the returned descriptor is open
+    (None where ``flock`` does not exist): :func:`in_use` tells other processes it is live."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def in_use(path: Path) -> bool:
+    """``path`` is a temporary directory some run (this process or another) still holds (:func:`hold`)."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -157,7 +196,8 @@ def stale_temporaries(final: str | os.PathLike) -> list[Path]:
     if not final.parent.is_dir():
         return []
     marks = (TMP_MARK, ".old-", ".dense-")
-    return sorted(p for p in final.parent.iterdir() if any(p.name.startswith(f".{final.name}{m}") for m in marks))
+    return sorted(p for p in final.parent.iterdir() if any(p.name.startswith(f".{final.name}{m}") for m in marks)
+                  and not in_use(p))  # another run writing the same output right now: not stale
 
 
 def hash_into(h: Any, name: str, obj: Any) -> None:

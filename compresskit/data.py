@@ -198,5 +198,6 @@ def _require_long_document(corpus: Corpus, encoded: dict, encode: Callable, seql
     if longest <= seqlen:
         raise CompressKitError(
             f"corpus {corpus.name!r}: no document is longer than seqlen={seqlen} tokens (longest has {longest}); "
-            f"use a smaller --seqlen (< {longest}) or a corpus with longer documents"
+            + (f"use --seqlen {longest - 1} or less, or a corpus with longer documents" if longest > 2
+               else "use a corpus with longer documents (--seqlen cannot go below 2)")
         )

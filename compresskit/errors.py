@@ -22,6 +22,10 @@ class PluginDefinitionError(CompressKitError):
     """A plugin class is malformed (wrong base class, no name, bad Options)."""
 
 
+class PluginLoadError(CompressKitError):
+    """A plugin named with ``-p`` or ``$COMPRESSKIT_PLUGINS`` failed to import or to register."""
+
+
 class OptionError(CompressKitError, ValueError):
     """A plugin option or run setting has a bad key or value."""
 

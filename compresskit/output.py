@@ -55,16 +55,19 @@ def is_output(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def check_target(directory: str | os.PathLike, overwrite: bool) -> Path:
+def check_target(directory: str | os.PathLike, overwrite: bool, model: Any = None) -> Path:
     """Refuse an output location that would destroy data or cannot work (checked before any work).
 
     Raises:
         OutputExistsError: it exists and is not empty (without ``overwrite``), or it is not a
             compresskit output (with ``overwrite``), or it is a symlink, the working directory
-            or a parent of it.
+            or a parent of it, or it is the ``model`` directory or contains it (saving would replace
+            or delete the model being pruned). An output inside the model directory is allowed: no
+            file of the model is touched.
         CompressKitError: the parent is not a writable directory.
     """
     path = Path(directory)
+    _check_not_model(path, model)
     restore_interrupted(path)
     if path.is_symlink():
         raise OutputExistsError(f"output {path} is a symbolic link; give the real directory "
@@ -170,6 +173,18 @@ def signals_as_exceptions() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _check_not_model(path: Path, model: Any) -> None:
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).is_dir():
+        return
+    source, out = Path(model).resolve(), path.resolve()
+    if out == source:
+        raise OutputExistsError(f"output {path} is the model directory; saving would replace the model being "
+                                "pruned (and lose it if anything failed): choose another --output")
+    if out in source.parents:
+        raise OutputExistsError(f"output {path} contains the model directory {model}; --overwrite would delete "
+                                "the model: choose an --output outside it")
+
+
 def restore_interrupted(directory: str | os.PathLike) -> None:
     """Put back a previous output that a run killed between ``--overwrite``'s two renames left only
     in its ``.<name>.old-*`` sibling (when ``directory`` itself is missing)."""
@@ -200,12 +215,16 @@ def save_output(directory: str | os.PathLike, write_model: Callable[[Path], None
     SIGTERM/SIGINT while writing remove the temporary sibling and re-raise (:class:`Terminated`,
     ``KeyboardInterrupt``); a full disk or another ``OSError`` becomes a :class:`CompressKitError`.
     """
-    path = check_target(directory, overwrite)
+    path = check_target(directory, overwrite, (manifest.get("config") or {}).get("model"))
     clean_stale(path)
     try:
         with signals_as_exceptions(), atomic_directory(path, replace=overwrite) as tmp:
             write_model(tmp)
             write_manifest(tmp, manifest)
+    except FileExistsError as exc:  # another run saved the same output since ours was checked
+        raise OutputExistsError(f"output {path} was written by another run while this one worked; this run's "
+                                "result was not saved: choose another --output, or pass --overwrite to replace "
+                                "it") from exc
     except OSError as exc:
         raise CompressKitError(f"could not write output {path} ({exc.strerror or exc}); nothing was written: "
                                "free some space or choose another --output") from exc

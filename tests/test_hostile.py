@@ -940,19 +940,35 @@ def test_bad_plugin_is_reported_by_plugins_command(name, tmp_path, monkeypatch, 
     body, level, words = BAD_PLUGINS[name]
     monkeypatch.setenv("COMPRESSKIT_PLUGINS", plugin_file(tmp_path, name, body))
     status, out, _ = run_main(monkeypatch, capsys, "plugins")
-    line = next(ln for ln in out.splitlines() if ln.startswith(level))
-    assert status == 0 and f"plugin {name}" in line and words in line and "wanda" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith(f"{level}: plugin {name}"))
+    assert words in line and "wanda" in out
+    assert status == (1 if level == "FAILED" else 0)  # a plugin the user named failed: listed, exit 1
     if name == "importerror":  # a module that never loaded: the fix is to drop it from $COMPRESSKIT_PLUGINS
         assert "fix or remove" in line and "COMPRESSKIT_PLUGINS" in line
     elif level == "FAILED":
         assert f"COMPRESSKIT_DISABLE_PLUGINS={name}" in line
 
 
-@pytest.mark.parametrize("name", ["raising", "duplicate", "badcommand", "hijack"])
-def test_other_commands_keep_working_beside_a_bad_plugin(name, tmp_path, monkeypatch, capsys):
-    body, _, _ = BAD_PLUGINS[name]
-    monkeypatch.setenv("COMPRESSKIT_PLUGINS", plugin_file(tmp_path, name, body))
+def install_plugin(tmp_path: Path, monkeypatch, name: str, body: str) -> None:
+    """``body`` as an *installed* plugin: a distribution ``<name>dist`` with a ``compresskit`` entry point."""
+    import importlib
+
+    site = tmp_path / "site"
+    info = site / f"{name}dist-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}dist\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[compresskit]\n{name} = {name}_installed\n")
+    (site / f"{name}_installed.py").write_text("from compresskit import hookimpl\n" + body)
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+
+
+@pytest.mark.parametrize("name", ["raising", "duplicate", "badcommand", "hijack", "importerror"])
+def test_other_commands_keep_working_beside_a_bad_installed_plugin(name, tmp_path, monkeypatch, capsys, caplog):
+    body, _, words = BAD_PLUGINS[name]
+    install_plugin(tmp_path, monkeypatch, name, body)
     status, out, err = run_main(monkeypatch, capsys, "prune", *WANDA, "--output", str(tmp_path / "o"))
+    assert f"plugin {name} ({name}dist 0.1)" in caplog.text and words in caplog.text  # isolated, with a warning
     assert status == 0 and "saved to" in out and "hijacked" not in out
     man = json.loads((tmp_path / "o" / "compresskit.json").read_text())
     assert man["plugins"]["metric"].startswith("wanda (compresskit")  # the built-in, never the duplicate
@@ -962,7 +978,7 @@ def test_plugins_json_lists_failures(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("COMPRESSKIT_PLUGINS", plugin_file(tmp_path, "raising", BAD_PLUGINS["raising"][0]))
     status, out, _ = run_main(monkeypatch, capsys, "plugins", "--json")
     data = json.loads(out)
-    assert status == 0 and [f["plugin"] for f in data["failed"]] == ["raising"]
+    assert status == 1 and [f["plugin"] for f in data["failed"]] == ["raising"]
 
 
 def test_disabled_bad_plugin_is_silent(tmp_path, monkeypatch, capsys):
@@ -1159,3 +1175,295 @@ def test_conformance_checks_check_of_a_free_pattern():
     with pytest.raises(PluginConformanceError, match="rejected a 16x64 probe"):
         check_pattern(_pattern(Structure("row"), refuse), end_to_end=False)
 
+
+
+# --------------------------------------------------------------------------- third round (issue 22)
+# A plugin the user *named* (-p FILE|MODULE, $COMPRESSKIT_PLUGINS) that fails ends the command before any
+# work; every suggested fix is one that works; --no-progress silences the libraries' bars too; a signal
+# in the gradient pass or a --select sweep leaves no temporary file and no output; the output may not be
+# (or contain) the model directory; two runs of one output; sparsity-map targets that round per shape.
+
+NAMED_FAILURES = [n for n, (_, level, _) in BAD_PLUGINS.items() if level == "FAILED"]
+
+
+@pytest.mark.parametrize("route", ["-p", "env"])
+@pytest.mark.parametrize("name", NAMED_FAILURES)
+def test_named_plugin_that_fails_stops_the_command_before_any_work(name, route, tmp_path, monkeypatch, capsys):
+    body, _, words = BAD_PLUGINS[name]
+    path = plugin_file(tmp_path, name, body)
+    out = tmp_path / "o"
+    args = ["prune", *WANDA, "--output", str(out)]
+    if route == "-p":
+        args = ["-p", path, *args]
+    else:
+        monkeypatch.setenv("COMPRESSKIT_PLUGINS", path)
+    status, stdout, err = run_main(monkeypatch, capsys, *args)
+    assert status == 1 and f"plugin {name}" in err and words in err and "nothing was run" in err
+    assert "overall sparsity" not in stdout and not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("no_such_module_xyz", "No module named 'no_such_module_xyz'"),
+    ("missing_file.py", "no such plugin file missing_file.py"),
+    ("raising_at_import_mod", "RuntimeError: plugin import failed"),
+])
+def test_named_module_or_file_that_does_not_load_stops_the_command(spec, words, tmp_path, monkeypatch, capsys):
+    (tmp_path / "raising_at_import_mod.py").write_text("raise RuntimeError('plugin import failed')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(monkeypatch, capsys, "-p", spec, "prune", *WANDA, "--output", str(tmp_path / "o"))
+    assert status == 1 and words in err and "fix or remove" in err and not (tmp_path / "o").exists()
+
+
+def test_named_plugin_with_only_a_warning_still_runs(tmp_path, monkeypatch, capsys, caplog):
+    body, _, words = BAD_PLUGINS["nohooks"]
+    status, out, _ = run_main(monkeypatch, capsys, "-p", plugin_file(tmp_path, "nohooks", body), "prune", *WANDA,
+                              "--output", str(tmp_path / "o"))
+    assert status == 0 and "saved to" in out and words in caplog.text
+
+
+def test_named_plugin_disabled_with_no_is_not_an_error(tmp_path, monkeypatch, capsys):
+    path = plugin_file(tmp_path, "raising", BAD_PLUGINS["raising"][0])
+    status, out, _ = run_main(monkeypatch, capsys, "-p", path, "-p", "no:raising", "prune", *WANDA, "--dry-run")
+    assert status == 0 and "ok:" in out
+
+
+# --- --no-progress silences every bar (transformers' own included), and restores them afterwards
+
+BARS = ("Writing model shards", "Loading weights", "it/s]", "%|")
+
+
+def test_no_progress_silences_the_save_bar(tmp_path, monkeypatch, capsys):
+    status, out, err = run_main(monkeypatch, capsys, "prune", *WANDA, "--output", str(tmp_path / "o"))
+    assert status == 0 and not any(b in out + err for b in BARS), err
+
+
+def test_no_progress_silences_the_loading_bar(world, tmp_path, monkeypatch, capsys):
+    status, out, err = run_main(monkeypatch, capsys, "prune", *WANDA[:2], "--model", str(world["good"]),
+                                *WANDA[4:], "--output", str(tmp_path / "o"))
+    assert status == 0 and not any(b in out + err for b in BARS), err
+
+
+def test_no_progress_silences_eval(world, monkeypatch, capsys):
+    status, out, err = run_main(monkeypatch, capsys, "eval", str(world["previous"]), "--seqlen", "16",
+                                "--windows", "2", "--no-progress")
+    assert status == 0 and "perplexity" in out and not any(b in out + err for b in BARS), err
+
+
+def test_no_progress_restores_the_library_bars_afterwards(tmp_path, monkeypatch, capsys):
+    from transformers.utils import logging as tf_logging
+
+    assert tf_logging.is_progress_bar_enabled()
+    status, _, _ = run_main(monkeypatch, capsys, "prune", *WANDA, "--output", str(tmp_path / "o"))
+    assert status == 0 and tf_logging.is_progress_bar_enabled()
+
+
+# --- SIGTERM / SIGINT in the gradient pass or a --select sweep: no temporary file, no output
+
+SIGNAL_LOSS = """
+import os, signal, time
+from compresskit_plugins.adapters.llama import LlamaAdapter
+
+CALLS = [0]
+
+class LossSignal(LlamaAdapter):
+    '''Sends itself $HOSTILE_SIGNAL at loss call number $HOSTILE_AT (1-based).'''
+    name = "losssignal"
+    def loss(self, model, batch):
+        CALLS[0] += 1
+        if CALLS[0] == int(os.environ["HOSTILE_AT"]):
+            os.kill(os.getpid(), getattr(signal, os.environ["HOSTILE_SIGNAL"]))
+            time.sleep(5)
+        return super().loss(model, batch)
+
+@hookimpl
+def register_adapters(register):
+    register(LossSignal)
+"""
+
+
+def _temporaries(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".tmp" in p.name or "tmp-" in p.name)
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+@pytest.mark.parametrize("where, at, extra", [
+    ("gradient pass", 1, []),
+    ("--select sweep", 4, ["--select", "metric.alpha=0,100", "--select-samples", "2"]),
+])
+def test_signal_in_gradient_pass_or_sweep_leaves_nothing(where, at, extra, sig, code, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("COMPRESSKIT_CACHE", str(cache))
+    monkeypatch.setenv("HOSTILE_SIGNAL", sig)
+    monkeypatch.setenv("HOSTILE_AT", str(at))  # the gradient pass makes 2 loss calls (2 samples), the sweep after
+    handler = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "o"
+    status, stdout, err = run_main(monkeypatch, capsys, "-p", plugin_file(tmp_path, "losssignal", SIGNAL_LOSS),
+                                   "prune", "--adapter", "losssignal", *TINY[2:], "--metric", "gblm",
+                                   "--recompute-gradients", *extra, "--output", str(out))
+    assert status == code and ("terminated" in err or "interrupted" in err), err
+    assert not out.exists() and leftovers(tmp_path) == [] and _temporaries(cache) == []
+    if where == "gradient pass":  # no gradient statistics that look finished
+        assert not list(cache.rglob("gradients/*.safetensors"))
+    assert signal.getsignal(signal.SIGTERM) == handler
+
+
+# --- the output and the model directory
+
+def test_output_equal_to_the_model_directory_is_refused(world, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(world["good"], model)
+    before = snapshot(model)
+    r = invoke("prune", *WANDA[:2], "--model", str(model), *WANDA[4:], "--output", str(model))
+    assert r.exit_code == 1 and "is the model directory" in r.output and snapshot(model) == before
+
+
+def test_output_equal_to_the_model_directory_is_refused_with_overwrite(earlier):
+    out, before = earlier  # a compresskit output is a loadable model too: pruning it again in place
+    r = invoke("prune", *WANDA[:2], "--model", str(out), *WANDA[4:], "--output", str(out), "--overwrite")
+    assert r.exit_code == 1 and "is the model directory" in r.output
+    assert snapshot(out) == before and leftovers(out.parent) == []
+
+
+def test_output_containing_the_model_directory_is_refused(earlier):
+    out, before = earlier
+    model = out / "inner-model"
+    shutil.copytree(out, model, ignore=shutil.ignore_patterns("inner-model"))
+    r = invoke("prune", *WANDA[:2], "--model", str(model), *WANDA[4:], "--output", str(out), "--overwrite")
+    assert r.exit_code == 1 and "contains the model directory" in r.output and model.is_dir()
+
+
+def test_output_inside_the_model_directory_is_allowed_and_touches_no_model_file(world, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(world["good"], model)
+    before = snapshot(model)
+    r = invoke("prune", *WANDA[:2], "--model", str(model), *WANDA[4:], "--output", str(model / "pruned"))
+    assert r.exit_code == 0, r.output
+    after = {k: v for k, v in snapshot(model).items() if not k.startswith("pruned/")}
+    assert after == before and (model / "pruned" / "compresskit.json").is_file()
+
+
+def test_api_output_equal_to_the_model_directory_is_refused(world, tmp_path):
+    from compresskit.errors import OutputExistsError
+
+    model = tmp_path / "model"
+    shutil.copytree(world["good"], model)
+    with pytest.raises(OutputExistsError, match="is the model directory"):
+        compresskit.prune(**{**API, "model": str(model)}, output=str(model))
+
+
+# --- two runs writing the same output at once
+
+OTHER_RUN = """
+import os, shutil
+@hookimpl
+def run_finished(run):
+    '''Another run saves the same output while this one is still working.'''
+    shutil.copytree(os.environ["HOSTILE_OTHER"], os.environ["HOSTILE_OUT"])
+"""
+
+
+def test_second_of_two_runs_to_finish_does_not_clobber_the_first(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    monkeypatch.setenv("HOSTILE_OTHER", str(world["previous"]))
+    monkeypatch.setenv("HOSTILE_OUT", str(out))
+    status, _, err = run_main(monkeypatch, capsys, "-p", plugin_file(tmp_path, "otherrun", OTHER_RUN),
+                              "prune", *WANDA, "--output", str(out))
+    assert status == 1 and "exists" in err and "--overwrite" in err  # checked again before saving
+    assert snapshot(out) == snapshot(world["previous"]) and leftovers(tmp_path) == []
+
+
+def test_two_runs_with_overwrite_the_last_to_finish_wins_whole(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o"
+    monkeypatch.setenv("HOSTILE_OTHER", str(world["previous"]))
+    monkeypatch.setenv("HOSTILE_OUT", str(out))
+    status, _, _ = run_main(monkeypatch, capsys, "-p", plugin_file(tmp_path, "otherrun", OTHER_RUN),
+                            "prune", *WANDA, "--sparsity", "0.6", "--output", str(out), "--overwrite")
+    man = json.loads((out / "compresskit.json").read_text())
+    assert status == 0 and man["config"]["sparsity"] == 0.6 and leftovers(tmp_path) == []
+
+
+def test_a_running_save_is_not_mistaken_for_a_stale_one(tmp_path):
+    from compresskit import cache
+
+    live = tmp_path / ".o.tmp-live"
+    live.mkdir()
+    (live / "model.safetensors").write_bytes(b"being written")
+    fd = cache.hold(live)  # as the other run's atomic_directory holds it while it writes
+    try:
+        r = invoke("prune", *WANDA, "--output", str(tmp_path / "o"))
+        assert r.exit_code == 0 and live.is_dir()  # the other run's temporary survives ours
+    finally:
+        os.close(fd)
+    r = invoke("prune", *WANDA, "--output", str(tmp_path / "o"), "--overwrite")  # now it is stale: removed
+    assert r.exit_code == 0 and not live.exists()
+
+
+# --- every suggested fix is possible: targets that round per layer shape, short texts
+
+def _write_map(tmp_path: Path, mapping: dict) -> str:
+    p = tmp_path / "map.json"
+    p.write_text(json.dumps(mapping))
+    return str(p)
+
+
+def test_map_target_that_rounds_to_nothing_in_a_narrow_layer_is_refused_with_a_working_fix(tmp_path):
+    r = invoke("prune", *WANDA, "--sparsity-map", _write_map(tmp_path, {"*": 0.01}))
+    assert r.exit_code == 1 and "prunes nothing" in r.output and "0.self_attn.q_proj 64x64" in r.output
+    import re
+
+    fix = re.search(r"give it ([0-9.]+) or more in the map", r.output).group(1)
+    r = invoke("prune", *WANDA, "--sparsity-map", _write_map(tmp_path, {"*": float(fix)}))
+    assert r.exit_code == 0 and "prunes nothing" not in r.output, r.output
+
+
+def test_map_targets_that_round_weakly_are_warned_per_layer(tmp_path, caplog):
+    r = invoke("prune", *WANDA, "--sparsity-map", _write_map(tmp_path, {"*.mlp.down_proj": 0.012, "*": 0.5}),
+               "--output", str(tmp_path / "o"))
+    assert r.exit_code == 0 and "sparsity map: 2 layers prune less than 90%" in caplog.text
+    assert "0.mlp.down_proj 0.012 -> 0.0078" in caplog.text and "q_proj" not in caplog.text.split("sparsity map:")[1]
+    man = json.loads((tmp_path / "o" / "compresskit.json").read_text())
+    assert any("sparsity map:" in w for w in man["notes"]["compresskit"]["warnings"])
+
+
+def test_map_zero_target_in_a_layer_is_not_a_rounding_problem(tmp_path):
+    r = invoke("prune", *WANDA, "--sparsity-map", _write_map(tmp_path, {"*.self_attn.*": 0.0, "*": 0.5}))
+    assert r.exit_code == 0, r.output
+
+
+def test_uniform_sparsity_suggestion_is_a_value_that_prunes(tmp_path, caplog):
+    import re
+
+    r = invoke("prune", *WANDA, "--sparsity", "0.01")
+    fix = re.search(r"Use --sparsity ([0-9.]+) or more", caplog.text + r.output)
+    assert fix, caplog.text + r.output
+    caplog.clear()
+    r = invoke("prune", *WANDA, "--sparsity", fix.group(1))
+    assert r.exit_code == 0 and "rounds down" not in caplog.text + r.output
+
+
+def test_short_corpus_suggests_a_seqlen_that_works(world):
+    import re
+
+    r = invoke("prune", *WANDA, "--calibration", str(world["root"] / "short.txt"))
+    fix = re.search(r"use --seqlen (\d+) or less", r.output)
+    assert r.exit_code == 1 and fix and "(<" not in r.output, r.output
+    args = [a if a != "16" else fix.group(1) for a in WANDA]
+    r = invoke("prune", *args, "--calibration", str(world["root"] / "short.txt"))
+    assert r.exit_code == 0, r.output
+
+
+def test_corpus_of_single_characters_suggests_no_impossible_seqlen(tmp_path):
+    (tmp_path / "chars.txt").write_text("a\n\nb\n\nc\n")
+    r = invoke("prune", *WANDA, "--calibration", str(tmp_path / "chars.txt"))
+    assert r.exit_code == 1 and "longer documents" in r.output and "--seqlen 1" not in r.output, r.output
+
+
+def test_short_evaluation_text_suggests_a_seqlen_that_works(world):
+    import re
+
+    r = invoke("eval", str(world["previous"]), "--data", str(world["root"] / "short.txt"), "--seqlen", "64")
+    fix = re.search(r"use --seqlen (\d+) or less", r.output)
+    assert r.exit_code == 1 and fix, r.output
+    r = invoke("eval", str(world["previous"]), "--data", str(world["root"] / "short.txt"), "--seqlen", fix.group(1))
+    assert r.exit_code == 0 and "perplexity" in r.output, r.output

@@ -58,7 +58,8 @@ ALLOWED = {  # numbers on a page that are not our measurements, and why
     "docs/benchmarks.md": {"1.45": "the --max-memory budget (GB) of bench/streaming.py's big run (a setting)",
                            "1.1": "the parameter count (B) of bench/streaming.py's `1b` preset (a setting)",
                            "32": "the calibration default, 32 x 256 tokens (a setting)",
-                           "0.08": "OWL's lambda: the paper's and our default (a setting)"},
+                           "0.08": "OWL's lambda: the paper's and our default (a setting)",
+                           "128": "the papers' calibration, 128 x 2048 tokens (a setting)"},
     "docs/howto/large-models.md": {
         "1.45": "the --max-memory budget (GB) of bench/streaming.py's big run (a setting)",
         "1.1": "the parameter count (B) of bench/streaming.py's `1b` preset (a setting)",
@@ -67,7 +68,8 @@ ALLOWED = {  # numbers on a page that are not our measurements, and why
         "1": "about 1 GB of the CUDA build of torch's runtime (an estimate the memory model uses, a setting) "
              "or one sample/shard (a count)",
         "5": "the --max-memory slack, 5 % (a setting)",
-        "3": "the checkpoint is 3x the budget: 4.4 / 1.45 (arithmetic)"},
+        "3": "the checkpoint is 3x the budget: 4.4 / 1.45 (arithmetic)",
+        "32": "glibc's largest adaptive mmap threshold, 32 MB (a property of glibc)"},
     "docs/explanation/algorithms.md": {"0.01": "the default of the obs solver's percdamp (a setting)",
                                        "10": "the dampening factor of a Cholesky retry (a setting)",
                                        "128": "the reference calibration, 128 x 2048 tokens (a setting)"},
@@ -104,10 +106,21 @@ ALLOWED = {  # numbers on a page that are not our measurements, and why
         "0.3": "restates bench/results/checks.md (0.33-0.54 %), a bench output without a JSON record (NO_RECORD)",
         "3": "restates bench/results/checks.md (2.90 %), a bench output without a JSON record (NO_RECORD)",
         "5": "the free-space margin of the disk check, 5 % (a setting)",
+        "90": "the share of a layer's target under which a sparsity map's rounding is warned about (a setting)",
         "16": "the free-space margin of the disk check, 16 MiB (a setting)"},
     "docs/plugins/testing.md": {"75": "a probe sparsity of check_pattern, 25/50/75 % (a setting)","0.02": "the conformance check's end-to-end slack for Wanda's adaptive rule (a setting)",
                                 "0.001": "the adaptive rule's bisection tolerance (a setting)",
                                 "0.002": "check_pattern's slack for adaptive and third-party groups (a setting)"},
+    "docs/howto/gpu.md": {
+        "128": "the papers' calibration, 128 x 2048 tokens (a setting)",
+        **{v: "an estimate in the memory table, from the model's shapes (arithmetic)"
+           for v in ("12.6", "24.2", "4.0", "5.0", "8.0", "24.1", "47.3", "1.5", "24", "38", "0.4")},
+        "26": "the published GBLM-Pruner memory on LLaMA-7B (cited), also our target for gblm (a setting)",
+        "1": "about 1 GiB of the CUDA runtime (an estimate)",
+        "2.11": "a torch version (2.11)",
+        **{v: "a target of issue 23 (a setting)" for v in ("25", "120", "180", "16", "99.9")},
+        "0.2": "the release 0.2 (a version)",
+        "211": "the cap named in gpu-sparsegpt.json's error text (the run's time limit, a setting)"},
     "docs/howto/export.md": {
         **{v: "a compressed-tensors version" for v in ("0.13", "0.14", "0.15", "0.20")},
         "2.125": "bytes per float32 weight of the bitmask format at 50 %: 0.5 x 4 + 1/8 (arithmetic)",
@@ -170,6 +183,9 @@ RENDERED = {  # page: (bench script, its render function, the JSON record it ren
     "main-job.md": ("bench/main_job.py", "table", "main-job.json"),
     "streaming.md": ("bench/streaming.py", "table", "streaming.json"),
     "zeroshot.md": ("bench/zeroshot.py", "markdown", "zeroshot.json"),
+    "gpu.md": ("bench/gpu.py", "page", "gpu.json"),
+    "gpu-sparsegpt.md": ("bench/gpu.py", "page", "gpu-sparsegpt.json"),
+    "gpu-rehearsal.md": ("bench/gpu.py", "page", "gpu-rehearsal.json"),
 }
 WRITTEN_BESIDE = {  # written by the same run as its JSON, from the rows in memory: not yet re-rendered here
     page: f"bench/{script}.py writes it and {page[:-3]}.json together; it has no render-from-JSON function yet"

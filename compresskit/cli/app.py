@@ -60,6 +60,9 @@ def cli(verbose: int, plugins: tuple[str, ...]) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if verbose == 0:  # still show the few lines a user must see (cache reuse, retries)
         logging.getLogger("compresskit").setLevel(logging.INFO)
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand not in (None, "plugins"):  # `plugins` lists the failure and exits 1 itself
+        registry().check_explicit()  # a plugin the user named and that failed: stop before any work
 
 
 for _command in (prune, *outputs.COMMANDS, *catalog.COMMANDS, *commands.COMMANDS):
@@ -69,14 +72,17 @@ for _command in (prune, *outputs.COMMANDS, *catalog.COMMANDS, *commands.COMMANDS
 def main() -> None:
     """Console-script entry point: plugin commands, clear errors, exit 130 on Ctrl-C."""
     from compresskit.cli import diagnose
-    from compresskit.output import Terminated
+    from compresskit.output import Terminated, signals_as_exceptions
 
     reg = None
     try:
         use_plugins(plugin_args(sys.argv[1:]))  # before the registry exists: -p modules may add commands
         reg = registry()
         reg.add_commands(cli)
-        cli.main(prog_name="compresskit", standalone_mode=False)
+        # SIGTERM/SIGHUP anywhere in a command unwind like Ctrl-C: every temporary file and
+        # directory (gradient cache, work directory, output) is removed on the way out
+        with signals_as_exceptions():
+            cli.main(prog_name="compresskit", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

@@ -73,6 +73,8 @@ def plugins(as_json: bool) -> None:
     rows = reg.plugins()
     if as_json:
         click.echo(json.dumps({"plugins": rows, "failed": [dataclasses.asdict(f) for f in reg.failures]}, indent=2))
+        if reg.explicit_failures():
+            raise SystemExit(1)
         return
     width = max([len(r["name"]) for r in rows] + [6]) + 2
     dists = [f"{r['distribution']} {r['version']}" if r["distribution"] else "(not packaged)" for r in rows]
@@ -81,6 +83,8 @@ def plugins(as_json: bool) -> None:
         click.echo(f"{r['name']:<{width}}{dist:<{dwidth}}{', '.join(r['hooks'])}")
     for f in reg.failures:
         click.echo(f"{'FAILED' if f.severity == 'error' else 'WARNING'}: {f.message()}")
+    if reg.explicit_failures():  # a plugin named with -p / $COMPRESSKIT_PLUGINS failed: not a clean bill
+        raise SystemExit(1)
 
 
 COMMANDS = (list_cmd, info, plugins)

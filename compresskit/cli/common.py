@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -37,6 +38,44 @@ def use_plugins(specs: tuple[str, ...]) -> None:
         _PLUGIN_SPECS[0] = tuple(specs)
         _REGISTRY.clear()
 
+
+
+@contextlib.contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """``--no-progress`` for the libraries' own bars too: transformers ("Loading weights", "Writing
+    model shards"), huggingface_hub (downloads) and datasets (``map``) are silenced while the
+    command runs, and restored afterwards (in-process callers such as tests keep their settings)."""
+    if enabled:
+        yield
+        return
+    restore = []
+    try:
+        from transformers.utils import logging as tf_logging
+
+        if tf_logging.is_progress_bar_enabled():  # also turns huggingface_hub's bars off and on
+            tf_logging.disable_progress_bar()
+            restore.append(tf_logging.enable_progress_bar)
+    except ImportError:
+        pass
+    try:
+        import datasets.utils.logging as ds_logging
+
+        if ds_logging.is_progress_bar_enabled():
+            ds_logging.disable_progress_bar()
+            restore.append(ds_logging.enable_progress_bar)
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
+
+
+def quiet_if(no_progress: bool) -> None:
+    """Silence every progress bar until the current command ends when ``--no-progress`` is given."""
+    if no_progress:
+        click.get_current_context().with_resource(library_progress_bars(False))
 
 
 def parse_options(items: tuple[str, ...]) -> dict[str, dict[str, str]]:

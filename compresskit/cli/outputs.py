@@ -7,7 +7,7 @@ import json
 import click
 
 from compresskit.cli import summary
-from compresskit.cli.common import DEFAULTS, echo_writer, registry, task_list
+from compresskit.cli.common import DEFAULTS, echo_writer, quiet_if, registry, task_list
 from compresskit.engine import distributed
 
 
@@ -32,6 +32,7 @@ def eval_cmd(model: str, adapter: str | None, data: str | None, seqlen: int, win
     from compresskit.engine.checks import finite_result
     from compresskit.errors import NonFiniteError
 
+    quiet_if(no_progress)
     names = task_list(tasks) if tasks is not None else []
     res = api.evaluate(model, adapter=adapter, data=data, seqlen=seqlen, limit=windows, device=device,
                        tasks=tuple(names), task_limit=limit, task_source=task_source, progress=not no_progress,
@@ -87,6 +88,7 @@ def export_cmd(directory: str, fmt: str, output: str | None, dtype: str | None, 
     from compresskit.errors import OutputExistsError
     from compresskit.output import read_manifest
 
+    quiet_if(no_progress)
     manifest = read_manifest(directory)
     if manifest is None:
         raise OutputExistsError(f"{directory} is not a compresskit output (no compresskit.json); export converts "

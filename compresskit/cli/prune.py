@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from compresskit.cli import summary
-from compresskit.cli.common import DEFAULTS, SCOPES, echo_writer, parse_options, registry, task_list
+from compresskit.cli.common import DEFAULTS, SCOPES, echo_writer, parse_options, quiet_if, registry, task_list
 from compresskit.config import RunConfig
 from compresskit.engine import distributed
 from compresskit.engine.kinds import BY_FIELD
@@ -65,6 +65,7 @@ def prune(**kw: Any) -> None:
     from compresskit.engine.targets import load_sparsity_map
 
     echo = echo_writer()
+    quiet_if(kw["no_progress"])
     opts = parse_options(kw["options"])
     kw, opts, notes = recipe.resolve(click.get_current_context(), kw, opts, recipe.read(kw["recipe"]) if kw["recipe"] else None)
     for note in notes:
@@ -72,7 +73,7 @@ def prune(**kw: Any) -> None:
     if kw["write_report"] and not kw["output"]:
         raise click.UsageError("--report writes into the output directory; pass --output DIR")
     if kw["output"] and distributed.current().is_writer:
-        check_target(kw["output"], kw["overwrite"])  # fail before any work
+        check_target(kw["output"], kw["overwrite"], kw["model"])  # fail before any work
     if kw["save_format"] != "dense":
         registry().get("adapter", kw["adapter"]).cls().check_save_format(kw["save_format"])
     grad_opts: dict[str, Any] = dict(opts["gradient"])

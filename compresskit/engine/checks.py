@@ -174,6 +174,15 @@ def effective_fraction(pattern: MaskPattern, shape: tuple[int, int], sparsity: f
     return None
 
 
+def at_least(x: float) -> str:
+    """``x`` rounded *up* to 4 significant digits: a suggested minimum target that still reaches ``x``
+    (``1/64 = 0.015625`` shown as ``0.01562`` would prune nothing in a layer of 64 inputs)."""
+    import math
+
+    q = 10.0 ** (math.floor(math.log10(x)) - 3)
+    return f"{math.ceil(x / q - 1e-9) * q:.4g}"
+
+
 def rounding_report(adapter: ModelAdapter, model: nn.Module, pattern: MaskPattern, sparsity: float) -> str | None:
     """Say what ``sparsity`` really prunes when rounding loses much of it; None when it is close.
 
@@ -193,14 +202,20 @@ def rounding_report(adapter: ModelAdapter, model: nn.Module, pattern: MaskPatter
     narrow = min(s[1] for s, _ in weak)
     minimum = 1.0 / narrow
     if all(f == 0 for _, f in known):
+        more = f"--sparsity {at_least(minimum)} or more, or " if minimum < 1 else ""
         raise OptionError(f"--sparsity {sparsity:g} prunes nothing: each output row prunes floor(in_features x "
-                          f"sparsity) weights, which is 0 in every layer (narrowest {narrow} inputs); use --sparsity "
-                          f"{minimum:.4g} or more, or one threshold per layer (-o pattern.scope=layer)")
+                          f"sparsity) weights, which is 0 in every layer (narrowest {narrow} inputs); use {more}"
+                          "one threshold per layer (-o pattern.scope=layer)")
     zero = sum(1 for _, f in weak if f == 0)
+    if minimum >= 1:  # a layer of one input column: no uniform --sparsity below 1 prunes it
+        return (f"--sparsity {sparsity:g} rounds down to floor(in_features x sparsity) weights per output row: "
+                f"{len(weak)} of {len(known)} layers prune less than {WEAK_ROUNDING:.0%} of the target ({zero} prune "
+                f"nothing; the narrowest has {narrow} input), so the run prunes {overall:.4f} overall instead of "
+                f"{sparsity:g}. Use one threshold per layer (-o pattern.scope=layer)")
     return (f"--sparsity {sparsity:g} rounds down to floor(in_features x sparsity) weights per output row: "
             f"{len(weak)} of {len(known)} layers prune less than {WEAK_ROUNDING:.0%} of the target ({zero} prune "
             f"nothing), so the run prunes {overall:.4f} overall instead of {sparsity:g}. Use --sparsity "
-            f"{minimum:.4g} or more, or one threshold per layer (-o pattern.scope=layer)")
+            f"{at_least(minimum)} or more, or one threshold per layer (-o pattern.scope=layer)")
 
 
 def finite_result(result: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -219,3 +234,35 @@ def finite_result(result: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]
 
     return clean(result, ""), bad
 
+
+
+def map_rounding_report(pattern: MaskPattern, layers: list[tuple[str, tuple[int, int], float]]) -> str | None:
+    """What a sparsity map's per-layer targets really prune after rounding (``layers``: label, shape,
+    target); None when every layer gets at least ``WEAK_ROUNDING`` of its target.
+
+    The same target rounds differently in layers of different widths (floor(in_features x target)
+    per output row), so a map is checked layer by layer: a layer whose target rounds to nothing is
+    refused (the map asked for pruning there), weaker rounding is warned about.
+
+    Raises:
+        OptionError: a layer with a positive target prunes nothing; names it and the smallest target that prunes.
+    """
+    weak = []
+    for label, shape, target in layers:
+        if target <= 0:
+            continue
+        f = effective_fraction(pattern, shape, target)
+        if f is None or f >= target * WEAK_ROUNDING:
+            continue
+        if f == 0:
+            unit = 1.0 / (shape[1] if pattern.structure.group == "row" else shape[0] * shape[1])
+            fix = (f"give it {at_least(unit)} or more in the map, or " if unit < 1 else "give it 0 in the map, or use ")
+            raise OptionError(f"sparsity map: layer {label} {shape[0]}x{shape[1]} has target {target:g}, which prunes "
+                              f"nothing (floor(in_features x target) = 0 weights per output row); {fix}one threshold "
+                              "per layer (-o pattern.scope=layer)")
+        weak.append(f"{label} {target:g} -> {f:.4f}")
+    if not weak:
+        return None
+    return (f"sparsity map: {len(weak)} layers prune less than {WEAK_ROUNDING:.0%} of their target after rounding "
+            f"to whole weights per output row ({'; '.join(weak[:5])}{'; ...' if len(weak) > 5 else ''}); raise "
+            "their targets or use one threshold per layer (-o pattern.scope=layer)")

@@ -80,8 +80,16 @@ class Plan:
                 log.warning("%s", rounding)
                 run.notes.setdefault("compresskit", {}).setdefault("warnings", []).append(rounding)
         if c.sparsity_map:
+            from compresskit.engine.targets import lookup
+
             blocks = self.adapter.blocks(model)
             check_covers(c.sparsity_map, [layer_id(i, n) for i, b in enumerate(blocks) for n in self.adapter.prunable(b)])
+            rounding = checks.map_rounding_report(self.pattern, [
+                (layer_id(i, n), tuple(layer.weight.shape), _or(lookup(c.sparsity_map, layer_id(i, n)), self.sparsity))
+                for i, b in enumerate(blocks) for n, layer in self.adapter.prunable(b).items()])
+            if rounding:
+                log.warning("%s", rounding)
+                run.notes.setdefault("compresskit", {}).setdefault("warnings", []).append(rounding)
 
     def new_run(self, loaded: Loaded, device: Any) -> Run:
         """The run state for ``loaded`` on ``device``: this plan's plugins and the config's settings."""
@@ -130,7 +138,7 @@ class PruneResult:
         if format == "dense":
             return save_output(directory, self._write_dense, self.manifest, overwrite)
         self.adapter.check_save_format(format)
-        out = check_target(directory, overwrite)
+        out = check_target(directory, overwrite, (self.manifest.get("config") or {}).get("model"))
         out.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.dense-", dir=out.parent))
         try:
@@ -295,3 +303,7 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value

@@ -23,7 +23,7 @@ import pluggy
 from compresskit import hookspecs
 
 from compresskit.engine import targets
-from compresskit.errors import DuplicatePluginError, PluginDefinitionError, UnknownPluginError
+from compresskit.errors import DuplicatePluginError, PluginDefinitionError, PluginLoadError, UnknownPluginError
 from compresskit.engine.kinds import KINDS
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class LoadInfo:
 
     distributions: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     failures: list[PluginFailure] = dataclasses.field(default_factory=list)
+    explicit: set[str] = dataclasses.field(default_factory=set)  # named with -p / $COMPRESSKIT_PLUGINS
 
 
 def _normalise(name: str) -> str:
@@ -185,6 +186,7 @@ def _load_module(pm: pluggy.PluginManager, spec: str, load: LoadInfo, blocked: s
     name = Path(spec).stem if spec.endswith(".py") else spec
     if name in blocked:
         return
+    load.explicit.add(name)
     fix = f"fix or remove {spec!r} in -p / ${LOAD_ENV}"
     try:
         if spec.endswith(".py"):
@@ -337,6 +339,17 @@ class Registry:
                 dist = f"{origin.distribution} {origin.version}" if origin.distribution else None
                 self.failures.append(PluginFailure(impl.plugin_name, dist, problem))
                 log.warning("%s", self.failures[-1].message())
+
+    def explicit_failures(self) -> list[PluginFailure]:
+        """Errors of plugins the user named (``-p``, ``$COMPRESSKIT_PLUGINS``): a command must not run
+        without a plugin it was asked for; an installed plugin's failure only warns."""
+        return [f for f in self.failures if f.severity == "error" and f.plugin in self.load.explicit]
+
+    def check_explicit(self) -> None:
+        """Raise :class:`PluginLoadError` naming every failed plugin the user named (see :meth:`explicit_failures`)."""
+        failed = self.explicit_failures()
+        if failed:
+            raise PluginLoadError("; ".join(f.message() for f in failed) + " (nothing was run)")
 
     def entries(self, kind: str) -> list[Entry]:
         """Registered entries of one kind, sorted by name."""

@@ -115,6 +115,8 @@ def prune(config: RunConfig, registry: Registry | None = None):
         z = memory.sizes_of(adapter, loaded.model, tensors, len(run.batches), config.seqlen,
                             torch.empty((), dtype=dtype).element_size())
         limit = memory.parse_size(config.max_memory) if config.max_memory else None
+        memory.return_freed_memory()  # the memory model counts live tensors: freed must mean returned
+        memory.trim()
         runtime = memory.current_rss()
         budget = memory.activation_budget(z, n_grads, gram, limit, runtime)
         store = ActivationStore(work.acts, budget)

