@@ -131,3 +131,18 @@ def test_end_to_end_masks_follow_pattern_and_targets(kw):
     r = prune(metric="wanda", sparsity=0.5, **BASE, **kw)
     for row in r.report.layers:
         assert row.sparsity == pytest.approx(row.target, abs=0.02)
+
+
+@pytest.mark.gpu
+def test_cuda_results_stay_on_the_device_and_match_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    w, gram = _problem(16, 32, 64, dtype=torch.float32)
+    pattern = NMPattern(NMPattern.Options(n=2, m=4))
+    seed = pattern.mask(w.abs(), 0.5)
+    solver = ADMMSolver(ADMMSolver.Options(gradual=True, swaps=5))
+    cpu = solver.refine_and_solve(w, seed, {"gram": gram}, pattern, 0.5)
+    gpu = solver.refine_and_solve(w.cuda(), seed.cuda(), {"gram": gram.cuda()}, pattern, 0.5)
+    assert all(t.is_cuda for t in gpu)
+    assert (gpu[0].cpu() != cpu[0]).float().mean() < 0.02
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-3, atol=1e-3)

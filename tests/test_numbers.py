@@ -52,6 +52,7 @@ ALLOWED = {  # numbers on a page that are not our measurements, and why
         "0.01": "the reference code's floor for a non-positive target (a setting of the reference)"},
     "docs/explanation/selection.md": {v: "a value in an example --select sweep (an input)" for v in ("0.04", "0.08", "0.12")},
     "docs/explanation/wandapp.md": {"0.01": "the default of the obs solver's percdamp (a setting)"},
+    "docs/explanation/swaps.md": {"0.01": "the default of the obs solver's percdamp (a setting)"},
     "docs/benchmarks.md": {"1.45": "the --max-memory budget (GB) of bench/streaming.py's big run (a setting)"},
     "docs/howto/large-models.md": {"1.45": "the --max-memory budget (GB) of bench/streaming.py's big run (a setting)"},
     "docs/plugins/testing.md": {"0.02": "the conformance check's end-to-end sparsity tolerance (a setting)"},
