@@ -155,6 +155,16 @@ class Solver(Plugin):
         """Float32 weights of ``weight``'s shape, zero wherever ``mask`` (True = pruned)."""
         return weight.masked_fill(mask, 0.0)
 
+    def refine_and_solve(self, weight: torch.Tensor, mask: torch.Tensor, stats: compresskit.stats.LayerStats,
+                         pattern: MaskPattern, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, new weight)`` where the solver may move the metric's ``mask`` within ``pattern``.
+
+        The runner calls this with the metric's mask and the layer's target (default: keep the
+        mask and :meth:`solve`). A solver that refines the mask (swaps, ADMM with a gradual
+        mask) overrides it; the mask it returns must keep the pattern's structure and the target.
+        """
+        return mask, self.solve(weight, mask, stats)
+
     def solve_block(self, block: nn.Module, layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
                     inputs: Sequence[Any], dense_outputs: Sequence[torch.Tensor]) -> None:
         """Tune ``block`` in place after its layers are pruned (default: nothing).

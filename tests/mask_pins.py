@@ -14,7 +14,8 @@ intended and explained in the commit::
 Since 0.2 the configurations are spelled in the 0.2 API (SparseGPT's block size is an option of
 the ``obs`` solver: ``update_options``); the digests are still those computed with 0.1.0.
 The recipes of ``_cases_0_2`` (OWL, Wanda++, RO, streamed and 2-rank runs) came later and are
-pinned as computed at 0.2 (``--write --new``).
+pinned as computed at 0.2, and the ``admm`` and ``swaps`` solvers' cases from when they were
+added (``--write --new`` writes only digests not yet in the file, never touching an existing pin).
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def _cases() -> dict[str, dict[str, Any]]:
         "llama/sparsegpt/mask-scope-pattern": dict(metric="sparsegpt", metric_options={"mask_scope": "pattern"}),
         "llama/sparsegpt/blocksize-16-0.6": dict(metric="sparsegpt", sparsity=0.6, update_options={"blocksize": 16}),
         "vit/wanda/propagate-dense": dict(metric="wanda", propagate="dense", adapter="vit"),
+        # added with the admm and swaps solvers (issue 26), pinned when they were written
+        "llama/wanda/update-admm": dict(metric="wanda", update="admm"),
+        "llama/wanda/update-admm-gradual": dict(metric="wanda", update="admm", update_options={"gradual": True}),
+        "llama/wanda/update-admm-gradual-2:4": dict(metric="wanda", update="admm", update_options={"gradual": True},
+                                                    **PATTERNS["2:4"]),
+        "llama/wanda/update-admm-gradual-paper-ramp": dict(metric="wanda", update="admm", update_options={
+            "gradual": True, "seed": "reference", "ramp": True}),
+        "llama/wanda/update-swaps": dict(metric="wanda", update="swaps"),
+        "llama/wanda/update-swaps-admm-4:8": dict(metric="wanda", update="swaps", update_options={"then": "admm"},
+                                                  **PATTERNS["4:8"]),
     }
     for name, over in extra.items():
         cases[name] = {**TINY, "adapter": "llama", "pattern": "unstructured", **over}

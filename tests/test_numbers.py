@@ -121,6 +121,7 @@ ALLOWED = {  # numbers on a page that are not our measurements, and why
         **{v: "a target of issue 23 (a setting)" for v in ("25", "120", "180", "16", "99.9")},
         "0.2": "the release 0.2 (a version)",
         "211": "the cap named in gpu-sparsegpt.json's error text (the run's time limit, a setting)"},
+    "docs/explanation/swaps.md": {"0.01": "the default of the obs solver's percdamp (a setting)"},
     "docs/howto/export.md": {
         **{v: "a compressed-tensors version" for v in ("0.13", "0.14", "0.15", "0.20")},
         "2.125": "bytes per float32 weight of the bitmask format at 50 %: 0.5 x 4 + 1/8 (arithmetic)",

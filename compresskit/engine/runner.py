@@ -222,7 +222,7 @@ def decide(run: Run, weight: torch.Tensor, stats: st.LayerStats, target: float) 
     mask = run.pattern.mask(scores, target)
     if solver is None:
         return mask, weight.masked_fill(mask, 0.0)
-    new = solver.solve(weight, mask, stats)
+    mask, new = solver.refine_and_solve(weight, mask, stats, run.pattern, target)
     checks.check_new_weights(new, stats, solver.name)
     return mask, new
 

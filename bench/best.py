@@ -1,0 +1,186 @@
+"""Best recipe vs best anchor per setting, with ADMM (gradual mask) among the anchors: ``best.json``.
+
+    .venv/bin/python bench/best.py --resume --max-rows 2    # a few rows at a time (shared machines)
+    .venv/bin/python bench/best.py --quick --model random:tiny --calibration random --eval-data FILE --out /tmp/b
+
+Every row is one ``compresskit.api.prune`` call under ``bench/recipes.py``'s protocol (handbook
+calibration 32 x 256 tokens, seed 0; wiki perplexity on the first 64 windows of 256 tokens),
+one torch thread. The anchors magnitude, wanda, sparsegpt and gblm are taken from
+``recipes.json`` (the same protocol, measured by ``bench/recipes.py`` with 2 threads) unless
+``--rerun-anchors``; ``admm-gradual`` (the paper's defaults: gradual mask, reference seed, 20
+iterations, 15 gradual, rho 1, percdamp 0.1) is measured here. Writes ``best-rows.json`` (every
+measured row), ``best.json`` (per setting: the best recipe and the best anchor with the
+``compresskit prune`` arguments that reproduce them with ``--eval``) and ``best.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from recipes import SETTINGS, Settings, run_row  # noqa: E402
+
+log = logging.getLogger("bench.best")
+OLD_ANCHORS = ("magnitude", "wanda", "sparsegpt", "gblm")
+ANCHORS = (*OLD_ANCHORS, "admm-gradual")
+TARGETS = {"50%": 0.05, "2:4": 0.10, "70%": 0.25}  # issue 26: best recipe this much below the best anchor
+GRADUAL = {"update": "admm", "update_options": {"gradual": True}}
+PAPER = {"metric": "wanda", "update": "admm", "update_options": {"gradual": True, "seed": "reference"}}
+
+
+def grid() -> list[tuple[str, str, dict]]:
+    """``(recipe, setting, prune keyword arguments)``, in the order they are run (targets first)."""
+    rows = [("admm-gradual", s, PAPER) for s in ("70%", "2:4")]
+    rows += [("owl + admm-gradual", "70%", {"metric": "wanda", "allocation": "owl", **GRADUAL})]
+    rows += [("wanda + admm-gradual", "2:4", {"metric": "wanda", **GRADUAL})]
+    rows += [("admm-gradual", "50%", PAPER)]
+    rows += [("owl + admm-gradual", "50%", {"metric": "wanda", "allocation": "owl", **GRADUAL})]
+    rows += [("wanda + swaps + admm", "2:4", {"metric": "wanda", "update": "admm", "update_options": {"swaps": 50}})]
+    rows += [("owl + admm-gradual (ramp)", "70%", {"metric": "wanda", "allocation": "owl", "update": "admm",
+                                                   "update_options": {"gradual": True, "ramp": True}})]
+    rows += [("admm-gradual", s, PAPER) for s in ("60%", "4:8")]
+    rows += [("owl + admm-gradual", "60%", {"metric": "wanda", "allocation": "owl", **GRADUAL})]
+    rows += [("wanda + admm-gradual", "4:8", {"metric": "wanda", **GRADUAL})]
+    return rows
+
+
+def cli_args(s: Settings, setting: str, kw: dict) -> str:
+    """The ``compresskit prune`` arguments of one row (add ``--eval`` and an output directory)."""
+    pattern, popts, sparsity = SETTINGS[setting]
+    out = [f"--model {s.model}", f"--metric {kw['metric']}"]
+    out.append(f"--pattern {popts['n']}:{popts['m']}" if pattern == "nm" else f"--sparsity {sparsity}")
+    if kw.get("update"):
+        out.append(f"--update {kw['update']}")
+    if kw.get("allocation"):
+        out.append(f"--allocation {kw['allocation']}")
+    for scope in ("metric", "update", "allocation"):
+        for k, v in kw.get(f"{scope}_options", {}).items():
+            out.append(f"-o {scope}.{k}={str(v).lower() if isinstance(v, bool) else v}")
+    if kw.get("select"):
+        out.append(f"--select {kw['select']}")
+    if s.calibration:
+        out.append(f"--calibration {s.calibration}")
+    out += [f"--nsamples {s.nsamples}", f"--seqlen {s.seqlen}", f"--seed {s.seed}", "--device cpu",
+            f"--eval-data {s.eval_data}", f"--eval-windows {s.eval_windows}"]
+    return " ".join(out)
+
+
+def best(s: Settings, rows: list[dict]) -> list[dict]:
+    """Per setting: the best recipe and the best anchor, with their arguments and the target."""
+    out = []
+    for setting in SETTINGS:
+        here = [r for r in rows if r["setting"] == setting]
+        anchors = [r for r in here if r["recipe"] in ANCHORS]
+        recipes = [r for r in here if r["recipe"] not in ANCHORS]
+        if not anchors or not recipes:
+            continue
+        a, b = min(anchors, key=lambda r: r["ppl"]), min(recipes, key=lambda r: r["ppl"])
+        target = TARGETS.get(setting)
+        out.append({"setting": setting, "recipe": b["recipe"], "args": cli_args(s, setting, b["kwargs"]), "ppl": b["ppl"],
+                    "anchor": a["recipe"], "anchor_args": cli_args(s, setting, a["kwargs"]), "anchor_ppl": a["ppl"],
+                    "change": b["ppl"] / a["ppl"] - 1, "target": None if target is None else -target,
+                    "met": None if target is None else b["ppl"] <= (1 - target) * a["ppl"],
+                    "admm_gradual_measured": any(r["recipe"] == "admm-gradual" for r in anchors),
+                    "prune_s": b["prune_s"], "anchor_prune_s": a["prune_s"], "recipe_source": b.get("source", "best.py"),
+                    "admm_gradual_prune_s": next((r["prune_s"] for r in anchors if r["recipe"] == "admm-gradual"), None)})
+    return out
+
+
+def markdown(s: Settings, rows: list[dict], complete: bool) -> str:
+    reused = any(r.get("source") == "recipes.json" for r in rows)
+    lines = [f"**Settings.** As `recipes.md` (model `{s.model}`, {s.nsamples} x {s.seqlen} calibration "
+             f"`{s.calibration or 'handbook (default)'}`, seed {s.seed}, `{s.eval_data}` perplexity on the first "
+             f"{s.eval_windows} windows), torch threads {s.threads}. "
+             + ("Anchors magnitude, wanda, sparsegpt and gblm and the earlier recipes from `recipes.json` (same "
+                "protocol, 2 threads); " if reused else "") + "`admm-gradual` with the paper's defaults measured here. Change = best recipe "
+             "PPL / best anchor PPL - 1.", "",
+             "| setting | best anchor | PPL | best recipe | PPL | change | target | met | prune s: recipe / admm-gradual |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in best(s, rows):
+        tgt = "-" if c["target"] is None else f"<= {c['target']:.0%}"
+        met = "-" if c["met"] is None else ("yes" if c["met"] else "no")
+        note = "" if c["admm_gradual_measured"] else " (admm-gradual not measured)"
+        lines.append(f"| {c['setting']} | {c['anchor']}{note} | {c['anchor_ppl']:.2f} | {c['recipe']} | {c['ppl']:.2f} "
+                     f"| {c['change']:+.1%} | {tgt} | {met} | {c['prune_s']:.0f} / "
+                     f"{'-' if c['admm_gradual_prune_s'] is None else format(c['admm_gradual_prune_s'], '.0f')} |")
+    lines += ["", "Rows measured here, and the anchors (the earlier recipes are in `recipes.md`; prune s is wall time "
+              "on a shared machine, noisy):", "", "| recipe | setting | sparsity | PPL | prune s | prune CPU s | peak RSS MB | source |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in [r for r in rows if r.get("source") != "recipes.json" or r["recipe"] in OLD_ANCHORS]:
+        lines.append(f"| {r['recipe']} | {r['setting']} | {r['sparsity']:.3f} | {r['ppl']:.2f} | {r['prune_s']:.0f} | "
+                     f"{r['prune_cpu_s']:.0f} | {r['peak_rss_mb']:.0f} | {r.get('source', 'best.py')} |")
+    if not complete:
+        lines += ["", "**Partial:** not every row of the grid was run (CPU budget); missing rows are absent above."]
+    return "\n".join(lines) + "\n"
+
+
+def save(out: Path, s: Settings, rows: list[dict], complete: bool) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "best-rows.json").write_text(json.dumps({"settings": dataclasses.asdict(s), "complete": complete,
+                                                    "rows": rows}, indent=2, default=str))
+    (out / "best.json").write_text(json.dumps(best(s, rows), indent=2))
+    table = markdown(s, rows, complete)
+    (out / "best.md").write_text(table)
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke settings: 4 x 64 calibration, 4 eval windows")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--calibration", default=None)
+    ap.add_argument("--eval-data", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated recipe names to run (default: all)")
+    ap.add_argument("--resume", action="store_true", help="keep rows already in <out>/best-rows.json")
+    ap.add_argument("--max-rows", type=int, default=None, help="run at most this many new rows, then stop")
+    ap.add_argument("--rerun-anchors", action="store_true", help="measure magnitude/wanda/sparsegpt/gblm here too")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    s = Settings(nsamples=4, seqlen=64, eval_windows=4, threads=1) if args.quick else Settings(threads=1)
+    for key in ("model", "calibration", "eval_data"):
+        if getattr(args, key):
+            s = dataclasses.replace(s, **{key: getattr(args, key)})
+    torch.set_num_threads(s.threads)
+    out = Path(args.out)
+    rows: list[dict] = []
+    if args.resume and (out / "best-rows.json").exists():
+        data = json.loads((out / "best-rows.json").read_text())
+        if data["settings"] == dataclasses.asdict(s):
+            rows = data["rows"]
+    todo = grid()
+    if args.rerun_anchors:
+        todo = [(m, st, {"metric": m}) for st in SETTINGS for m in OLD_ANCHORS] + todo
+    else:  # the anchors and the earlier recipes, from recipes.json (same protocol)
+        old = json.loads((out / "recipes.json").read_text())
+        same = {k: v for k, v in old["settings"].items() if k != "threads"} == \
+            {k: v for k, v in dataclasses.asdict(s).items() if k != "threads"}
+        if not same:
+            raise SystemExit("recipes.json was measured under other settings; use --rerun-anchors")
+        have = {(r["recipe"], r["setting"]) for r in rows}
+        rows += [dict(r, source="recipes.json") for r in old["rows"] if (r["recipe"], r["setting"]) not in have]
+    done = {(r["recipe"], r["setting"]) for r in rows}
+    only = set(args.only.split(",")) if args.only else None
+    budget = args.max_rows
+    for recipe, setting, kw in todo:
+        if (recipe, setting) in done or (only and recipe not in only) or budget == 0:
+            continue
+        budget = None if budget is None else budget - 1
+        rows.append(dict(run_row(s, recipe, setting, kw), source="best.py"))
+        save(out, s, rows, complete=False)
+    complete = all((r, st) in {(x["recipe"], x["setting"]) for x in rows} for r, st, _ in todo)
+    print(save(out, s, rows, complete))
+
+
+if __name__ == "__main__":
+    main()
