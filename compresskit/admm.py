@@ -42,7 +42,7 @@ def precondition(w: torch.Tensor, gram: torch.Tensor, percdamp: float, rho: floa
         raise CompressKitError(f"Gram shape {tuple(gram.shape)} does not match weight {tuple(w.shape)}; it must be "
                                f"[in_features, in_features] = [{w.shape[1]}, {w.shape[1]}]")
     dt = _work(w)
-    g = gram.to(device=w.device, dtype=dt)
+    g = gram.to(dtype=dt)
     if not torch.isfinite(g).all():
         raise CompressKitError("the Gram matrix of the layer inputs holds NaN or inf values; the calibration forward "
                                "passes produced non-finite activations. Check the model dtype and calibration data.")
@@ -105,7 +105,7 @@ def admm_update(w: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, iters: 
     if mask.shape != w.shape:
         raise CompressKitError(f"mask shape {tuple(mask.shape)} does not match weight {tuple(w.shape)}")
     d, v, b, hinv = precondition(w, gram, percdamp, rho)
-    prune = mask.to(device=w.device, dtype=torch.bool)
+    prune = mask.to(dtype=torch.bool)
     u = torch.zeros_like(v)
     for t in range(iters):
         if reselect is not None and t < gradual_iters and not (seeded and t == 0):

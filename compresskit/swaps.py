@@ -73,9 +73,9 @@ def refine_mask(w: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, max_swa
                                f"{tuple(mask.shape)} and {tuple(gram.shape)}")
     if nm_m is not None and w.shape[1] % nm_m:
         raise CompressKitError(f"N:M swaps need in_features ({w.shape[1]}) divisible by m={nm_m}")
-    g = gram.to(device=w.device, dtype=torch.float64)
+    g = gram.to(dtype=torch.float64)
     wd = w.to(torch.float64)
-    mask = mask.to(device=w.device, dtype=torch.bool).clone()
+    mask = mask.to(dtype=torch.bool).clone()
     if not torch.isfinite(g).all() or not torch.isfinite(wd).all():
         raise CompressKitError("swaps got non-finite weights or Gram matrix; check the calibration forward passes")
     if not mask.any() or mask.all():

@@ -47,6 +47,18 @@ def tiny_llama(_tiny_llama_master):
     return copy.deepcopy(model), tok
 
 
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """random:tiny saved as a checkpoint (what a streamed run reads)."""
+    from compresskit_plugins.adapters.llama.sources import random_model
+
+    model, tok = random_model("tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    model.save_pretrained(path, max_shard_size="200KB")
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def registry():
     from compresskit.engine.registry import Registry

@@ -21,18 +21,6 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five doze
         "Sphinx of black quartz, judge my vow. How vexingly quick daft zebras jump. ") * 40
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """random:tiny saved as a checkpoint (what a streamed run reads)."""
-    from compresskit_plugins.adapters.llama.sources import random_model
-
-    model, tok = random_model("tiny")
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    model.save_pretrained(path, max_shard_size="200KB")
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def _reached(result) -> None:
     assert result.report.layers
     for row in result.report.layers:

@@ -20,18 +20,6 @@ from compresskit.engine.device import DeviceMixError, Placement, at_rest_type, t
 from device_matrix import combos, config, ids
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """random:tiny saved as a checkpoint (what a streamed run reads)."""
-    from compresskit_plugins.adapters.llama.sources import random_model
-
-    model, tok = random_model("tiny")
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    model.save_pretrained(path, max_shard_size="200KB")
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def _sparsity_reached(result, pattern: str) -> None:
     assert result.report.layers
     for row in result.report.layers:

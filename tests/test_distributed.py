@@ -90,7 +90,7 @@ def _order_bound(name: str, value: torch.Tensor, tokens: int, samples: int) -> t
     value = value.double()
     if name in ("act_sq", "grad_l1", "grad_l2"):
         terms = value.abs()
-    elif name == "gram":
+    elif name in ("gram", "error_gram"):  # error_gram: the same sum over the first few samples' tokens (n <= tokens)
         diag = value.diagonal().clamp_min(0) * (1 + gamma)  # the diagonal itself is a rounded sum of squares
         terms = (diag[:, None] * diag[None, :]).sqrt()
     else:

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = {
     "compresskit", "compresskit.api", "compresskit.blocks", "compresskit.cache", "compresskit.config",
     "compresskit.data", "compresskit.device", "compresskit.distributed", "compresskit.errors",
-    "compresskit.hookspecs", "compresskit.interfaces", "compresskit.obs", "compresskit.ops",
+    "compresskit.hookspecs", "compresskit.interfaces", "compresskit.obs", "compresskit.ops", "compresskit.admm",
+    "compresskit.swaps",
     "compresskit.options", "compresskit.output", "compresskit.run", "compresskit.stats", "compresskit.testing",
 }
 """The modules a plugin may import (docs/reference/api.md lists the same)."""

@@ -121,7 +121,11 @@ ALLOWED = {  # numbers on a page that are not our measurements, and why
         **{v: "a target of issue 23 (a setting)" for v in ("25", "120", "180", "16", "99.9")},
         "0.2": "the release 0.2 (a version)",
         "211": "the cap named in gpu-sparsegpt.json's error text (the run's time limit, a setting)"},
-    "docs/explanation/swaps.md": {"0.01": "the default of the obs solver's percdamp (a setting)"},
+    "docs/explanation/swaps.md": {"0.01": "the default of the obs solver's percdamp (a setting)",
+                                  "0.1": "the default of the admm solver's percdamp (a setting)"},
+    "docs/explanation/admm.md": {"0.1": "the default of the admm solver's percdamp (a setting of the reference)",
+                                 "1.0": "the default of the admm solver's rho (a setting of the reference)",
+                                 "3": "iters / 3: the arithmetic of the update against SparseGPT's sweep (arithmetic)"},
     "docs/howto/export.md": {
         **{v: "a compressed-tensors version" for v in ("0.13", "0.14", "0.15", "0.20")},
         "2.125": "bytes per float32 weight of the bitmask format at 50 %: 0.5 x 4 + 1/8 (arithmetic)",
@@ -190,7 +194,7 @@ RENDERED = {  # page: (bench script, its render function, the JSON record it ren
 }
 WRITTEN_BESIDE = {  # written by the same run as its JSON, from the rows in memory: not yet re-rendered here
     page: f"bench/{script}.py writes it and {page[:-3]}.json together; it has no render-from-JSON function yet"
-    for page, script in [("distributed.md", "distributed"), ("export.md", "export"), ("recipes.md", "recipes"),
+    for page, script in [("best.md", "best"), ("distributed.md", "distributed"), ("export.md", "export"), ("recipes.md", "recipes"),
                          ("results.md", "run"), ("vit.md", "vit"), ("vit_seed1.md", "vit"),
                          ("vit_tuxpaint.md", "vit")]}
 NO_RECORD = {  # bench outputs committed before their bench wrote a JSON record
