@@ -133,7 +133,7 @@ def test_end_to_end_masks_follow_pattern_and_targets(kw):
         assert row.sparsity == pytest.approx(row.target, abs=0.02)
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 def test_cuda_results_stay_on_the_device_and_match_cpu():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
