@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from recipes import SETTINGS, Settings, run_row  # noqa: E402
+from recipes import SETTINGS, Settings, add_run_arguments, run_row  # noqa: E402
 
 log = logging.getLogger("bench.best")
 OLD_ANCHORS = ("magnitude", "wanda", "sparsegpt", "gblm")
@@ -136,11 +136,7 @@ def save(out: Path, s: Settings, rows: list[dict], complete: bool) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke settings: 4 x 64 calibration, 4 eval windows")
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--calibration", default=None)
-    ap.add_argument("--eval-data", default=None)
-    ap.add_argument("--only", default=None, help="comma-separated recipe names to run (default: all)")
+    add_run_arguments(ap)
     ap.add_argument("--resume", action="store_true", help="keep rows already in <out>/best-rows.json")
     ap.add_argument("--max-rows", type=int, default=None, help="run at most this many new rows, then stop")
     ap.add_argument("--rerun-anchors", action="store_true", help="measure magnitude/wanda/sparsegpt/gblm here too")

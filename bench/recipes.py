@@ -208,13 +208,18 @@ def save(out: Path, s: Settings, dense: dict, rows: list[dict], start: float, co
     return table
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every recipe bench takes (this one and bench/best.py): settings, model, data, rows."""
     ap.add_argument("--quick", action="store_true", help="smoke settings: 4 x 64 calibration, 4 eval windows")
     ap.add_argument("--model", default=None)
     ap.add_argument("--calibration", default=None)
     ap.add_argument("--eval-data", default=None)
     ap.add_argument("--only", default=None, help="comma-separated recipe names to run (default: all)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(ap)
     ap.add_argument("--resume", action="store_true", help="keep rows already in <out>/recipes.json")
     ap.add_argument("--max-rows", type=int, default=None,
                     help="run at most this many new rows, then stop (with --resume: a long grid in chunks)")
