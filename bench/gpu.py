@@ -26,7 +26,7 @@ the other parts go on):
 A row's ``seconds`` is the runner plus the gradient pass (loading excluded; gblm's gradient pass
 is also reported on its own, ``gradient_seconds``, which includes hashing the model for the
 gradient cache and writing it), ``runner_seconds / floor_seconds`` the ratio. ``cuda_peak_gib`` is ``torch.cuda.max_memory_allocated`` during the
-prune, ``rss_peak_gib`` the process's peak resident set (``getrusage``), load included.
+prune, ``rss_peak_gib`` the process's peak resident set (the kernel's ``VmHWM``), load included.
 
 ``--budget`` is the time guard: each part gets at most its cap and what the budget has left; a part
 that runs past it is killed and recorded as an error, a part with no time left is recorded as
@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -84,7 +83,10 @@ def gib(n: float) -> float:
 
 
 def rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    """The process's peak RSS (``VmHWM``: ``ru_maxrss`` would include a forking parent's peak)."""
+    from compresskit.engine.stream.memory import peak_rss
+
+    return peak_rss()
 
 
 def llama_config(shape: dict):

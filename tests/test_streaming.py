@@ -388,3 +388,20 @@ def test_tied_embeddings_stream_like_in_memory(tmp_path):
     assert "lm_head.weight" not in index["weight_map"]
     got = _load(tmp_path / "out")
     assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_peak_rss_is_this_process_not_its_parent():
+    """The streaming bench's peak: a child started by a parent that once held 300 MB reports that
+    300 MB as its ``ru_maxrss`` (Linux carries it across fork + exec); ``peak_rss`` (VmHWM) does not."""
+    import subprocess
+    import sys
+
+    child = ("import resource; from compresskit.engine.stream.memory import peak_rss; "
+             "print(peak_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    parent = ("import subprocess, sys; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); del b; "
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout.split()
+    peak, inherited = int(out[0]), int(out[1])
+    assert inherited >= 300 * 2**20
+    assert peak < 200 * 2**20 < inherited
