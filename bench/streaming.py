@@ -14,8 +14,8 @@ streamed vs in-memory on SmolLM2 (same masks).
    process), and the number of mask entries that differ.
 3. ``memory-model``: the memory model of docs/howto/large-models.md for LLaMA-2 7B/13B/70B.
 
-Peak RSS is the whole process (``ru_maxrss``, includes the ~1 GB of torch/transformers
-libraries this machine's CUDA build of torch maps); "runtime" is the RSS right before the
+Peak RSS is the whole process (its kernel high-water mark ``VmHWM``, the save included; it
+includes the ~1 GB of torch/transformers libraries this machine's CUDA build of torch maps); "runtime" is the RSS right before the
 prune call. Writes ``bench/results/streaming.md`` and ``.json`` and prints the table.
 """
 
@@ -40,6 +40,8 @@ THREADS = int(os.environ.get("OMP_NUM_THREADS") or 2)
 PRESETS = {
     "1b": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=40, num_attention_heads=12,
                num_key_value_heads=4, vocab_size=32000),
+    "1b-4": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=12,
+                 num_key_value_heads=4, vocab_size=32000),  # 1b's shapes, 4 blocks: a quick check of its peak
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=4096),
 }
@@ -97,25 +99,39 @@ def random_checkpoint(preset: str) -> Path:
     return target
 
 
+def maxrss() -> int:
+    """This process's kernel high-water RSS (``VmHWM``; see ``compresskit.engine.stream.memory.peak_rss``)."""
+    from compresskit.engine.stream.memory import peak_rss
+
+    return peak_rss()
+
+
 class Peak:
-    """Samples RSS (``/proc/self/statm``) and, at each new maximum, the work directory's last step."""
+    """Samples RSS (``/proc/self/statm``) and, at each new maximum, the work directory's last step;
+    also where the high-water mark last rose (a spike shorter than the sampling interval is seen by the
+    kernel's high-water mark, and located to the step during which it rose)."""
 
     def __init__(self, work: Path | None, every: float = 0.05) -> None:
         from compresskit.engine.stream.memory import current_rss
 
         self.rss, self.work, self.every = current_rss, work, every
         self.peak, self.where, self._stop = 0, None, threading.Event()
+        self.high, self.high_where = maxrss(), None
         threading.Thread(target=self._run, daemon=True).start()
+
+    def _step(self) -> dict | None:
+        try:
+            return json.loads((self.work / "progress.json").read_text()) if self.work else None
+        except (OSError, ValueError):
+            return None
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            r = self.rss()
+            r, h = self.rss(), maxrss()
             if r > self.peak:
-                self.peak = r
-                try:
-                    self.where = json.loads((self.work / "progress.json").read_text()) if self.work else None
-                except (OSError, ValueError):
-                    pass
+                self.peak, self.where = r, self._step() or self.where
+            if h > self.high:
+                self.high, self.high_where = h, self._step() or self.high_where
             time.sleep(self.every)
 
     def stop(self) -> None:
@@ -148,12 +164,13 @@ def one(spec: dict) -> dict:
         smollm2_dir()
     out = spec.pop("output")
     work = Path(spec["work_dir"]) if spec.get("work_dir") else None
-    runtime = current_rss()
+    runtime, runtime_high = current_rss(), maxrss()
     peak = Peak(work)
     t, c = time.perf_counter(), time.process_time()
     result = compresskit.prune(model=model, registry=reg, **spec)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     peak.stop()
+    pruned_high = maxrss()
     result.save(out)
     io = {}
     try:
@@ -161,8 +178,10 @@ def one(spec: dict) -> dict:
     except OSError:
         pass
     return {"wall_s": wall, "cpu_s": cpu, "runtime_rss": runtime, "peak_rss": peak.peak,
-            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_hwm": maxrss(), "getrusage_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_hwm_prune": pruned_high, "runtime_hwm": runtime_high,
             "peak_during": describe(peak.where) if peak.where else "before the first step",
+            "peak_hwm_rose_during": describe(peak.high_where) if peak.high_where else "before the first step",
             "streaming": result.manifest.get("streaming"), "sparsity": result.report.overall_sparsity,
             "rchar": int(io.get("rchar", 0)), "read_bytes": int(io.get("read_bytes", 0)),
             "checkpoint_bytes": _checkpoint_bytes(model)}
@@ -182,19 +201,25 @@ def _child(spec: dict) -> dict:
 
 
 def masks_differ(a: Path, b: Path) -> tuple[int, int]:
-    """(entries whose zero/non-zero state differs, prunable entries) between two saved outputs."""
+    """(entries whose zero/non-zero state differs, prunable entries) between two saved outputs;
+    one tensor of each at a time, so comparing two 4 GB outputs needs two tensors of memory."""
     from safetensors import safe_open
 
-    def tensors(d: Path) -> dict:
+    def where(d: Path) -> dict[str, Path]:
         out = {}
         for f in sorted(d.glob("*.safetensors")):
             with safe_open(str(f), "pt") as h:
-                out.update({k: h.get_tensor(k) for k in h.keys() if ".layers." in k and k.endswith("proj.weight")})
+                out.update({k: f for k in h.keys() if ".layers." in k and k.endswith("proj.weight")})
         return out
 
-    ta, tb = tensors(a), tensors(b)
-    assert ta.keys() == tb.keys()
-    return sum(int(((ta[k] == 0) != (tb[k] == 0)).sum()) for k in ta), sum(v.numel() for v in ta.values())
+    wa, wb = where(a), where(b)
+    assert wa.keys() == wb.keys()
+    diff = total = 0
+    for k in sorted(wa):
+        with safe_open(str(wa[k]), "pt") as ha, safe_open(str(wb[k]), "pt") as hb:
+            ta, tb = ha.get_tensor(k), hb.get_tensor(k)
+        diff, total = diff + int(((ta == 0) != (tb == 0)).sum()), total + ta.numel()
+    return diff, total
 
 
 def memory_model(nsamples: int, seqlen: int, s: int) -> list[dict]:
@@ -225,8 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--smollm2-nsamples", type=int, default=16)
     ap.add_argument("--smollm2-budget", default="1.5GB")
+    ap.add_argument("--no-in-memory", action="store_true",
+                    help="skip the big checkpoint's in-memory run (its masks are compared with the streamed run's)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--generate", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.generate:
+        print(random_checkpoint(args.generate))
+        return
     if args.one:
         print(json.dumps(one(json.loads(args.one))))
         return
@@ -260,12 +291,19 @@ def main(argv: list[str] | None = None) -> None:
                                "seqlen": args.seqlen}
             write()
         if "big" in parts:
-            random_checkpoint(args.preset)
+            # generated in a process of its own: this one stays small (its children are measured)
+            subprocess.run([sys.executable, __file__, "--generate", args.preset], check=True)
             big = _child(dict(common, model=f"random-llama-{args.preset}", nsamples=args.nsamples,
                               seqlen=args.seqlen, output=str(tmp / "big"), max_memory=args.budget,
                               work_dir=str(tmp / "big-work")))
             data["big"] = {**big, "preset": args.preset, "config": PRESETS[args.preset], "budget": args.budget,
                            "nsamples": args.nsamples, "seqlen": args.seqlen}
+            if not args.no_in_memory:
+                mem = _child(dict(common, model=f"random-llama-{args.preset}", nsamples=args.nsamples,
+                                  seqlen=args.seqlen, output=str(tmp / "big-mem")))
+                diff, total = masks_differ(tmp / "big-mem", tmp / "big")
+                data["big"]["in_memory"] = {k: mem[k] for k in ("wall_s", "cpu_s", "peak_hwm", "runtime_rss")}
+                data["big"].update(masks_differ=diff, mask_entries=total)
     write()
     print(table(data))
 
@@ -277,13 +315,18 @@ def table(data: dict) -> str:
     rows = []
     if "big" in data:
         rows.append((f"random LLaMA `{data['big']['preset']}`, streamed", data["big"], data["big"]["budget"]))
+        if "in_memory" in data["big"]:
+            rows.append((f"random LLaMA `{data['big']['preset']}`, in memory",
+                         {**data["big"]["in_memory"], "peak_rss": 0, "checkpoint_bytes": data["big"]["checkpoint_bytes"]},
+                         "-"))
     if "smollm2" in data:
         rows += [("SmolLM2-135M, in memory", data["smollm2"]["in_memory"], "-"),
                  ("SmolLM2-135M, streamed", data["smollm2"]["streamed"], data["smollm2"]["budget"])]
     if rows:
         lines += ["<!-- --8<-- [start:measured] -->", "", f"GBLM (l1, alpha 100), 50 % unstructured, no error report, CPU, `torch.set_num_threads({data.get('threads', 2)})`, one "
-                  "fresh process per row. Peak RSS is the whole process, including the runtime (Python, torch, "
-                  "transformers: the RSS right before the prune call).", "",
+                  "fresh process per row. Peak RSS is the whole process's high-water mark kept by the kernel (`VmHWM`; "
+                  "the save of the output included), including the runtime (Python, torch, transformers: the RSS "
+                  "right before the prune call).", "",
                   "| run | checkpoint (GB) | --max-memory | peak RSS (GB) | runtime (GB) | peak - runtime (GB) | "
                   "checkpoint / budget | wall (s) | CPU (s) | checkpoint read (GB, x size) | activations spilled "
                   "(GB) | peak during |",
@@ -294,16 +337,16 @@ def table(data: dict) -> str:
             read = (f"{gb(st['checkpoint_bytes_read'])} ({st['checkpoint_bytes_read'] / r['checkpoint_bytes']:.2f}x)"
                     if st else "-")
             spilled = gb(st["activations_spilled"]) if st else "-"
-            during = r["peak_during"] if st else "-"
-            lines.append(f"| {name} | {gb(r['checkpoint_bytes'])} | {budget} | {gb(max(r['peak_rss'], r['ru_maxrss']))} | "
-                         f"{gb(r['runtime_rss'])} | {gb(max(r['peak_rss'], r['ru_maxrss']) - r['runtime_rss'])} | "
+            during = r.get("peak_hwm_rose_during", r["peak_during"]) if st else "-"
+            lines.append(f"| {name} | {gb(r['checkpoint_bytes'])} | {budget} | {gb(max(r['peak_rss'], r.get('peak_hwm', r.get('ru_maxrss', 0))))} | "
+                         f"{gb(r['runtime_rss'])} | {gb(max(r['peak_rss'], r.get('peak_hwm', r.get('ru_maxrss', 0))) - r['runtime_rss'])} | "
                          f"{ratio} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {read} | {spilled} | {during} |")
         lines.append("")
         for name, r, budget in rows:  # the verdict against the budget, and what the memory model expected
             st = r.get("streaming") or {}
             if not st or budget == "-":
                 continue
-            peak, limit = max(r["peak_rss"], r["ru_maxrss"]), parse_size(budget)
+            peak, limit = max(r["peak_rss"], r.get("peak_hwm", r.get("ru_maxrss", 0))), parse_size(budget)
             step, size = max(st["memory_model"].items(), key=lambda kv: kv[1])
             verdict = ("within it" if peak <= limit else
                        f"**over it by {gb(peak - limit)} GB ({(peak - limit) / limit:.0%})**")
@@ -311,7 +354,7 @@ def table(data: dict) -> str:
             lines += [f"- {name}: peak RSS {gb(peak)} GB against `--max-memory {budget}`: {verdict}. The memory "
                       f"model expected {gb(expected)} GB ({(expected - peak) / peak:+.0%} of the measured peak): "
                       f"the runtime {gb(st['runtime_rss'])} + its largest step, {step}, {gb(size)} (activations "
-                      f"within the budget included); measured peak during {r['peak_during']}.", ""]
+                      f"within the budget included); measured peak during {r.get('peak_hwm_rose_during', r['peak_during'])}.", ""]
     if "big" in data:
         b = data["big"]
         c = b["config"]
@@ -321,6 +364,9 @@ def table(data: dict) -> str:
                   "tokens. Each block is read three times (twice for the gradients, once to prune it); the "
                   "embeddings twice (block 0's inputs for each pass), the head once, and the rest is copied into "
                   "the output.", ""]
+        if "masks_differ" in b:
+            lines += [f"Mask entries that differ between the streamed and the in-memory run of this checkpoint: "
+                      f"**{b['masks_differ']}** of {b['mask_entries']:,}.", ""]
     if "smollm2" in data:
         s = data["smollm2"]
         lines += [f"SmolLM2: calibration `handbook`, {s['nsamples']} x {s['seqlen']} tokens; gradients recomputed in "
