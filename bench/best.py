@@ -51,6 +51,12 @@ def grid() -> list[tuple[str, str, dict]]:
     rows += [("admm-gradual", s, PAPER) for s in ("60%", "4:8")]
     rows += [("owl + admm-gradual", "60%", {"metric": "wanda", "allocation": "owl", **GRADUAL})]
     rows += [("wanda + admm-gradual", "4:8", {"metric": "wanda", **GRADUAL})]
+    # beyond the paper's settings, each under its own name: a GBLM seed, and more iterations
+    longer = {"update": "admm", "update_options": {"gradual": True, "iters": 50, "gradual_iters": 40}}
+    rows += [("owl + gblm + admm-gradual", "70%", {"metric": "gblm", "allocation": "owl", **GRADUAL})]
+    rows += [("owl + admm-gradual (50 iterations)", "70%", {"metric": "wanda", "allocation": "owl", **longer})]
+    rows += [("admm-gradual (50 iterations)", "2:4", {"metric": "wanda", "update": "admm", "update_options": {
+        "gradual": True, "seed": "reference", "iters": 50, "gradual_iters": 40}})]
     return rows
 
 
