@@ -174,7 +174,21 @@ class Solver(Plugin):
             layers: its prunable layers by name; ``masks[name]`` (True = pruned) must stay zero.
             inputs: the block's calibration inputs (``(args, kwargs)`` per sample).
             dense_outputs: the unpruned block's outputs on those inputs (the targets).
+
+        A solver whose :meth:`block_rounds` is ``K > 1`` is called with a keyword ``final``:
+        ``False`` in the first ``K - 1`` rounds, where it may also move pruned weights (the
+        runner prunes the block again from the weights it leaves, so the mask can change), and
+        ``True`` in the last, where ``masks`` must stay zero.
         """
+
+    def block_rounds(self) -> int:
+        """How many times the runner prunes a block and calls :meth:`solve_block` on it (default 1).
+
+        Each round re-collects the block's statistics on its current weights and re-prunes it
+        with the metric (at the same targets); the report keeps the last round's masks and
+        measures their error against the dense weights.
+        """
+        return 1
 
     def select_and_solve(
         self, weight: torch.Tensor, stats: compresskit.stats.LayerStats, metric: ScoreMetric, pattern: MaskPattern, sparsity: float

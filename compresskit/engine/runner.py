@@ -104,29 +104,50 @@ def prune_model(run: Run) -> PruneReport:
                 _check_target(run, step.index, name, step.layers[name])
             if block_solver and step.dense_outputs is None:
                 step.forward()  # the dense block's outputs: the block solver's targets
-            decided = {}
-            block_parts = {}
-            if block_specs:  # summed over every rank's samples under torchrun, like the input statistics
-                block_parts = distributed.combine(
-                    blockgrad.collect(step.block, step.layers, step.inputs, block_specs, run.settings.accumulate))
-            for group in run.adapter.groups(step.block):
-                parts = _collect(step, group, specs, run.settings.accumulate)
-                for name in distributed.decided_here(group, step.layers):  # under torchrun: this rank's share
-                    layer_parts = {**parts.get(name, {}), **block_parts.get(name, {})}
-                    row, mask, dense, gram = _prune_layer(run, step.index, name, step.layers[name],
-                                                          layer_parts, specs + block_specs)
-                    if block_solver:
-                        decided[name] = (row, mask, dense, gram)
-                distributed.share_decisions(run, group, step.layers)
-            if block_solver:
-                run.solver.solve_block(step.block, step.layers, {n: d[1] for n, d in decided.items()}, step.inputs,
-                                       step.dense_outputs)
-                _refresh_rows(run, step.layers, decided)
+            rounds = run.solver.block_rounds() if block_solver else 1
+            originals: dict[str, tuple] | None = {} if rounds > 1 else None  # first round's (dense, gram)
+            for r in range(rounds):
+                first_row = len(report.layers)
+                decided = _prune_block(run, step, specs, block_specs, originals, keep=block_solver)
+                if block_solver:
+                    final = {} if rounds == 1 else {"final": r == rounds - 1}
+                    run.solver.solve_block(step.block, step.layers, {n: d[1] for n, d in decided.items()},
+                                           step.inputs, step.dense_outputs, **final)
+                    if r < rounds - 1:  # an intermediate round: its rows are replaced by the next round's
+                        del report.layers[first_row:]
+                        continue
+                    _refresh_rows(run, step.layers, decided)
     bar.close()
     run.block_index = None
     report.seconds = time.perf_counter() - t0
     run.hook.run_finished(run=run)
     return report
+
+
+def _prune_block(run: Run, step, specs: list[st.Statistic], block_specs: list[st.Statistic],
+                 originals: dict[str, tuple] | None, keep: bool) -> dict[str, tuple]:
+    """Collect one block's statistics group by group and prune its layers; with ``keep``, each
+    layer's ``(row, mask, dense, gram)`` for the block solver. ``originals`` (several rounds
+    only) keeps each layer's weights and error Gram of the first round: the error of the last
+    round's weights is measured against those (the runner's usual inputs), as with one round."""
+    decided = {}
+    block_parts = {}
+    if block_specs:  # summed over every rank's samples under torchrun, like the input statistics
+        block_parts = distributed.combine(
+            blockgrad.collect(step.block, step.layers, step.inputs, block_specs, run.settings.accumulate))
+    for group in run.adapter.groups(step.block):
+        parts = _collect(step, group, specs, run.settings.accumulate)
+        for name in distributed.decided_here(group, step.layers):  # under torchrun: this rank's share
+            layer_parts = {**parts.get(name, {}), **block_parts.get(name, {})}
+            first = None if originals is None else originals.get(name)
+            row, mask, dense, gram = _prune_layer(run, step.index, name, step.layers[name], layer_parts,
+                                                  specs + block_specs, None if first is None else first[0])
+            if originals is not None:
+                dense, gram = originals.setdefault(name, (dense, gram))
+            if keep:
+                decided[name] = (row, mask, dense, gram)
+        distributed.share_decisions(run, group, step.layers)
+    return decided
 
 
 def _check_target(run: Run, block_index: int, name: str, layer: nn.Linear) -> None:
@@ -227,16 +248,19 @@ def decide(run: Run, weight: torch.Tensor, stats: st.LayerStats, target: float) 
     return mask, new
 
 
-def _prune_layer(run: Run, i: int, name: str, layer: nn.Linear, parts: dict, specs: list[st.Statistic]):
-    """Decide and write one layer; returns ``(report row, mask, dense weight, gram or None)``."""
+def _prune_layer(run: Run, i: int, name: str, layer: nn.Linear, parts: dict, specs: list[st.Statistic],
+                 dense: torch.Tensor | None = None):
+    """Decide and write one layer; returns ``(report row, mask, dense weight, gram or None)``.
+    ``dense``: the weights its error is measured against (default: the layer's current ones)."""
     t = time.perf_counter()
     w = layer.weight.data
-    dense = w.float().clone()
+    current = w.float().clone()
+    dense = current if dense is None else dense
     stats = layer_stats(run, i, name, parts, specs)
     checks.check_layer_stats(stats, [s.name for s in specs])
     target = run.target(i, name)
     try:
-        mask, new = decide(run, dense, stats, target)
+        mask, new = decide(run, current, stats, target)
     except CompressKitError as exc:
         raise type(exc)(f"block {i} {name}: {exc}") from exc
     w.copy_(new.to(w.dtype))
