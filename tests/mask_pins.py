@@ -70,6 +70,13 @@ def _cases() -> dict[str, dict[str, Any]]:
         "llama/wanda/update-swaps": dict(metric="wanda", update="swaps"),
         "llama/wanda/update-swaps-admm-4:8": dict(metric="wanda", update="swaps", update_options={"then": "admm"},
                                                   **PATTERNS["4:8"]),
+        # ro's rounds (Wanda++'s prune-and-tune loop) and its admm-gradual layer update, pinned when written
+        "llama/wandapp/update-ro-rounds-3": dict(metric="wandapp", update="ro", update_options={
+            "lr": 3e-3, "steps": 8, "rounds": 3}),
+        "llama/wandapp/update-ro-published": dict(metric="wandapp", update="ro", update_options={
+            "lr": 3e-3, "steps": 8, "rounds": 2, "last": "prune"}),
+        "llama/wanda/update-ro-admm-gradual-2:4": dict(metric="wanda", update="ro", update_options={
+            "layer": "admm-gradual", "lr": 1e-4}, **PATTERNS["2:4"]),
     }
     for name, over in extra.items():
         cases[name] = {**TINY, "adapter": "llama", "pattern": "unstructured", **over}

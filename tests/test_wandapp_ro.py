@@ -159,6 +159,68 @@ def test_ro_tunes_a_bfloat16_block_in_float32():
     assert all(b["error_after"] <= b["error_before"] for b in result.manifest["notes"]["ro"]["blocks"])
 
 
-@pytest.mark.parametrize("options", [None, {"lr": 1e-3, "optimizer": "adam"}, {"layer": "obs", "lr": 1e-4}])
+def _masks(result):
+    return {n: p == 0 for n, p in result.model.state_dict().items() if n.endswith("proj.weight")}
+
+
+def test_ro_rounds_without_steps_reprune_to_the_same_block_and_report_against_the_dense_weights():
+    # no tuning: round 2 re-prunes an already pruned block at the same target, which must give the
+    # same masks and weights; its report rows measure the error against the dense weights, not
+    # against round 1's pruned ones (which would read 0)
+    one = prune(metric="wanda", update="ro", update_options={"steps": 0}, sparsity=0.5, **{**BASE, "report_error": True})
+    two = prune(metric="wanda", update="ro", update_options={"steps": 0, "rounds": 2}, sparsity=0.5,
+                **{**BASE, "report_error": True})
+    for (n, x), y in zip(one.model.state_dict().items(), two.model.state_dict().values()):
+        assert torch.equal(x, y), n
+    assert len(two.report.layers) == len(one.report.layers)  # one row per layer, not one per round
+    for a, b in zip(one.report.layers, two.report.layers):
+        assert (a.block, a.name) == (b.block, b.name) and b.error > 0
+        assert b.error == pytest.approx(a.error, rel=1e-6)
+    rounds = [b["round"] for b in two.manifest["notes"]["ro"]["blocks"]]
+    assert rounds == [1, 2, 1, 2]
+
+
+def test_ro_rounds_let_the_mask_change_and_keep_the_target():
+    opts = {"lr": 3e-3, "keep_best": False, "steps": 8}
+    fixed = prune(metric="wanda", update="ro", update_options=opts, sparsity=0.5, **BASE)
+    rounds = prune(metric="wanda", update="ro", update_options={**opts, "rounds": 3}, sparsity=0.5, **BASE)
+    a, b = _masks(fixed), _masks(rounds)
+    assert any(not torch.equal(a[n], b[n]) for n in a)  # the intermediate rounds moved pruned weights
+    assert all(r.sparsity == pytest.approx(0.5) for r in rounds.report.layers)  # the last round's mask holds it
+    last = [e for e in rounds.manifest["notes"]["ro"]["blocks"] if e["round"] == 3]
+    assert len(last) == 2 and all(e["error_after"] < e["error_before"] for e in last)
+
+
+def test_ro_rounds_as_published_end_with_a_prune_of_tuned_whole_matrices():
+    opts = {"lr": 3e-3, "keep_best": False, "steps": 8, "rounds": 2}
+    paper = prune(metric="wandapp", update="ro", update_options={**opts, "last": "prune"}, sparsity=0.5, **BASE)
+    ours = prune(metric="wandapp", update="ro", update_options=opts, sparsity=0.5, **BASE)
+    assert all(r.sparsity == pytest.approx(0.5) for r in paper.report.layers)
+    entries = paper.manifest["notes"]["ro"]["blocks"]
+    assert [e["round"] for e in entries] == [1, 2, 3, 1, 2, 3]
+    # the last entry of a block is its error after the final prune, with no tuning after it
+    assert all(e["steps"] == 0 and e["error_after"] == e["error_before"] > 0 for e in entries[2::3])
+    # rounds 2 of both runs start from the same re-pruned block: ours keeps that mask, the paper's
+    # tunes whole matrices and prunes again, so the final weights differ
+    assert any(not torch.equal(x, y) for x, y in zip(paper.model.state_dict().values(), ours.model.state_dict().values()))
+
+
+def test_ro_after_admm_gradual_without_steps_is_admm_gradual():
+    a = prune(metric="wanda", update="ro", update_options={"layer": "admm-gradual", "steps": 0}, pattern="2:4", **BASE)
+    b = prune(metric="wanda", update="admm", update_options={"gradual": True, "seed": "reference"}, pattern="2:4", **BASE)
+    for (n, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), n
+
+
+def test_ro_rejects_zero_rounds():
+    from compresskit.errors import OptionError
+
+    with pytest.raises(OptionError, match="rounds >= 1"):
+        ROSolver.Options(rounds=0)
+
+
+@pytest.mark.parametrize("options", [None, {"lr": 1e-3, "optimizer": "adam"}, {"layer": "obs", "lr": 1e-4},
+                                     {"layer": "admm-gradual", "lr": 1e-4}, {"rounds": 2, "lr": 1e-4},
+                                     {"rounds": 2, "last": "prune", "lr": 1e-4}])
 def test_ro_conformance(options):
     check_solver(ROSolver, options=options)

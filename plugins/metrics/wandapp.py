@@ -42,7 +42,8 @@ class WandaPPMetric(ScoreMetric):
     token (statistic ``act_sq``), so ``alpha=0`` gives Wanda's mask exactly.
 
     Wanda++ as published also alternates this pruning with regional optimisation over several
-    rounds; here that is a separate, mask-fixed step: ``--update ro``.
+    rounds: ``--update ro -o update.rounds=5 -o update.last=prune`` (the ``ro`` solver; one
+    mask-fixed pass by default).
 
         compresskit prune --metric wandapp --sparsity 0.5 [-o metric.alpha=100] [--update ro]
     """

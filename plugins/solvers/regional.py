@@ -68,6 +68,16 @@ def output_error(block: nn.Module, inputs: Sequence, targets: Sequence[torch.Ten
     return num / max(den, 1e-30)
 
 
+def block_error(block: nn.Module, inputs: Sequence, targets: Sequence[torch.Tensor]) -> float:
+    """:func:`output_error` of ``block`` run in float32 (as :func:`tune_block` measures it)."""
+    import torch
+
+    with _float32(block) as cast:
+        if cast:
+            inputs = [_cast(x, torch.float32) for x in inputs]
+        return output_error(block, inputs, [y.float() for y in targets])
+
+
 def _optimizer(name: str, params: list, lr: float):
     import torch
 
