@@ -35,6 +35,7 @@ OLD_ANCHORS = ("magnitude", "wanda", "sparsegpt", "gblm")
 ANCHORS = (*OLD_ANCHORS, "admm-gradual")
 TARGETS = {"50%": 0.05, "2:4": 0.10, "70%": 0.25}  # issue 26: best recipe this much below the best anchor
 GRADUAL = {"update": "admm", "update_options": {"gradual": True}}
+RO_LRS = "1e-5,3e-5,1e-4,3e-4"  # ro learning rates tried on held-out calibration (recipes.py's best was its largest, 3e-5)
 PAPER = {"metric": "wanda", "update": "admm", "update_options": {"gradual": True, "seed": "reference"}}
 
 
@@ -57,6 +58,13 @@ def grid() -> list[tuple[str, str, dict]]:
     rows += [("owl + admm-gradual (50 iterations)", "70%", {"metric": "wanda", "allocation": "owl", **longer})]
     rows += [("admm-gradual (50 iterations)", "2:4", {"metric": "wanda", "update": "admm", "update_options": {
         "gradual": True, "seed": "reference", "iters": 50, "gradual_iters": 40}})]
+    # regional optimisation: after ADMM-gradual, its learning rate selected on held-out calibration over a
+    # range that brackets the best, and Wanda++ as published (5 rounds ending with a prune, the paper's lr)
+    rows += [("admm-gradual + ro (selected lr)", "2:4", {"metric": "wanda", "update": "ro",
+                                                         "update_options": {"layer": "admm-gradual"},
+                                                         "select": f"update.lr={RO_LRS}"})]
+    rows += [("wandapp + ro (published: 5 rounds)", "2:4", {"metric": "wandapp", "update": "ro",
+                                                            "update_options": {"rounds": 5, "last": "prune"}})]
     return rows
 
 
