@@ -45,7 +45,7 @@ def describe(options_cls: type) -> list[OptionInfo]:
         choices = _choices(tp)
         members = _members(tp)
         if len(members) > 1:
-            tname = "|".join(getattr(m, "__name__", None) or "|".join(map(str, get_args(m))) for m in members)
+            tname = "|".join(_name(m).replace(" or ", "|").replace("'", "") for m in members)
         else:
             tname = "choice" if choices else getattr(_base(tp), "__name__", str(tp))
         out.append(OptionInfo(f.name, tname, f.default, f.metadata.get("help", ""), choices))
@@ -89,6 +89,13 @@ def _base(tp: Any) -> Any:
     return tp
 
 
+def _name(tp: Any) -> str:
+    """``int``, or a Literal's choices: ``'auto'`` (``'a' or 'b'``)."""
+    if _choices(tp) is not None:
+        return " or ".join(repr(c) for c in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
 def _members(tp: Any) -> list[Any]:
     """The types a union field accepts, ``None`` left out (a plain type: itself)."""
     if get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -104,7 +111,7 @@ def _convert(tp: Any, raw: Any, label: str) -> Any:
                 return _convert(m, raw, label)
             except OptionError:
                 continue
-        names = [getattr(m, "__name__", None) or " or ".join(repr(c) for c in get_args(m)) for m in members]
+        names = [_name(m) for m in members]
         raise OptionError(f"option {label} expects {' or '.join(names)}, got {raw!r}")
     choices = _choices(tp)
     if choices is not None:

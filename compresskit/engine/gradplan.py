@@ -94,8 +94,8 @@ def activation_estimate(blocks: int, hidden: int, intermediate: int, tokens: int
 
 def split(sizes: Sequence[int], groups: int) -> list[tuple[int, int]]:
     """``groups`` contiguous, non-empty index ranges ``[start, stop)`` over ``sizes``, balanced by
-    their sums: range ``k`` ends at the first index whose running sum reaches ``(k + 1) / groups``
-    of the total.
+    their sums: range ``k`` ends where the running sum comes closest to ``(k + 1) / groups`` of
+    the total (before or after the item that crosses it).
 
     Raises:
         GradientError: more groups than items.
@@ -109,6 +109,8 @@ def split(sizes: Sequence[int], groups: int) -> list[tuple[int, int]]:
     for k in range(1, groups):
         lo, hi = bounds[-1] + 1, n - (groups - k)  # non-empty, and room for the ranges after it
         stop = next((i + 1 for i in range(lo - 1, n) if prefix[i] * groups >= k * total), n)
+        if stop - 1 >= lo and k * total - prefix[stop - 2] * groups < prefix[stop - 1] * groups - k * total:
+            stop -= 1  # the sum before the crossing item is nearer the target
         bounds.append(min(max(stop, lo), hi))
     bounds.append(n)
     return [(bounds[k], bounds[k + 1]) for k in range(groups)]
