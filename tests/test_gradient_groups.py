@@ -202,3 +202,20 @@ def test_free_cuda_memory_is_the_budget_when_none_is_given(setup, tmp_path, monk
     plan = info["plan"]
     assert plan["budget_source"] == "free device memory" and plan["chosen"] == "plan"
     assert plan["budget"] == int(10 * GiB * gradplan.FREE_SHARE) + gradplan.weight_bytes(setup[1].model)
+
+
+def test_vit_groups_equal_one_pass_and_a_budget_without_estimate_runs_unplanned(registry, tmp_path, caplog):
+    """A model whose samples have no input_ids (a ViT) gets no estimate: a budget is then not planned
+    against (a warning says so) and the pass runs as set; groups still give the one-pass sums."""
+    pytest.importorskip("timm")
+    adapter = registry.get("adapter", "vit").cls()
+    loaded = adapter.load("random:tiny")
+    batches = adapter.calibration_batches(loaded, 2, 0, 0, "random")
+    stats = [GradNorm("l2")]
+    run = dict(progress=False)
+    one, _ = gradients.obtain(adapter, loaded, batches, stats, CPU, {"cache_dir": str(tmp_path)}, **run)
+    many, info = gradients.obtain(adapter, loaded, batches, stats, CPU,
+                                  {"cache_dir": str(tmp_path), "recompute": True, "groups": 4, "max_memory": "1KB"},
+                                  **run)
+    assert info["groups"] == 4 and info["plan"]["estimate"] is None and "no memory estimate" in caplog.text
+    assert all(torch.equal(many[k]["grad_l2"], one[k]["grad_l2"]) and one[k]["grad_l2"].abs().sum() > 0 for k in one)

@@ -11,6 +11,13 @@ post-accumulate-grad hook the moment autograd produces it, so at most one layer'
 exists at a time, and only the prunable weights require grad, so autograd never materialises
 gradients of embeddings, norms or the head.
 
+Memory: the pass holds the model, the accumulators and one sample's backward activations on the
+compute device. ``gradient.groups`` runs it once per contiguous group of layers with only that
+group's accumulators there (each group's sums summed across ranks under ``torchrun`` and put at
+rest before the next group starts; the results are those of one pass, bit for bit), and
+:mod:`compresskit.engine.gradplan` chooses checkpointing and groups to fit ``gradient.max_memory``
+or a CUDA device's free memory.
+
 Results are cached as safetensors under ``<cache_dir>/gradients/`` keyed by an exact
 fingerprint (see :mod:`compresskit.engine.gradcache`); a reference-repo ``.pth`` file can be imported
 instead of computing. :func:`obtain` is the entry point used by :func:`compresskit.prune`.
@@ -115,10 +122,12 @@ def obtain(
     Returns:
         ``(grads, info)``: ``grads[gradient_key][stat.name]`` is a float32 ``[out, in]`` tensor at
         rest on the CPU (:func:`compresskit.engine.device.to_rest`; the runner moves each layer's to
-        the compute device); ``info`` holds facts for the manifest (norms, scale, samples, cache, seconds).
+        the compute device); ``info`` holds facts for the manifest (norms, scale, samples, cache,
+        seconds, and the memory ``plan`` with its ``checkpointing``, ``groups`` and estimate).
 
     Raises:
-        GradientError: an invalid import file, or a layer that received no gradient.
+        GradientError: an invalid import file, a layer that received no gradient, more groups than
+            layers, or a memory budget no plan fits (the message names the least that does).
         OptionError: an unknown or badly typed option.
     """
     opts = build(GradientOptions, dict(options or {}), "gradient.")
