@@ -2,7 +2,8 @@
 
 Every plugin declares ``Options`` as a frozen dataclass built with :func:`option`.
 Values given as strings (``-o metric.alpha=0``) are converted by the field's type, and
-``Literal`` types double as the list of allowed choices.
+``Literal`` types double as the list of allowed choices. A union such as ``int | Literal["auto"]``
+tries its members in order (``auto`` -> ``"auto"``, ``3`` -> ``3``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def describe(options_cls: type) -> list[OptionInfo]:
     for f in dataclasses.fields(options_cls):
         tp = hints[f.name]
         choices = _choices(tp)
-        tname = "choice" if choices else getattr(_base(tp), "__name__", str(tp))
+        members = _members(tp)
+        if len(members) > 1:
+            tname = "|".join(_name(m).replace(" or ", "|").replace("'", "") for m in members)
+        else:
+            tname = "choice" if choices else getattr(_base(tp), "__name__", str(tp))
         out.append(OptionInfo(f.name, tname, f.default, f.metadata.get("help", ""), choices))
     return out
 
@@ -84,7 +89,30 @@ def _base(tp: Any) -> Any:
     return tp
 
 
+def _name(tp: Any) -> str:
+    """``int``, or a Literal's choices: ``'auto'`` (``'a' or 'b'``)."""
+    if _choices(tp) is not None:
+        return " or ".join(repr(c) for c in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _members(tp: Any) -> list[Any]:
+    """The types a union field accepts, ``None`` left out (a plain type: itself)."""
+    if get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return [a for a in get_args(tp) if a is not type(None)]
+    return [tp]
+
+
 def _convert(tp: Any, raw: Any, label: str) -> Any:
+    members = _members(tp)
+    if len(members) > 1 and not (raw is None or (isinstance(raw, str) and raw.lower() == "none")):
+        for m in members:  # e.g. int | Literal["auto"]: the first member that takes the value
+            try:
+                return _convert(m, raw, label)
+            except OptionError:
+                continue
+        names = [_name(m) for m in members]
+        raise OptionError(f"option {label} expects {' or '.join(names)}, got {raw!r}")
     choices = _choices(tp)
     if choices is not None:
         for c in choices:

@@ -11,6 +11,13 @@ post-accumulate-grad hook the moment autograd produces it, so at most one layer'
 exists at a time, and only the prunable weights require grad, so autograd never materialises
 gradients of embeddings, norms or the head.
 
+Memory: the pass holds the model, the accumulators and one sample's backward activations on the
+compute device. ``gradient.groups`` runs it once per contiguous group of layers with only that
+group's accumulators there (each group's sums summed across ranks under ``torchrun`` and put at
+rest before the next group starts; the results are those of one pass, bit for bit), and
+:mod:`compresskit.engine.gradplan` chooses checkpointing and groups to fit ``gradient.max_memory``
+or a CUDA device's free memory.
+
 Results are cached as safetensors under ``<cache_dir>/gradients/`` keyed by an exact
 fingerprint (see :mod:`compresskit.engine.gradcache`); a reference-repo ``.pth`` file can be imported
 instead of computing. :func:`obtain` is the entry point used by :func:`compresskit.prune`.
@@ -23,16 +30,16 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Collection, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
 
-from compresskit.engine import distributed, gradcache
+from compresskit.engine import distributed, gradcache, gradplan
 from compresskit.engine.blockgrad import requires_grad_only
 from compresskit.engine.checks import check_tensor
-from compresskit.engine.device import model_on, to_device, to_rest
-from compresskit.errors import GradientError
+from compresskit.engine.device import free_memory, is_cuda, model_device, model_on, to_device, to_rest
+from compresskit.errors import GradientError, OptionError
 from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import build, option
 from compresskit.stats import REFERENCE_SCALE, GradNorm
@@ -56,8 +63,10 @@ class GradientOptions:
         "scale 100 included) instead of computing",
     )
     cache_dir: str | None = option(None, "cache root (default: $COMPRESSKIT_CACHE or ~/.cache/compresskit)")
-    checkpointing: bool = option(
-        False, "activation checkpointing of each block during the backward pass: less memory, ~1 extra forward"
+    checkpointing: bool | Literal["auto"] = option(
+        "auto",
+        "activation checkpointing of each block during the backward pass: less memory, ~1 extra forward; "
+        "auto: off unless the memory plan needs it (it never does on a CPU without gradient.max_memory)",
     )
     precision: Literal["float32", "reference", "float64"] = option(
         "float32",
@@ -65,6 +74,29 @@ class GradientOptions:
         "l2 summed in float32, its square root rounded to float16), or float64 (--accumulate float64); "
         "results are returned as float32",
     )
+    groups: int | Literal["auto"] = option(
+        "auto",
+        "split the prunable layers into this many contiguous groups and run the pass once per group, with "
+        "only that group's accumulators on the device (same results, N times the passes); auto: 1 unless "
+        "the memory plan needs more (it never does on a CPU without gradient.max_memory)",
+    )
+    max_memory: str | int | None = option(
+        None,
+        "memory budget of the gradient pass on the compute device (bytes, or a size such as 26GiB or 30GB); "
+        "default: the free memory of a CUDA device, none on a CPU; the plan picks checkpointing and groups to fit",
+    )
+
+    def __post_init__(self) -> None:
+        if self.groups != "auto" and (isinstance(self.groups, bool) or self.groups < 1):
+            raise OptionError(f"gradient.groups must be an integer >= 1 or auto, got {self.groups!r}")
+        if self.max_memory is not None:
+            from compresskit.engine.stream.memory import parse_size
+
+            try:
+                parse_size(self.max_memory)
+            except OptionError:
+                raise OptionError(f"gradient.max_memory={self.max_memory!r} is not a size; write e.g. 26GiB, "
+                                  "30GB or 28000000000 (bytes)") from None
 
 
 def obtain(
@@ -90,10 +122,12 @@ def obtain(
     Returns:
         ``(grads, info)``: ``grads[gradient_key][stat.name]`` is a float32 ``[out, in]`` tensor at
         rest on the CPU (:func:`compresskit.engine.device.to_rest`; the runner moves each layer's to
-        the compute device); ``info`` holds facts for the manifest (norms, scale, samples, cache, seconds).
+        the compute device); ``info`` holds facts for the manifest (norms, scale, samples, cache,
+        seconds, and the memory ``plan`` with its ``checkpointing``, ``groups`` and estimate).
 
     Raises:
-        GradientError: an invalid import file, or a layer that received no gradient.
+        GradientError: an invalid import file, a layer that received no gradient, more groups than
+            layers, or a memory budget no plan fits (the message names the least that does).
         OptionError: an unknown or badly typed option.
     """
     opts = build(GradientOptions, dict(options or {}), "gradient.")
@@ -104,7 +138,8 @@ def obtain(
     t0 = time.perf_counter()
     model = loaded.model
     expected = {k: tuple(p.shape) for k, p in targets(adapter, model).items()}
-    info: dict[str, Any] = {"nsamples": len(batches), "precision": opts.precision, "checkpointing": opts.checkpointing,
+    info: dict[str, Any] = {"nsamples": len(batches), "precision": opts.precision,
+                            "checkpointing": opts.checkpointing is True, "groups": 1, "plan": None,
                             "statistics": {s.name: {"norm": s.norm, "scale": s.scale} for s in stats}}
     out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in expected}
     if opts.import_path:
@@ -139,10 +174,22 @@ def obtain(
         state = "hit" if cached is not None else "recomputed" if opts.recompute else "computed"
         info["statistics"][s.name].update(cache=state, fingerprint=fp, path=str(path))
     if todo:
-        fresh = distributed.sum_over_samples(  # under torchrun: each rank its shard, parts summed across ranks
-            lambda shard: compute(adapter, model, shard, [s for s, _, _ in todo], device, opts.checkpointing, progress),
-            batches)
-        fresh = to_rest(fresh)  # the sums rest on the CPU (the gradients of a 7B model do not fit beside it)
+        todo_stats = [s for s, _, _ in todo]
+        layers = target_layers(adapter, model)
+        sizes = gradplan.accumulator_sizes(layers, todo_stats)
+        plan = _plan(opts, adapter, model, layers, sizes, batches, device)
+        info.update(checkpointing=plan.checkpointing, groups=plan.groups, plan=plan.as_info())
+        keys, fresh = list(layers), {s.key(): {} for s in todo_stats}
+        ranges = gradplan.split(sizes, plan.groups)
+        with model_on(model, device):  # the model stays on the device for every group
+            for g, (start, stop) in enumerate(ranges):
+                group, desc = keys[start:stop], f"gradients {g + 1}/{len(ranges)}" if len(ranges) > 1 else "gradients"
+                part = distributed.sum_over_samples(  # under torchrun: each rank its shard, summed across ranks
+                    lambda shard: compute(adapter, model, shard, todo_stats, device, plan.checkpointing, progress,
+                                          keys=group, desc=desc),
+                    batches)
+                for key, per_layer in to_rest(part).items():  # the group's sums rest on the CPU before the next
+                    fresh[key].update(per_layer)
         for s, fp, path in todo:
             for k, p in fresh[s.key()].items():  # never cache (or prune with) an overflowed sum
                 check_tensor(p, f"gradient statistic {s.name!r} computed for layer {k!r}",
@@ -159,6 +206,49 @@ def obtain(
             out[k][s.name] = to_rest(s.finish(p))
     info["seconds"] = time.perf_counter() - t0
     return out, info
+
+
+def _plan(opts: GradientOptions, adapter: ModelAdapter, model: nn.Module, layers: dict[str, nn.Linear],
+          sizes: list[int], batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> gradplan.GradientPlan:
+    """Checkpointing and groups of this pass (:mod:`compresskit.engine.gradplan`): the user's where given;
+    the rest planned against ``gradient.max_memory``, else a CUDA device's free memory; on a CPU
+    without a budget, today's pass (one group, checkpointing only if asked)."""
+    ckpt = None if opts.checkpointing == "auto" else opts.checkpointing
+    groups = None if opts.groups == "auto" else opts.groups
+    weights = gradplan.weight_bytes(model)
+    acts = gradplan.model_activations(adapter, model, layers, batches[0]) if batches else None
+    if opts.max_memory is not None:
+        from compresskit.engine.stream.memory import parse_size
+
+        budget, source = parse_size(opts.max_memory), "gradient.max_memory"
+    elif is_cuda(device):
+        held = weights if model_device(model) == torch.device(device) else 0  # already there: not free, but ours
+        budget, source = int(free_memory(device) * gradplan.FREE_SHARE) + held, "free device memory"
+        budget = min(distributed.current().gather(budget))  # under torchrun: every rank the same plan
+    else:
+        budget, source = None, None
+    rest_on_device = torch.device(device).type == "cpu"  # finished groups rest in the same memory
+    default = gradplan.GradientPlan(bool(ckpt), groups or 1, budget=budget, budget_source=source,
+                                    chosen="user" if ckpt is not None and groups is not None else "default")
+    if acts is not None:
+        default = dataclasses.replace(default, estimate=gradplan.peak(weights, sizes, acts, default.checkpointing,
+                                                                      default.groups, rest_on_device))
+    if budget is None:
+        return default
+    if acts is None:
+        log.warning("no memory estimate for this model's gradient pass (its samples have no input_ids); running "
+                    "it with checkpointing=%s and groups=%d, not planned against the %s", default.checkpointing,
+                    default.groups, source)
+        return default
+    plan = gradplan.plan_gradient_pass(weights, sizes, acts, budget, ckpt, groups, rest_on_device, source)
+    if plan.estimate > budget:
+        log.warning("the gradient pass with checkpointing=%s and groups=%d (both set by you) is estimated at "
+                    "%.2f GiB, above the %.2f GiB budget (%s)", plan.checkpointing, plan.groups,
+                    plan.estimate / gradplan.GiB, budget / gradplan.GiB, source)
+    elif plan.checkpointing or plan.groups > 1:
+        log.info("gradient pass planned for %.2f GiB (%s): checkpointing=%s, groups=%d, estimated peak %.2f GiB",
+                 budget / gradplan.GiB, source, plan.checkpointing, plan.groups, plan.estimate / gradplan.GiB)
+    return plan
 
 
 def target_layers(adapter: ModelAdapter, model: nn.Module) -> dict[str, nn.Linear]:
@@ -180,8 +270,14 @@ def compute(
     device: torch.device,
     checkpointing: bool = False,
     progress: bool = True,
+    keys: Collection[str] | None = None,
+    desc: str = "gradients",
 ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """Additive parts of every statistic for every prunable weight (see the module docstring).
+
+    ``keys`` (gradient keys; default: every prunable layer) limits the pass to those layers: only
+    their weights require grad and only they get accumulators, so a pass per group of layers
+    (``gradient.groups``) holds one group's accumulators at a time, with the same results.
 
     The model runs in eval mode with ``adapter.run_context`` (KV cache off) on ``device`` and
     is moved back afterwards; ``requires_grad`` flags, the mode and the device are restored even
@@ -192,6 +288,11 @@ def compute(
         ``torchrun`` they are summed across ranks there, on the GPU with NCCL).
     """
     layers = target_layers(adapter, model)
+    if keys is not None:
+        unknown = [k for k in keys if k not in layers]
+        if unknown:
+            raise GradientError(f"{unknown[0]!r} is not a prunable layer's gradient key; use keys of targets()")
+        layers = {k: layers[k] for k in keys}
     params = {k: layer.weight for k, layer in layers.items()}
     batches = list(batches)
     with contextlib.ExitStack() as stack:
@@ -207,7 +308,7 @@ def compute(
         for key, p in params.items():  # fold each gradient as soon as autograd produces it
             hook = folding_hook(key, [(s, acc[s.key()][key]) for s in stats], folded)
             stack.callback(p.register_post_accumulate_grad_hook(hook).remove)
-        for batch in _progress(batches, progress):
+        for batch in _progress(batches, progress, desc):
             loss = adapter.loss(model, to_device(batch, device))
             if not torch.isfinite(loss):
                 raise GradientError(f"the calibration loss is {loss.item()}; check the model weights and dtype "
@@ -263,9 +364,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _progress(batches: list, enabled: bool):
+def _progress(batches: list, enabled: bool, desc: str = "gradients"):
     if not enabled:
         return batches
     from tqdm.auto import tqdm
 
-    return tqdm(batches, desc="gradients", unit="sample", leave=False)
+    return tqdm(batches, desc=desc, unit="sample", leave=False)
