@@ -120,7 +120,14 @@ ALLOWED = {  # numbers on a page that are not our measurements, and why
         "2.11": "a torch version (2.11)",
         **{v: "a target of issue 23 (a setting)" for v in ("25", "120", "180", "16", "99.9")},
         "0.2": "the release 0.2 (a version)",
-        "211": "the cap named in gpu-sparsegpt.json's error text (the run's time limit, a setting)"},
+        "211": "the cap named in gpu-sparsegpt.json's error text (the run's time limit, a setting)",
+        **{v: "an estimate of compresskit.engine.gradplan's memory model at 7B/13B/70B (arithmetic; "
+              "tests/test_gradient_groups.py checks the 7B plan)"
+           for v in ("11.9", "2.3", "18.0", "3.0", "63.6", "6.9", "48.5", "39.0", "89.5", "74.5", "23.0", "136",
+                     "39", "12.55", "24.12", "11.86", "48.53", "2.30", "38.98", "12.06", "26.92", "8.12", "22.98")},
+        "40": "a GPU memory budget of 40 GiB in the plan table (a setting)",
+        "95": "the share of free CUDA memory the gradient plan budgets, gradplan.FREE_SHARE (a setting)",
+        **{v: "a constant of the activation formula (arithmetic)" for v in ("4", "3", "2")}},
     "docs/explanation/swaps.md": {"0.01": "the default of the obs solver's percdamp (a setting)",
                                   "0.1": "the default of the admm solver's percdamp (a setting)"},
     "docs/explanation/admm.md": {"0.1": "the default of the admm solver's percdamp (a setting of the reference)",

@@ -38,7 +38,7 @@ from torch import nn
 from compresskit.engine import distributed, gradcache, gradplan
 from compresskit.engine.blockgrad import requires_grad_only
 from compresskit.engine.checks import check_tensor
-from compresskit.engine.device import free_memory, is_cuda, model_device, model_on, to_device, to_rest
+from compresskit.engine.device import as_device, free_memory, is_cuda, model_device, model_on, to_device, to_rest
 from compresskit.errors import GradientError, OptionError
 from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import build, option
@@ -222,12 +222,12 @@ def _plan(opts: GradientOptions, adapter: ModelAdapter, model: nn.Module, layers
 
         budget, source = parse_size(opts.max_memory), "gradient.max_memory"
     elif is_cuda(device):
-        held = weights if model_device(model) == torch.device(device) else 0  # already there: not free, but ours
+        held = weights if model_device(model) == as_device(device) else 0  # already there: not free, but ours
         budget, source = int(free_memory(device) * gradplan.FREE_SHARE) + held, "free device memory"
         budget = min(distributed.current().gather(budget))  # under torchrun: every rank the same plan
     else:
         budget, source = None, None
-    rest_on_device = torch.device(device).type == "cpu"  # finished groups rest in the same memory
+    rest_on_device = as_device(device).type == "cpu"  # finished groups rest in the same memory
     default = gradplan.GradientPlan(bool(ckpt), groups or 1, budget=budget, budget_source=source,
                                     chosen="user" if ckpt is not None and groups is not None else "default")
     if acts is not None:
