@@ -106,7 +106,7 @@ class ROSolver(Solver):
     def refine_and_solve(self, weight, mask, stats, pattern, sparsity):
         if self._layer is not None:
             return self._layer.refine_and_solve(weight, mask, stats, pattern, sparsity)
-        return mask, self.solve(weight, mask, stats)
+        return super().refine_and_solve(weight, mask, stats, pattern, sparsity)
 
     def select_and_solve(self, weight, stats, metric, pattern, sparsity):
         if metric.mask_solver != "obs":
