@@ -69,6 +69,14 @@ def grid() -> list[tuple[str, str, dict]]:
     rows += [("admm-gradual + ro (selected lr 1e-4..3e-3)", "2:4", {**ro, "select": f"update.lr={RO_LRS_WIDE}"})]
     rows += [("owl + admm-gradual + ro (selected lr 1e-4..3e-3)", "70%", {**ro, "allocation": "owl",
                                                                           "select": f"update.lr={RO_LRS_WIDE}"})]
+    rows += [("owl + admm-gradual + ro (selected lr 1e-4..3e-3)", "50%", {**ro, "allocation": "owl",
+                                                                          "select": f"update.lr={RO_LRS_WIDE}"})]
+    # the learning rate each selection above chose (strictly inside its range), fixed: one prune instead of four
+    # (the same pruned model: a one-value selection is the plain run), so the cost is one ADMM plus one RO
+    fixed = {"update_options": {"layer": "admm-gradual", "lr": 3e-4}}
+    rows += [("admm-gradual + ro (lr 3e-4, selected)", "2:4", {**ro, **fixed})]
+    rows += [("owl + admm-gradual + ro (lr 1e-3, selected)", "70%", {**ro, "allocation": "owl", "update_options": {
+        "layer": "admm-gradual", "lr": 1e-3}})]
     return rows
 
 
@@ -102,7 +110,8 @@ def best(s: Settings, rows: list[dict]) -> list[dict]:
         recipes = [r for r in here if r["recipe"] not in ANCHORS]
         if not anchors or not recipes:
             continue
-        a, b = min(anchors, key=lambda r: r["ppl"]), min(recipes, key=lambda r: r["ppl"])
+        # on equal perplexity (a fixed option equal to the one a selection chose) the cheaper row wins
+        a, b = (min(rs, key=lambda r: (r["ppl"], r["prune_cpu_s"])) for rs in (anchors, recipes))
         target = TARGETS.get(setting)
         out.append({"setting": setting, "recipe": b["recipe"], "args": cli_args(s, setting, b["kwargs"]), "ppl": b["ppl"],
                     "anchor": a["recipe"], "anchor_args": cli_args(s, setting, a["kwargs"]), "anchor_ppl": a["ppl"],
@@ -177,6 +186,7 @@ def main() -> None:
     add_run_arguments(ap)
     ap.add_argument("--resume", action="store_true", help="keep rows already in <out>/best-rows.json")
     ap.add_argument("--max-rows", type=int, default=None, help="run at most this many new rows, then stop")
+    ap.add_argument("--settings", default=None, help="comma-separated settings to run (default: all), e.g. 50%%,2:4")
     ap.add_argument("--rerun-anchors", action="store_true", help="measure magnitude/wanda/sparsegpt/gblm here too")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--render", action="store_true", help="rewrite best.json and best.md from <out>/best-rows.json; run nothing")
@@ -212,9 +222,11 @@ def main() -> None:
         rows += [dict(r, source="recipes.json") for r in old["rows"] if (r["recipe"], r["setting"]) not in have]
     done = {(r["recipe"], r["setting"]) for r in rows}
     only = set(args.only.split(",")) if args.only else None
+    settings = set(args.settings.split(",")) if args.settings else None
     budget = args.max_rows
     for recipe, setting, kw in todo:
-        if (recipe, setting) in done or (only and recipe not in only) or budget == 0:
+        if (recipe, setting) in done or (only and recipe not in only) or (settings and setting not in settings) \
+                or budget == 0:
             continue
         budget = None if budget is None else budget - 1
         rows.append(dict(run_row(s, recipe, setting, kw), source="best.py"))
