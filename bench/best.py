@@ -74,9 +74,10 @@ def grid() -> list[tuple[str, str, dict]]:
     # the learning rate each selection above chose (strictly inside its range), fixed: one prune instead of four
     # (the same pruned model: a one-value selection is the plain run), so the cost is one ADMM plus one RO
     fixed = {"update_options": {"layer": "admm-gradual", "lr": 3e-4}}
-    rows += [("admm-gradual + ro (lr 3e-4, selected)", "2:4", {**ro, **fixed})]
-    rows += [("owl + admm-gradual + ro (lr 1e-3, selected)", "70%", {**ro, "allocation": "owl", "update_options": {
+    rows += [("admm-gradual + ro (lr 3e-4 as selected)", "2:4", {**ro, **fixed})]
+    rows += [("owl + admm-gradual + ro (lr 1e-3 as selected)", "70%", {**ro, "allocation": "owl", "update_options": {
         "layer": "admm-gradual", "lr": 1e-3}})]
+    rows += [("owl + admm-gradual + ro (lr 3e-4 as selected)", "50%", {**ro, **fixed, "allocation": "owl"})]
     return rows
 
 
