@@ -52,7 +52,11 @@ def test_tiny_masks_equal_their_0_2_pins(name):
     want = PINNED[name]
     assert got["layers"] == want["layers"]
     assert got["masks"] == want["masks"], f"{name}: masks differ from their 0.2 pin"
-    assert got["weight_sum"] == pytest.approx(want["weight_sum"], rel=1e-5, abs=1e-6)
+    # RO's RMSprop steps divide by running gradient norms and carry a CPU's last-bit differences
+    # forward: llama/wanda/update-ro's weight sum differs by 2.1e-5 relative between the machine
+    # that pinned it and an AMD EPYC one (same masks). Every other run is a closed-form update.
+    rel = 1e-4 if mask_pins._cases_0_2()[name].get("update") == "ro" else 1e-5
+    assert got["weight_sum"] == pytest.approx(want["weight_sum"], rel=rel, abs=1e-6)
 
 
 @pytest.mark.parametrize("way", ["streamed", "2-ranks"])
