@@ -28,6 +28,10 @@ is also reported on its own, ``gradient_seconds``, which includes hashing the mo
 gradient cache and writing it), ``runner_seconds / floor_seconds`` the ratio. ``cuda_peak_gib`` is ``torch.cuda.max_memory_allocated`` during the
 prune, ``rss_peak_gib`` the process's peak resident set (the kernel's ``VmHWM``), load included.
 
+``prefetch`` says whether the walk copied the next block to the device while the current one
+computed (``--prefetch 0`` turns it off, to measure the inline moves; the floor moves its blocks
+inline and reports that time apart, ``block_move_seconds``).
+
 ``--budget`` is the time guard: each part gets at most its cap and what the budget has left; a part
 that runs past it is killed and recorded as an error, a part with no time left is recorded as
 skipped. The script needs only torch, transformers, safetensors, pluggy, click, tqdm and
@@ -189,6 +193,9 @@ def child_prune(cfg: dict, args) -> dict:
     errors = [r.error for r in report.layers if r.error is not None]
     row["mean_layer_error"] = round(sum(errors) / len(errors), 6) if errors else None
     row["error_samples"] = report.error_samples  # None: the errors come from the full Gram
+    from compresskit.engine.prefetch import wanted
+
+    row["prefetch"] = wanted(cfg["device"], "cpu")  # the next block copied while this one computes
     if args.floor_here:
         row.update(measure_floor(result, cfg))
         row["floor_measured_in"] = args.metric
@@ -499,11 +506,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor", choices=("once", "each"), help="measure the floor in the first method's process "
                     "only (default on a GPU: it depends on the model and the samples, not on the method) or in each "
                     "method's process (default rehearsing, where the machine's load moves between processes)")
+    ap.add_argument("--prefetch", choices=("auto", "0", "1"), help="$COMPRESSKIT_PREFETCH for every part (default: "
+                    "as set, else auto: the next block is copied to the GPU while the current one computes); 0 "
+                    "measures the inline block moves")
     ap.add_argument("--floor-here", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     ap.add_argument("--metric", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.prefetch is not None:
+        os.environ["COMPRESSKIT_PREFETCH"] = args.prefetch  # inherited by every part
     cfg = dict(REHEARSE if args.rehearse else FULL)
     for key in ("nsamples", "seqlen", "dtype", "budget"):
         if getattr(args, key) is not None:

@@ -120,7 +120,7 @@ def test_runner_matrix_streamed_strict(combo, strict_devices, tiny_ckpt, tmp_pat
 
 FORBIDDEN = re.compile(r"""\.cpu\(\)|\.cuda\(|torch\.device\(|\.to\(\s*(?:["']|[\w.]*(?:device|dev|offload|home|via|gpu)\b"""
                        r"""|[^()]*\bdevice\s*=)|\bdevice\s*=\s*["'](?:cpu|cuda)""")
-OWNERS = {"compresskit/engine/device.py", "compresskit/engine/atrest.py"}
+OWNERS = {"compresskit/engine/device.py", "compresskit/engine/atrest.py", "compresskit/engine/prefetch.py"}
 ALLOWED = [  # (file, the code allowed there, why)
     ("compresskit/engine/stream/engine.py", ".store.open(", "an activation sequence read onto the compute device "
      "(Activations.to moves each tensor through the device module)"),

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from compresskit.engine.device import (as_device, model_device, move_module, move_outside, resting_tensors, return_to,
                                        synchronize, to_device)
+from compresskit.engine.prefetch import Prefetcher, wanted
 
 if TYPE_CHECKING:
     import torch
@@ -56,9 +57,12 @@ class Residency:
     :func:`capture_block_inputs` only.
     """
 
-    def __init__(self, device: Any, offload: Any = None) -> None:
+    def __init__(self, device: Any, offload: Any = None, prefetch: bool | None = None) -> None:
         self.device = as_device(device)
         self.offload = as_device(offload or "cpu")
+        if prefetch is None:
+            prefetch = wanted(self.device, self.offload)
+        self.prefetcher = Prefetcher(self.device) if prefetch else None
 
     def outside_in(self, model: nn.Module, blocks: list[nn.Module]) -> None:
         """Before the capture: everything outside the blocks (embeddings, head) onto the compute device."""
@@ -80,9 +84,24 @@ class Residency:
             return_to(first, rest, home)
 
     def enter(self, index: int, block: nn.Module) -> None:
-        """Make block ``index`` ready on the compute device for its step."""
-        self._resting = resting_tensors(block) if self.device != self.offload else None
-        move_module(block, self.device)
+        """Make block ``index`` ready on the compute device for its step (its prefetched copies
+        when :meth:`ahead` started them)."""
+        moves = self.device != self.offload or self.prefetcher is not None
+        self._resting = resting_tensors(block) if moves else None
+        if self.prefetcher is None or not self.prefetcher.install(index, block):
+            move_module(block, self.device)
+
+    def ahead(self, index: int, block: nn.Module) -> None:
+        """Block ``index`` comes next: start copying it to the compute device (with prefetching,
+        see :mod:`compresskit.engine.prefetch`)."""
+        if self.prefetcher is not None:
+            self.prefetcher.start(index, block)
+
+    def finish(self) -> None:
+        """The walk is over (or abandoned): nothing stays in flight."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
 
     def leave(self, index: int, block: nn.Module) -> None:
         """The step of block ``index`` is over (its outputs are computed): its tensors go back into
@@ -246,24 +265,29 @@ def walk_blocks(adapter: ModelAdapter, model: nn.Module, batches: Sequence[dict]
     blocks = list(adapter.blocks(model))
     if inputs is None and batches is not None and start < len(blocks):
         inputs = capture_block_inputs(adapter, model, batches, device, residency)
-    for i in range(start, len(blocks)):
-        block = blocks[i]
-        residency.enter(i, block)
-        step = BlockStep(i, block, inputs or [], adapter.prunable(block), sink=residency.outputs,
-                         keep_dense=keep_dense or propagate == "dense")
-        yield step
-        if inputs is not None and step.outputs is None:
-            if propagate == "dense":
-                step.outputs = step.dense_outputs if step.dense_outputs is not None else step.forward()
-            else:
-                step.outputs = replay(block, inputs, sink=residency.outputs())
-        if inputs is not None:
-            inputs = residency.advance(inputs, step.outputs)
-            step.inputs = inputs
-        residency.leave(i, block)
-        synchronize(residency.device)
-        if on_step is not None:
-            on_step(step)
+    try:
+        for i in range(start, len(blocks)):
+            block = blocks[i]
+            residency.enter(i, block)
+            if i + 1 < len(blocks):
+                residency.ahead(i + 1, blocks[i + 1])
+            step = BlockStep(i, block, inputs or [], adapter.prunable(block), sink=residency.outputs,
+                             keep_dense=keep_dense or propagate == "dense")
+            yield step
+            if inputs is not None and step.outputs is None:
+                if propagate == "dense":
+                    step.outputs = step.dense_outputs if step.dense_outputs is not None else step.forward()
+                else:
+                    step.outputs = replay(block, inputs, sink=residency.outputs())
+            if inputs is not None:
+                inputs = residency.advance(inputs, step.outputs)
+                step.inputs = inputs
+            residency.leave(i, block)
+            synchronize(residency.device)
+            if on_step is not None:
+                on_step(step)
+    finally:
+        residency.finish()
     residency.outside_out(model, blocks)
 
 

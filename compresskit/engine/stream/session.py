@@ -62,7 +62,7 @@ class Streamed(Residency):
     """Blocks read from the checkpoint on entry and released on exit (see the module docstring)."""
 
     def __init__(self, session: Session, write: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> None:
-        super().__init__(session.device)
+        super().__init__(session.device, prefetch=False)  # blocks come from the checkpoint, not from memory
         self.s, self.write = session, write
         self._hooks: list[Any] = []
         self._outside: list[str] = []
