@@ -77,6 +77,7 @@ def test_blocks_go_back_into_the_tensors_they_rested_in(monkeypatch):
     monkeypatch.setenv(PREFETCH_ENV, "1")
     adapter, model = _tiny()
     before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    want = {n: p.detach().clone() * (0.5 if n.endswith("proj.weight") else 1.0) for n, p in model.named_parameters()}
     seen = []
     for step in walk_blocks(adapter, model, None, torch.device("cpu")):
         seen.append({n: p.data_ptr() for n, p in step.block.named_parameters()})
@@ -84,6 +85,34 @@ def test_blocks_go_back_into_the_tensors_they_rested_in(monkeypatch):
             layer.weight.data.mul_(0.5)
     assert any(ptr not in before.values() for ptr in seen[1].values())  # block 1 computed on its copy
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == before
+    assert all(torch.equal(p, want[n]) for n, p in model.named_parameters())  # the changes were written back
+
+
+@pytest.mark.parametrize("how", ["failed", "changed"])
+def test_a_write_back_that_failed_or_went_stale_is_done_inline(how, monkeypatch):
+    """The worker writes a leaving block back while the next one computes; if that write failed,
+    or the block was changed after it left, the walk writes it inline when it settles."""
+    monkeypatch.setenv(PREFETCH_ENV, "1")
+    if how == "failed":
+        def boom(self, pairs, event):
+            raise RuntimeError("the host write failed")
+
+        monkeypatch.setattr(prefetch.Prefetcher, "_write", boom)
+    adapter, model = _tiny()
+    before = {n: p.data_ptr() for n, p in model.named_parameters()}
+    want = {n: p.detach().clone() * (0.5 if n.endswith("proj.weight") else 1.0) for n, p in model.named_parameters()}
+    blocks = adapter.blocks(model)
+    for step in walk_blocks(adapter, model, None, torch.device("cpu")):
+        for layer in step.layers.values():
+            layer.weight.data.mul_(0.5)
+        if how == "changed" and step.index == 1:  # block 0 has left; its write-back is not settled yet
+            first = next(iter(adapter.prunable(blocks[0]).values()))
+            first.weight.data = torch.full_like(first.weight, 3.0)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == before
+    if how == "failed":
+        assert all(torch.equal(p, want[n]) for n, p in model.named_parameters())
+    if how == "changed":
+        assert torch.equal(next(iter(adapter.prunable(blocks[0]).values())).weight, torch.full_like(first.weight, 3.0))
 
 
 def test_an_abandoned_walk_leaves_no_copy_in_flight(monkeypatch):

@@ -6,9 +6,12 @@ safetensors rests in a memory-mapped file) and staged to the device while the GP
 7B about 0.4 GB per block. :class:`Prefetcher` starts block ``i + 1``'s copy in a worker thread
 on a side CUDA stream as soon as block ``i`` is on the device; when the walk enters block
 ``i + 1`` the compute stream waits for that stream (a device-side wait, no host
-synchronisation) and the copies are installed as the block's tensors. Leaving a block is
-unchanged: its tensors are written back into the ones they rested in
-(:func:`compresskit.engine.device.return_to`).
+synchronisation) and the copies are installed as the block's tensors. Leaving a block, its
+tensors are written back into the ones they rested in (as
+:func:`compresskit.engine.device.return_to` does) by the same worker while the next block
+computes; the block keeps its compute tensors until that write is done, when the next block
+leaves or the walk ends (:meth:`Prefetcher.settle`). So up to three blocks are on the device:
+the one leaving, the one computing and the next one's copy.
 
 It is on by default when the compute device is CUDA and blocks rest elsewhere;
 ``$COMPRESSKIT_PREFETCH`` overrides that: ``0`` turns it off, ``1`` turns it on everywhere (on
@@ -55,6 +58,7 @@ class Prefetcher:
         self.stream = torch.cuda.Stream(self.device) if is_cuda(self.device) else None
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compresskit-prefetch")
         self._pending: tuple[int, int, list, concurrent.futures.Future] | None = None
+        self._back: tuple[list, concurrent.futures.Future] | None = None
 
     def _copy(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         import torch
@@ -97,6 +101,67 @@ class Prefetcher:
                     m._buffers[key] = t
         return True
 
+    def write_back(self, rest: list) -> bool:
+        """Start writing a block that is leaving back into its resting tensors (``rest`` from
+        :func:`~compresskit.engine.device.resting_tensors`) in the worker; the block keeps its
+        compute tensors until :meth:`settle` swaps the resting ones in. False (nothing started)
+        when a tensor cannot be written into its resting one (another shape, dtype or device)."""
+        import torch
+
+        self.settle()
+        pairs = []
+        for m, kind, key, home in rest:
+            now = getattr(m, kind).get(key)
+            if now is None:
+                continue
+            now = now.data if kind == "_parameters" else now
+            if home.shape != now.shape or home.dtype != now.dtype or home.device.type != "cpu":
+                return False
+            pairs.append((m, kind, key, home, now))
+        event = None
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        self._back = (pairs, self.pool.submit(self._write, pairs, event))
+        return True
+
+    def _write(self, pairs: list, event: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            if self.stream is None:
+                for *_, home, now in pairs:
+                    if home.data_ptr() != now.data_ptr():
+                        home.copy_(now)
+                return
+            self.stream.wait_event(event)  # the block's last kernels on the compute stream are done
+            with torch.cuda.stream(self.stream):
+                for *_, home, now in pairs:
+                    home.copy_(now)  # into pageable host memory: returns when the bytes are there
+
+    def settle(self) -> None:
+        """Finish the write-back in flight and give the block its resting tensors again (a tensor
+        changed after it left, or a failed write, is written inline)."""
+        back, self._back = self._back, None
+        if back is None:
+            return
+        pairs, future = back
+        failed = future.exception() is not None
+        import torch
+
+        with torch.no_grad():
+            for m, kind, key, home, now in pairs:
+                current = getattr(m, kind).get(key)
+                if current is None:
+                    continue
+                current = current.data if kind == "_parameters" else current
+                if failed or current.data_ptr() != now.data_ptr():
+                    home.copy_(current)
+                if kind == "_parameters":
+                    m._parameters[key].data = home
+                else:
+                    m._buffers[key] = home
+
     def discard(self) -> None:
         """Wait for a copy in flight and drop it (its error too: the block is then moved inline)."""
         pending, self._pending = self._pending, None
@@ -104,8 +169,9 @@ class Prefetcher:
             concurrent.futures.wait([pending[3]])
 
     def close(self) -> None:
-        """Drop what is in flight and stop the worker."""
+        """Finish the write-back, drop a copy in flight and stop the worker."""
         try:
             self.discard()
+            self.settle()
         finally:
             self.pool.shutdown(wait=True)

@@ -107,6 +107,8 @@ class Residency:
         """The step of block ``index`` is over (its outputs are computed): its tensors go back into
         the ones it rested in (:func:`~compresskit.engine.device.return_to`)."""
         rest, self._resting = getattr(self, "_resting", None), None
+        if self.prefetcher is not None and rest is not None and self.prefetcher.write_back(rest):
+            return  # written back by the prefetcher's worker while the next block computes
         return_to(block, rest, self.offload)
 
     def captures(self) -> list:
