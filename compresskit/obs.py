@@ -157,28 +157,33 @@ def obs_sweep(
     # Work on the transpose so that a column of W is a contiguous row: the per-column rank-1
     # updates then touch one contiguous slab instead of a strided one (~3x faster on CPU).
     #
-    # Three kernels per column (on a GPU the sweep is bound by launches, ~35k columns per 7B
-    # block): the error (w - q) / d is w / d where the column is pruned and 0 where kept (the
-    # same bits as subtracting q, for finite weights), and the pruned entries are zeroed once per
-    # block after its sweep (nothing reads a column again once it is done).
+    # Two kernels per column (on a GPU the sweep is bound by launches and their Python calls,
+    # ~35k columns per 7B block). The error (w - q) / d is w / d where the column is pruned and 0
+    # where kept: one division by a divisor that is d where pruned and inf where kept (set once
+    # per selection window). The rank-1 update runs over the whole block: U is upper triangular,
+    # so the columns already done receive zeros, and the current column's pruned entries are
+    # zeroed once per block after its sweep (nothing reads a column again once it is done; its
+    # kept entries receive zeros). The values are those of the plain loop bit for bit; only the
+    # sign of a zero can differ. Rows are split into views once per block, not per column.
     wt = w.t().contiguous()
     mt = mask.t().contiguous() if mask is not None else torch.zeros_like(wt, dtype=torch.bool)
     cols = wt.shape[0]
     stride = stride or blocksize
-    zero = torch.zeros((), dtype=wt.dtype, device=wt.device)
+    inf = torch.full((), float("inf"), dtype=wt.dtype, device=wt.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         wb, mb, ub = wt[i1:i2], mt[i1:i2], u[i1:i2, i1:i2]  # views: edits land in wt and mt
-        d = ub.diagonal()
+        d = ub.diagonal().unsqueeze(1)
+        div = torch.where(mb, d, inf)
         err = torch.empty_like(wb)
+        w_rows, div_rows, err_rows, u_rows = wb.unbind(0), div.unbind(0), err.unbind(0), ub.unbind(0)
         for i in range(i2 - i1):
             if choose is not None and i % stride == 0:
                 e = min(i + stride, i2 - i1)
-                mb[i:e] = choose(wb[i:e].t(), d[i:e]).t()
-            ei = err[i]
-            torch.div(wb[i], d[i], out=ei)
-            torch.where(mb[i], ei, zero, out=ei)
-            wb[i + 1 :].addr_(ub[i, i + 1 :], ei, alpha=-1.0)
+                mb[i:e] = choose(wb[i:e].t(), d[i:e, 0]).t()
+                torch.where(mb[i:e], d[i:e], inf, out=div[i:e])
+            torch.div(w_rows[i], div_rows[i], out=err_rows[i])
+            wb.addr_(u_rows[i], err_rows[i], alpha=-1.0)
         wb.masked_fill_(mb, 0.0)
         if i2 < cols:
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1.0)

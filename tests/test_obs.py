@@ -236,7 +236,8 @@ def _plain_sweep(w, u, blocksize, mask):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_three_kernel_sweep_gives_the_same_bits_as_the_plain_one(dtype):
+def test_the_two_kernel_sweep_gives_the_same_bits_as_the_plain_one(dtype):
+    """Equal values; with no zero among the inputs the signs of the zeros agree too."""
     w, h = _layer(out=40, cols=200, seed=3)
     w, h = w.to(dtype), h.to(dtype)
     u = inverse_hessian_factor(h).u
