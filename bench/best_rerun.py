@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402 - the bench folder's shared helper
+
 RESULTS = Path(__file__).parent / "results"
 TOLERANCE = 0.05
 TASKS = "hellaswag,arc_easy,piqa,openbookqa"
@@ -75,14 +78,14 @@ def stderr(zs: dict) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| setting | which | recipe | PPL in best.json | PPL rerun | change | within 5% | zero-shot mean acc | prune + eval s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | which | recipe | PPL in best.json | PPL rerun | change | within 5% | zero-shot mean acc | prune + eval s | CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         accs = accuracies(r["zeroshot"]) if r.get("zeroshot") else {}
         mean = f"{100 * sum(accs.values()) / len(accs):.1f} ± {100 * stderr(r['zeroshot']):.1f}" if accs else "-"
         lines.append(f"| {r['setting']} | {r['which']} | {r['recipe']} | {r['expected']:.2f} | {r['ppl']:.2f} | "
                      f"{r['ppl'] / r['expected'] - 1:+.1%} | {'yes' if r['ok'] else '**no**'} | {mean} | "
-                     f"{r['wall_s']:.0f} |")
+                     f"{r['wall_s']:.0f} | {r.get('cpu', '-')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -97,7 +100,11 @@ def page(data: dict) -> str:
         head += (f"Zero-shot: `compresskit eval OUTPUT --tasks {', '.join(tasks)} --limit {', '.join(map(str, limits))}` "
                  "on the pruned output; mean acc = mean of the tasks' `acc` ± its standard error; the dense "
                  "model's screen is in `zeroshot.md`. ")
-    head += "Seconds: wall time of the prune command, both perplexity evaluations included, on a shared machine."
+    head += ("Seconds: wall time of the prune command, both perplexity evaluations included, on a shared machine. "
+             "CPU: the machine's processor where recorded (`-`: not recorded). On another machine floating-point "
+             "rounding differs (the dense perplexity, column `dense_ppl` of the record, changes in its sixth digit) "
+             "and the iterative methods (ADMM-gradual's mask re-selection, RO's optimiser) carry it further: a "
+             "rerun elsewhere reproduces `best.json` within the tolerance, not bit for bit.")
     return head + "\n\n" + table(rows)
 
 
@@ -133,7 +140,8 @@ def main() -> None:
                 raise SystemExit(f"non-finite perplexity from {args}")
             rows.append({"setting": b["setting"], "which": which, "recipe": b["recipe" if which == "recipe" else "anchor"],
                          "args": args, "expected": expected, **r,
-                         "ok": abs(r["ppl"] / expected - 1) <= TOLERANCE, "tasks": a.tasks, "limit": a.limit})
+                         "ok": abs(r["ppl"] / expected - 1) <= TOLERANCE, "tasks": a.tasks, "limit": a.limit,
+                         "cpu": cpu_name()})  # another machine rounds differently
             out.mkdir(parents=True, exist_ok=True)
             data = {"tolerance": TOLERANCE, "rows": rows}
             path.write_text(json.dumps(data, indent=1) + "\n")

@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,9 @@ import torch.nn.functional as F
 
 import compresskit
 from compresskit_plugins.adapters.llama.export import export, shard_files
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402 - the bench folder's shared helper
 
 PATTERNS = {"50% unstructured": ("unstructured", {}, 0.5), "2:4": ("nm", {"n": 2, "m": 4}, None),
             "4:8": ("nm", {"n": 4, "m": 8}, None), "70% unstructured": ("unstructured", {}, 0.7)}
@@ -44,16 +48,6 @@ MB = 1e6
 
 def mb(directory: Path) -> float:
     return sum(f.stat().st_size for f in shard_files(directory)) / MB
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def sizes(model: str, root: Path) -> tuple[list[dict], dict[str, dict[str, torch.Tensor]]]:
