@@ -173,6 +173,14 @@ def resting_tensors(module: nn.Module) -> list[tuple[nn.Module, str, str, torch.
             for kind in ("_parameters", "_buffers") for key, t in getattr(m, kind).items() if t is not None]
 
 
+def put_tensor(m: nn.Module, kind: str, key: str, t: torch.Tensor) -> None:
+    """Make ``t`` the tensor of ``m``'s parameter (the same Parameter object, so ties hold) or buffer ``key``."""
+    if kind == "_parameters":
+        m._parameters[key].data = t
+    else:
+        m._buffers[key] = t
+
+
 def return_to(module: nn.Module, rest: list | None, device: torch.device) -> None:
     """Move ``module`` back to ``device``, writing each tensor into the one it rested in (``rest``
     from :func:`resting_tensors`; None: a plain ``module.to(device)``).
@@ -195,10 +203,7 @@ def return_to(module: nn.Module, rest: list | None, device: torch.device) -> Non
                 home = now.data.to(device)
             elif home.data_ptr() != now.data_ptr():
                 home.copy_(now.data)
-            if kind == "_parameters":
-                now.data = home
-            else:
-                m._buffers[key] = home
+            put_tensor(m, kind, key, home)
 
 
 def to_rest(obj: Any, device: Any = "cpu") -> Any:

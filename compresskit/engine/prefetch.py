@@ -26,7 +26,7 @@ import concurrent.futures
 import os
 from typing import TYPE_CHECKING, Any
 
-from compresskit.engine.device import _strip, as_device, is_cuda, resting_tensors
+from compresskit.engine.device import _strip, as_device, is_cuda, put_tensor, resting_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -95,10 +95,7 @@ class Prefetcher:
                 t.record_stream(current)  # allocated on the side stream, used on the compute stream
         with torch.no_grad():
             for (m, kind, key, _), t in zip(rest, copies):
-                if kind == "_parameters":
-                    m._parameters[key].data = t
-                else:
-                    m._buffers[key] = t
+                put_tensor(m, kind, key, t)
         return True
 
     def write_back(self, rest: list) -> bool:
@@ -157,10 +154,7 @@ class Prefetcher:
                 current = current.data if kind == "_parameters" else current
                 if failed or current.data_ptr() != now.data_ptr():
                     home.copy_(current)
-                if kind == "_parameters":
-                    m._parameters[key].data = home
-                else:
-                    m._buffers[key] = home
+                put_tensor(m, kind, key, home)
 
     def discard(self) -> None:
         """Wait for a copy in flight and drop it (its error too: the block is then moved inline)."""
