@@ -15,8 +15,8 @@ import mask_pins
 PINNED = json.loads(mask_pins.PINS.read_text())
 
 
-def _check(name: str, config: dict) -> None:
-    got = mask_pins.compute(config)
+def _check(name: str, config: dict, got: dict | None = None) -> None:
+    got = mask_pins.compute(config) if got is None else got
     want = PINNED[name]
     assert got["layers"] == want["layers"]
     assert got["masks"] == want["masks"], f"{name}: masks differ from release 0.1.0"
@@ -28,21 +28,33 @@ def test_tiny_masks_equal_release_0_1_0(name):
     _check(name, mask_pins._cases()[name])
 
 
-# Found when issue 24 put the slow tier into CI (it had run nowhere): these three SmolLM2 digests differ
-# from their 0.1.0 pins while smollm2/wanda/unstructured and every random:tiny pin hold. They differ in
-# the same way at 68d30fe, the last commit before this wave's layout move (checked by rerunning there),
-# so no change of this wave caused it; the packaged model is a 4-bit GGUF dequantized at load time by
-# the installed transformers/gguf, and ties among its weights under topk are the suspect (not yet
-# proven). Strict, so a fix shows as XPASS.
-ROTTED = {"smollm2/gblm/2:4", "smollm2/gblm/unstructured", "smollm2/wanda/2:4"}
+# Found when issue 24 put the slow tier into CI: these three SmolLM2 digests equal their 0.1.0 pins on
+# some machines and differ on others, with the same code and the same package versions. CI showed
+# both (stop 30's run differed, stop 31's matched, nothing in between touched wanda or gblm), and an
+# AMD EPYC machine with AVX-512 matched them at one and at two threads on 2026-12-06. The packaged
+# model is a 4-bit GGUF: its weights take 16 levels per group of 32, so |W| ties are everywhere and
+# a last-bit difference in the activation norms that break them (torch picks its kernels by the
+# processor's instruction set) is the suspect, not yet proven. smollm2/wanda/unstructured and every random:tiny pin
+# match everywhere. On a machine where one of the three differs the case is an xfail that names
+# the machine, so the log says where; where it matches it is asserted in full.
+CPU_SENSITIVE = {"smollm2/gblm/2:4", "smollm2/gblm/unstructured", "smollm2/wanda/2:4"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason="differs from its 0.1.0 pin since before issue 24 (cause not yet known)"))
-    if n in ROTTED else n for n in sorted(mask_pins._slow_cases())])
+@pytest.mark.parametrize("name", sorted(mask_pins._slow_cases()))
 def test_smollm2_masks_equal_release_0_1_0(name):
-    _check(name, mask_pins._slow_cases()[name])
+    config = mask_pins._slow_cases()[name]
+    got = mask_pins.compute(config)
+    if name in CPU_SENSITIVE and got["masks"] != PINNED[name]["masks"]:
+        import platform
+
+        import torch
+
+        machine = platform.processor() or platform.machine()
+        pytest.xfail(f"{name}: masks differ from the 0.1.0 pin on this machine ({machine}, torch CPU capability "
+                     f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads); "
+                     "they match on others (see CPU_SENSITIVE)")
+    _check(name, config, got)
 
 
 @pytest.mark.parametrize("name", sorted(mask_pins._cases_0_2()))
