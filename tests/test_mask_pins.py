@@ -34,9 +34,9 @@ def test_tiny_masks_equal_release_0_1_0(name):
 # AMD EPYC machine with AVX-512 matched them at one and at two threads on 2026-12-06. The packaged
 # model is a 4-bit GGUF: its weights take 16 levels per group of 32, so |W| ties are everywhere and
 # a last-bit difference in the activation norms that break them (torch picks its kernels by the
-# processor's instruction set) is the suspect, not yet proven. smollm2/wanda/unstructured and every random:tiny pin
-# match everywhere. On a machine where one of the three differs the case is an xfail that names
-# the machine, so the log says where; where it matches it is asserted in full.
+# processor's instruction set) is the suspect, not yet proven. smollm2/wanda/unstructured and every
+# random:tiny pin match everywhere. On a machine where one of the three differs the case is an xfail
+# that names the machine, so the log says where; where it matches it is asserted in full.
 CPU_SENSITIVE = {"smollm2/gblm/2:4", "smollm2/gblm/unstructured", "smollm2/wanda/2:4"}
 
 
