@@ -10,6 +10,12 @@ torch/transformers versions (different kernels round differently), and the engin
 The file's metadata also carries a sha256 of its tensors: a file whose bytes changed (but not
 its keys or shapes) is detected and recomputed. Writes go to a temporary file that is renamed
 into place, so a crash never leaves a truncated cache entry.
+
+In a single process the finished statistics rest on disk: a run reads each layer's sum from the
+cache file when the runner reaches that layer (:class:`SumFile`), and a pass in several groups
+writes each finished group to a file of its own (:class:`Spill`) that the cache file is then
+assembled from one tensor at a time. Host memory holds one layer's statistic, not the model's
+(at 7B, float32 sums are about twice the bfloat16 weights).
 """
 
 from __future__ import annotations
@@ -19,14 +25,18 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from compresskit.cache import hash_into, atomic_write, cache_dir, tensor_fingerprint
+from compresskit.cache import cache_dir, hash_into
 from compresskit.engine.device import as_device, to_rest
-from compresskit.errors import GradientError
+import compresskit.engine.stream.tensorfile as tensorfile
+from compresskit.errors import CompressKitError, GradientError
 from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import as_dict
 from compresskit.stats import REFERENCE_SCALE, GradNorm
@@ -74,18 +84,28 @@ def _version(md: Any, dist: str) -> str | None:
         return None
 
 
-def save(path: Path, grads: dict[str, torch.Tensor], fp: str, meta: dict[str, str]) -> bool:
-    """Write ``grads`` atomically with a content checksum. Returns False (logged) if not writable."""
-    from safetensors.torch import save_file
+def content_sha256(tensors: Mapping[str, torch.Tensor], visit: Any = None) -> str:
+    """:func:`~compresskit.cache.tensor_fingerprint` of ``dict(tensors)``, reading one tensor at a time
+    (a lazy mapping such as :class:`SumFile` is never held whole); ``visit(key, tensor)`` sees each."""
+    h = hashlib.sha256(repr(()).encode())
+    for k in sorted(tensors, key=str):
+        t = tensors[k]
+        hash_into(h, f".{k}", t)
+        if visit is not None:
+            visit(k, t)
+    return h.hexdigest()
 
+
+def save(path: Path, grads: Mapping[str, torch.Tensor], fp: str, meta: dict[str, str]) -> bool:
+    """Write ``grads`` atomically with a content checksum, one tensor at a time (``grads`` may be lazy,
+    its tensors on any device). Returns False (logged) if not writable."""
     from compresskit._version import __version__
 
-    tensors = {k: v.contiguous() for k, v in grads.items()}
     metadata = {**meta, "fingerprint": fp, "engine": ENGINE_VERSION, "compresskit": __version__,
-                "torch": torch.__version__, "content_sha256": tensor_fingerprint(tensors)}
+                "torch": torch.__version__, "content_sha256": content_sha256(grads)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        tensorfile.write(path, _lazy(grads), metadata)
         log.info("cached gradients in %s", path)
         return True
     except OSError as exc:
@@ -94,34 +114,139 @@ def save(path: Path, grads: dict[str, torch.Tensor], fp: str, meta: dict[str, st
         return False
 
 
+def _lazy(grads: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Tensors of ``grads`` to write, each read from its source only when it is written."""
+    if not isinstance(grads, (SumFile, _Reader)):
+        return dict(grads)
+    return {k: tensorfile.Lazy(grads.dtype(k), grads.shape(k), lambda k=k: iter([grads[k]])) for k in grads}
+
+
+def _problem(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> str | None:
+    """Why the cache file at ``path`` cannot be used, reading one tensor at a time; None if it can."""
+    try:
+        f = tensorfile.TensorFile(path)
+    except CompressKitError as exc:
+        return f"could not read the gradient cache {path} ({exc}); recomputing"
+    meta = f.metadata
+    if meta.get("fingerprint") != fp or set(f.keys()) != set(expected):
+        return f"gradient cache {path} does not match this run; recomputing"
+    if any(f.entries[k].shape != shape for k, shape in expected.items()):
+        return f"gradient cache {path} has wrong shapes; recomputing"
+    bad: list[str] = []
+
+    def check(key: str, v: torch.Tensor) -> None:
+        if not torch.isfinite(v).all() or (v < 0).any():
+            bad.append(key)
+
+    try:
+        digest = content_sha256(SumFile(path, f), check)
+    except GradientError as exc:  # a damaged file must not stop the run: recompute instead
+        return f"could not read the gradient cache {path} ({exc.__cause__}); recomputing"
+    if meta.get("content_sha256") != digest:
+        return f"gradient cache {path} was modified after it was written (checksum mismatch); recomputing"
+    if bad:
+        first = min(bad, key=list(expected).index)
+        return f"gradient cache {path} holds non-finite or negative values (layer {first}); recomputing"
+    return None
+
+
 def load(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> dict[str, torch.Tensor] | None:
     """Cached parts at ``path`` if they exist and match ``fp``, the layer shapes and their checksum
     (at rest on the CPU: the runner moves each layer's to the compute device)."""
+    sums = open_sums(path, expected, fp)
+    return None if sums is None else to_rest({k: sums[k] for k in expected})
+
+
+def open_sums(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> SumFile | None:
+    """As :func:`load`, but the sums stay on disk: a :class:`SumFile` read one layer at a time."""
     if not path.exists():
         return None
-    from safetensors import safe_open
+    problem = _problem(path, expected, fp)
+    if problem is not None:
+        log.warning("%s", problem)
+        return None
+    return SumFile(path)
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("fingerprint") != fp or set(f.keys()) != set(expected):
-                log.warning("gradient cache %s does not match this run; recomputing", path)
-                return None
-            grads = {k: f.get_tensor(k) for k in expected}
-    except Exception as exc:  # a damaged file must not stop the run: recompute instead
-        log.warning("could not read the gradient cache %s (%s); recomputing", path, exc)
-        return None
-    if any(tuple(grads[k].shape) != shape for k, shape in expected.items()):
-        log.warning("gradient cache %s has wrong shapes; recomputing", path)
-        return None
-    if meta.get("content_sha256") != tensor_fingerprint(grads):
-        log.warning("gradient cache %s was modified after it was written (checksum mismatch); recomputing", path)
-        return None
-    bad = next((k for k, v in grads.items() if not torch.isfinite(v).all() or (v < 0).any()), None)
-    if bad is not None:
-        log.warning("gradient cache %s holds non-finite or negative values (layer %s); recomputing", path, bad)
-        return None
-    return to_rest(grads)
+
+class SumFile(Mapping):
+    """``sums[layer]``: one statistic's summed parts in a cache file, read from disk on each access
+    (nothing is kept; at rest on the CPU)."""
+
+    def __init__(self, path: Path, file: tensorfile.TensorFile | None = None) -> None:
+        self.path, self.file = Path(path), file or tensorfile.TensorFile(path)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.file.entries:
+            raise KeyError(key)
+        try:
+            return to_rest(self.file.read(key))
+        except (OSError, CompressKitError) as exc:
+            raise GradientError(f"the gradient cache {self.path} could not be read during the run ({exc}); was it "
+                                "removed or overwritten? Rerun; the statistics are computed again if the file is "
+                                "gone") from exc
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.file.entries
+
+    def __iter__(self):
+        return iter(self.file.entries)
+
+    def __len__(self) -> int:
+        return len(self.file.entries)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return tensorfile.torch_dtype(self.file.entries[key].dtype)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.file.entries[key].shape
+
+
+class Spill:
+    """Finished groups of a gradient pass on disk (beside the cache, in a temporary directory
+    removed by :meth:`close`): ``reader(stat_key)`` reads one statistic's sums across the groups."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=".groups-", dir=root))
+        self.files: dict[str, dict[str, tensorfile.TensorFile]] = {}
+
+    def add(self, stat_key: str, sums: Mapping[str, torch.Tensor]) -> None:
+        """Write one group's sums of one statistic (tensors on any device, copied one at a time)."""
+        path = self.dir / f"{len(list(self.dir.iterdir())):05d}.safetensors"
+        tensorfile.write(path, dict(sums))
+        f = tensorfile.TensorFile(path)
+        self.files.setdefault(stat_key, {}).update({k: f for k in sums})
+
+    def reader(self, stat_key: str) -> _Reader:
+        return _Reader(self.files.get(stat_key, {}))
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Reader(Mapping):
+    """One statistic's sums across a :class:`Spill`'s group files, read on access."""
+
+    def __init__(self, files: dict[str, tensorfile.TensorFile]) -> None:
+        self.files = files
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return to_rest(self.files[key].read(key))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.files
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return tensorfile.torch_dtype(self.files[key].entries[key].dtype)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.files[key].entries[key].shape
 
 
 def import_reference(

@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, Collection, Iterable, Iterator, Literal, Sequence
 
 import torch
@@ -122,8 +123,11 @@ def obtain(
     Returns:
         ``(grads, info)``: ``grads[gradient_key][stat.name]`` is a float32 ``[out, in]`` tensor at
         rest on the CPU (:func:`compresskit.engine.device.to_rest`; the runner moves each layer's to
-        the compute device); ``info`` holds facts for the manifest (norms, scale, samples, cache,
-        seconds, and the memory ``plan`` with its ``checkpointing``, ``groups`` and estimate).
+        the compute device). ``grads`` is a mapping that finishes a layer's statistics when it is
+        read; in a single process their sums are read from the cache file then (``rest`` is
+        ``"disk"`` in ``info``), otherwise held in memory. ``info`` holds facts for the manifest
+        (norms, scale, samples, cache, rest, seconds, and the memory ``plan`` with its
+        ``checkpointing``, ``groups`` and estimate).
 
     Raises:
         GradientError: an invalid import file, a layer that received no gradient, more groups than
@@ -160,52 +164,116 @@ def obtain(
                                              file_scale=REFERENCE_SCALE, rescaled_by=factor)
         info["seconds"] = time.perf_counter() - t0
         return out, info
-    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    ctx = distributed.current()
+    on_disk = not ctx.enabled  # one process: the sums rest in the cache file (several ranks: in memory)
+    sums: dict[str, Mapping[str, torch.Tensor]] = {}
     todo = []
     for s in stats:
         fp = gradcache.fingerprint(adapter, loaded, batches, s, device)
         path = gradcache.cache_path(opts.cache_dir, fp, s.norm)
-        cached = None if opts.recompute else distributed.current().from_writer(lambda: gradcache.load(path, expected, fp))
+        cached = None
+        if not opts.recompute:
+            cached = gradcache.open_sums(path, expected, fp) if on_disk else \
+                ctx.from_writer(lambda: gradcache.load(path, expected, fp))
         if cached is not None:
             log.info("reusing cached gradients from %s", path)
-            parts[s.key()] = {k: {"sum": v} for k, v in cached.items()}
+            sums[s.key()] = cached
         else:
             todo.append((s, fp, path))
         state = "hit" if cached is not None else "recomputed" if opts.recompute else "computed"
         info["statistics"][s.name].update(cache=state, fingerprint=fp, path=str(path))
     if todo:
-        todo_stats = [s for s, _, _ in todo]
-        layers = target_layers(adapter, model)
-        sizes = gradplan.accumulator_sizes(layers, todo_stats)
-        plan = _plan(opts, adapter, model, layers, sizes, batches, device)
-        info.update(checkpointing=plan.checkpointing, groups=plan.groups, plan=plan.as_info())
-        keys, fresh = list(layers), {s.key(): {} for s in todo_stats}
-        ranges = gradplan.split(sizes, plan.groups)
+        sums.update(_computed(todo, opts, adapter, loaded, batches, device, progress, info, on_disk))
+    for s in stats:
+        info["statistics"][s.name]["rest"] = "disk" if isinstance(sums[s.key()], gradcache.SumFile) else "memory"
+    info["seconds"] = time.perf_counter() - t0
+    return Finished(stats, sums, list(expected)), info
+
+
+def _computed(todo: list, opts: GradientOptions, adapter: ModelAdapter, loaded: Loaded, batches: Sequence[dict],
+              device: torch.device, progress: bool, info: dict[str, Any], on_disk: bool
+              ) -> dict[str, Mapping[str, torch.Tensor]]:
+    """Run the pass (planned, in groups) for the statistics of ``todo`` and cache them; their sums,
+    read from the cache file (``on_disk``, the file written) or in memory."""
+    model, stats = loaded.model, [s for s, _, _ in todo]
+    layers = target_layers(adapter, model)
+    sizes = gradplan.accumulator_sizes(layers, stats)
+    plan = _plan(opts, adapter, model, layers, sizes, batches, device)
+    info.update(checkpointing=plan.checkpointing, groups=plan.groups, plan=plan.as_info())
+    keys, fresh = list(layers), {s.key(): {} for s in stats}
+    ranges = gradplan.split(sizes, plan.groups)
+    spill = None
+    try:
+        if on_disk and len(ranges) > 1:
+            try:  # finished groups go to disk, not to host memory
+                spill = gradcache.Spill(todo[0][2].parent)
+            except OSError as exc:
+                log.warning("could not write finished gradient groups to disk (%s); they rest in memory", exc)
         with model_on(model, device):  # the model stays on the device for every group
             for g, (start, stop) in enumerate(ranges):
                 group, desc = keys[start:stop], f"gradients {g + 1}/{len(ranges)}" if len(ranges) > 1 else "gradients"
                 part = distributed.sum_over_samples(  # under torchrun: each rank its shard, summed across ranks
-                    lambda shard: compute(adapter, model, shard, todo_stats, device, plan.checkpointing, progress,
+                    lambda shard: compute(adapter, model, shard, stats, device, plan.checkpointing, progress,
                                           keys=group, desc=desc),
                     batches)
-                for key, per_layer in to_rest(part).items():  # the group's sums rest on the CPU before the next
-                    fresh[key].update(per_layer)
+                for s in stats:  # never cache (or prune with) an overflowed sum
+                    for k, p in part[s.key()].items():
+                        check_tensor(p["sum"], f"gradient statistic {s.name!r} computed for layer {k!r}",
+                                     "the per-sample gradients overflowed: load the model in float32 (-o adapter."
+                                     "dtype=float32) and keep -o gradient.precision=float32")
+                spill = _rest(part, fresh, spill, single=len(ranges) == 1 and on_disk)
+        out: dict[str, Mapping[str, torch.Tensor]] = {}
         for s, fp, path in todo:
-            for k, p in fresh[s.key()].items():  # never cache (or prune with) an overflowed sum
-                check_tensor(p, f"gradient statistic {s.name!r} computed for layer {k!r}",
-                             "the per-sample gradients overflowed: load the model in float32 (-o adapter.dtype="
-                             "float32) and keep -o gradient.precision=float32")
-            parts[s.key()] = fresh[s.key()]
+            source = spill.reader(s.key()) if spill is not None else fresh[s.key()]
             meta = {"statistic": s.key(), "nsamples": str(len(batches)), "source": loaded.source}
-            if not distributed.current().is_writer:
-                continue
-            if not gradcache.save(path, {k: v["sum"] for k, v in fresh[s.key()].items()}, fp, meta):
+            writer = distributed.current().is_writer
+            saved = writer and gradcache.save(path, source, fp, meta)
+            if writer and not saved:
                 info["statistics"][s.name]["path"] = None
-    for s in stats:
-        for k, p in parts[s.key()].items():
-            out[k][s.name] = to_rest(s.finish(p))
-    info["seconds"] = time.perf_counter() - t0
-    return out, info
+            out[s.key()] = gradcache.SumFile(path) if saved and on_disk else to_rest(dict(source))
+        return out
+    finally:
+        if spill is not None:
+            spill.close()
+
+
+def _rest(part: dict, fresh: dict, spill: gradcache.Spill | None, single: bool) -> gradcache.Spill | None:
+    """Put one finished group's sums where they rest until cached: in ``spill`` (read back into
+    ``fresh`` if writing fails) or in ``fresh``; a single group on disk stays where it was computed
+    (the cache file is written from it directly, a tensor at a time). Returns the spill still in use."""
+    for key, per_layer in part.items():
+        sums = {k: p["sum"] for k, p in per_layer.items()}
+        if spill is not None:
+            try:
+                spill.add(key, sums)
+                continue
+            except OSError as exc:
+                log.warning("could not write a finished gradient group to disk (%s); the groups rest in memory", exc)
+                for k2 in list(spill.files):
+                    fresh[k2].update(to_rest(dict(spill.reader(k2))))
+                spill.close()
+                spill = None
+        fresh[key].update(sums if single else to_rest(sums))
+    return spill
+
+
+class Finished(Mapping):
+    """``grads[gradient_key][stat.name]``: each layer's finished statistics, computed from its sums
+    when the runner asks for that layer (the sums read from the cache file or held in memory)."""
+
+    def __init__(self, stats: Sequence[GradNorm], sums: dict[str, Mapping[str, torch.Tensor]], keys: list[str]):
+        self.stats, self.sums, self.keys = list(stats), sums, keys
+
+    def __getitem__(self, key: str) -> dict[str, torch.Tensor]:
+        if key not in self.sums[self.stats[0].key()]:
+            raise KeyError(key)
+        return {s.name: to_rest(s.finish({"sum": self.sums[s.key()][key]})) for s in self.stats}
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
 
 
 def _plan(opts: GradientOptions, adapter: ModelAdapter, model: nn.Module, layers: dict[str, nn.Linear],
