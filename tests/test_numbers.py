@@ -200,6 +200,7 @@ RENDERED = {  # page: (bench script, its render function, the JSON record it ren
     "gpu-rehearsal.md": ("bench/gpu.py", "page", "gpu-rehearsal.json"),
     "best-rerun.md": ("bench/best_rerun.py", "page", "best-rerun.json"),
     "best.md": ("bench/best.py", "page", "best-rows.json"),
+    "gradrest.md": ("bench/gradrest.py", "render", "gradrest.json"),
 }
 WRITTEN_BESIDE = {  # written by the same run as its JSON, from the rows in memory: not yet re-rendered here
     page: f"bench/{script}.py writes it and {page[:-3]}.json together; it has no render-from-JSON function yet"
