@@ -64,7 +64,7 @@ def test_statistics_rest_in_the_cache_file_and_equal_the_in_memory_ones(setup, t
     assert {s["rest"] for s in info["statistics"].values()} == {"disk"}
     assert all(isinstance(v, gradcache.SumFile) for v in grads.sums.values())
     assert_equal(grads, want)
-    assert not list((tmp_path / "cache" / "gradients").glob(".groups-*"))  # the groups' files are gone
+    assert not list((tmp_path / "cache" / "gradients").glob(".tmp-groups-*"))  # the groups' files are gone
     hit, info = obtain(setup, tmp_path / "cache", groups=groups)
     assert {s["cache"] for s in info["statistics"].values()} == {"hit"}
     assert {s["rest"] for s in info["statistics"].values()} == {"disk"}
@@ -86,7 +86,7 @@ def test_a_failed_group_write_brings_the_groups_back_into_memory(setup, tmp_path
     grads, info = obtain(setup, tmp_path / "cache", recompute=True, groups=3)
     assert "could not write a finished gradient group to disk" in caplog.text
     assert_equal(grads, want)
-    assert not list((tmp_path / "cache" / "gradients").glob(".groups-*"))
+    assert not list((tmp_path / "cache" / "gradients").glob(".tmp-groups-*"))
 
 
 def test_a_cache_file_removed_during_the_run_is_a_clear_error(setup, tmp_path):

@@ -207,12 +207,14 @@ class Spill:
 
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=".groups-", dir=root))
+        self.dir = Path(tempfile.mkdtemp(prefix=".tmp-groups-", dir=root))
         self.files: dict[str, dict[str, tensorfile.TensorFile]] = {}
+        self.written = 0
 
     def add(self, stat_key: str, sums: Mapping[str, torch.Tensor]) -> None:
         """Write one group's sums of one statistic (tensors on any device, copied one at a time)."""
-        path = self.dir / f"{len(list(self.dir.iterdir())):05d}.safetensors"
+        path = self.dir / f"{self.written:05d}.safetensors"
+        self.written += 1
         tensorfile.write(path, dict(sums))
         f = tensorfile.TensorFile(path)
         self.files.setdefault(stat_key, {}).update({k: f for k in sums})
