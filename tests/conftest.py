@@ -47,6 +47,19 @@ def tiny_llama(_tiny_llama_master):
     return copy.deepcopy(model), tok
 
 
+@pytest.fixture
+def llama_calibration(tiny_llama):
+    """``(adapter, loaded, batches)``: the tiny LLaMA behind the llama adapter and 3 random calibration
+    samples of 24 tokens (the gradient engine's tests)."""
+    from compresskit.interfaces import Loaded
+    from compresskit_plugins.adapters.llama import LlamaAdapter
+
+    model, tok = tiny_llama
+    adapter = LlamaAdapter()
+    loaded = Loaded(model=model, processor=tok, source="random:tiny")
+    return adapter, loaded, adapter.calibration_batches(loaded, 3, 24, 0, "random")
+
+
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
     """random:tiny saved as a checkpoint (what a streamed run reads)."""

@@ -11,7 +11,6 @@ import compresskit
 from compresskit.engine import distributed, gradients, gradplan
 from compresskit.engine.gradplan import GiB, Activations, activation_estimate, peak, plan_gradient_pass, split
 from compresskit.errors import GradientError, OptionError
-from compresskit.interfaces import Loaded
 from compresskit.options import build
 from compresskit.stats import GradNorm
 from compresskit_plugins.adapters.llama import LlamaAdapter
@@ -27,26 +26,18 @@ ACC_7B = [o * i * 4 for _ in range(B) for o, i in LAYERS_7B]  # float32 accumula
 WEIGHTS_7B = int(12.55 * GiB)
 
 
-@pytest.fixture
-def setup(tiny_llama):
-    model, tok = tiny_llama
-    adapter = LlamaAdapter()
-    loaded = Loaded(model=model, processor=tok, source="random:tiny")
-    return adapter, loaded, adapter.calibration_batches(loaded, 3, 24, 0, "random")
-
-
-def obtain(setup, tmp_path, stats, **opts):
-    adapter, loaded, batches = setup
+def obtain(llama_calibration, tmp_path, stats, **opts):
+    adapter, loaded, batches = llama_calibration
     return gradients.obtain(adapter, loaded, batches, stats, CPU,
                             {"cache_dir": str(tmp_path), "recompute": True, **opts}, progress=False)
 
 
 @pytest.mark.parametrize("precision", ["float32", "reference"])
 @pytest.mark.parametrize("groups", [2, 3])
-def test_groups_give_the_statistics_of_one_pass_bit_for_bit(setup, tmp_path, strict_devices, precision, groups):
+def test_groups_give_the_statistics_of_one_pass_bit_for_bit(llama_calibration, tmp_path, strict_devices, precision, groups):
     stats = [GradNorm("l1", 100.0), GradNorm("l2", 100.0)]
-    one, info1 = obtain(setup, tmp_path, stats, precision=precision)
-    many, info = obtain(setup, tmp_path, stats, precision=precision, groups=groups)
+    one, info1 = obtain(llama_calibration, tmp_path, stats, precision=precision)
+    many, info = obtain(llama_calibration, tmp_path, stats, precision=precision, groups=groups)
     assert info1["groups"] == 1 and info["groups"] == groups and info["plan"]["groups"] == groups
     assert list(many) == list(one) and len(one) == 14
     for key in one:
@@ -55,8 +46,8 @@ def test_groups_give_the_statistics_of_one_pass_bit_for_bit(setup, tmp_path, str
             assert torch.equal(many[key][name], one[key][name]), (key, name)
 
 
-def test_each_group_pass_grads_only_its_own_contiguous_layers(setup, tmp_path):
-    adapter, loaded, batches = setup
+def test_each_group_pass_grads_only_its_own_contiguous_layers(llama_calibration, tmp_path):
+    adapter, loaded, batches = llama_calibration
     seen = []
 
     class Spy(LlamaAdapter):
@@ -75,7 +66,7 @@ def test_each_group_pass_grads_only_its_own_contiguous_layers(setup, tmp_path):
     assert all(p.requires_grad for p in loaded.model.parameters())  # flags restored after every group
 
 
-def test_cross_rank_sum_applies_per_group(setup, tmp_path, monkeypatch):
+def test_cross_rank_sum_applies_per_group(llama_calibration, tmp_path, monkeypatch):
     """Under torchrun each group's parts are summed across ranks before the next group starts: a fake
     two-rank sum (each half of the samples) is called once per group, with the same results as one group."""
     calls = []
@@ -87,10 +78,10 @@ def test_cross_rank_sum_applies_per_group(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(distributed, "sum_over_samples", two_ranks)
     stats = [GradNorm("l2", 100.0)]
-    one, _ = obtain(setup, tmp_path, stats)
+    one, _ = obtain(llama_calibration, tmp_path, stats)
     assert len(calls) == 1 and len(calls[0]) == 14
     calls.clear()
-    many, _ = obtain(setup, tmp_path, stats, groups=3)
+    many, _ = obtain(llama_calibration, tmp_path, stats, groups=3)
     assert len(calls) == 3 and sorted(k for c in calls for k in c) == sorted(one)
     assert all(torch.equal(many[k]["grad_l2"], one[k]["grad_l2"]) for k in one)
 
@@ -177,31 +168,31 @@ def test_the_plan_reaches_the_manifest(tmp_path):
     assert plan["budget"] == GiB and plan["budget_source"] == "gradient.max_memory" and plan["estimate"] <= GiB
 
 
-def test_default_on_cpu_is_one_unplanned_pass(setup, tmp_path):
-    _, info = obtain(setup, tmp_path, [GradNorm("l1")])
+def test_default_on_cpu_is_one_unplanned_pass(llama_calibration, tmp_path):
+    _, info = obtain(llama_calibration, tmp_path, [GradNorm("l1")])
     assert (info["checkpointing"], info["groups"]) == (False, 1)
     assert info["plan"]["chosen"] == "default" and info["plan"]["budget"] is None
 
 
-def test_cpu_budget_counts_every_accumulator_and_refuses_a_small_one(setup, tmp_path):
+def test_cpu_budget_counts_every_accumulator_and_refuses_a_small_one(llama_calibration, tmp_path):
     """On the CPU finished groups rest in the same memory: groups do not lower the peak, so a budget
     below weights + accumulators is refused with the least that fits instead of being 'planned'."""
-    adapter, loaded, batches = setup
+    adapter, loaded, batches = llama_calibration
     layers = gradients.target_layers(adapter, loaded.model)
     acc = sum(gradplan.accumulator_sizes(layers, [GradNorm("l1")]))
     assert acc == 4 * sum(layer.weight.numel() for layer in layers.values())
     small = gradplan.weight_bytes(loaded.model) + acc // 2
     with pytest.raises(GradientError, match=r"needs at least .* GiB .*checkpointing=True, groups=1"):
-        obtain(setup, tmp_path, [GradNorm("l1")], max_memory=small)
+        obtain(llama_calibration, tmp_path, [GradNorm("l1")], max_memory=small)
 
 
-def test_free_cuda_memory_is_the_budget_when_none_is_given(setup, tmp_path, monkeypatch):
+def test_free_cuda_memory_is_the_budget_when_none_is_given(llama_calibration, tmp_path, monkeypatch):
     monkeypatch.setattr(gradients, "is_cuda", lambda device: True)
     monkeypatch.setattr(gradients, "free_memory", lambda device: 10 * GiB)
-    _, info = obtain(setup, tmp_path, [GradNorm("l1")])
+    _, info = obtain(llama_calibration, tmp_path, [GradNorm("l1")])
     plan = info["plan"]
     assert plan["budget_source"] == "free device memory" and plan["chosen"] == "plan"
-    assert plan["budget"] == int(10 * GiB * gradplan.FREE_SHARE) + gradplan.weight_bytes(setup[1].model)
+    assert plan["budget"] == int(10 * GiB * gradplan.FREE_SHARE) + gradplan.weight_bytes(llama_calibration[1].model)
 
 
 def test_vit_groups_equal_one_pass_and_a_budget_without_estimate_runs_unplanned(registry, tmp_path, caplog):

@@ -12,32 +12,22 @@ import torch
 from compresskit.cache import tensor_fingerprint
 from compresskit.engine import gradcache, gradients
 from compresskit.errors import GradientError
-from compresskit.interfaces import Loaded
 from compresskit.stats import GradNorm
-from compresskit_plugins.adapters.llama import LlamaAdapter
 
 CPU = torch.device("cpu")
 STATS = [GradNorm("l1", 100.0), GradNorm("l2", 100.0)]
 
 
-@pytest.fixture
-def setup(tiny_llama):
-    model, tok = tiny_llama
-    adapter = LlamaAdapter()
-    loaded = Loaded(model=model, processor=tok, source="random:tiny")
-    return adapter, loaded, adapter.calibration_batches(loaded, 3, 24, 0, "random")
-
-
-def obtain(setup, cache, **opts):
-    adapter, loaded, batches = setup
+def obtain(llama_calibration, cache, **opts):
+    adapter, loaded, batches = llama_calibration
     return gradients.obtain(adapter, loaded, batches, STATS, CPU, {"cache_dir": str(cache), **opts}, progress=False)
 
 
-def in_memory(setup, tmp_path, monkeypatch, **opts):
+def in_memory(llama_calibration, tmp_path, monkeypatch, **opts):
     """The same statistics with the cache unwritable: they rest in memory."""
     with monkeypatch.context() as m:
         m.setattr(gradcache, "save", lambda *a, **k: False)
-        grads, info = obtain(setup, tmp_path / "unwritable", recompute=True, **opts)
+        grads, info = obtain(llama_calibration, tmp_path / "unwritable", recompute=True, **opts)
     assert {s["rest"] for s in info["statistics"].values()} == {"memory"}
     return {k: dict(v) for k, v in grads.items()}
 
@@ -57,22 +47,22 @@ def test_content_checksum_read_one_tensor_at_a_time_is_the_fingerprint_of_the_wh
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-def test_statistics_rest_in_the_cache_file_and_equal_the_in_memory_ones(setup, tmp_path, monkeypatch,
+def test_statistics_rest_in_the_cache_file_and_equal_the_in_memory_ones(llama_calibration, tmp_path, monkeypatch,
                                                                          strict_devices, groups):
-    want = in_memory(setup, tmp_path, monkeypatch, groups=groups)
-    grads, info = obtain(setup, tmp_path / "cache", recompute=True, groups=groups)
+    want = in_memory(llama_calibration, tmp_path, monkeypatch, groups=groups)
+    grads, info = obtain(llama_calibration, tmp_path / "cache", recompute=True, groups=groups)
     assert {s["rest"] for s in info["statistics"].values()} == {"disk"}
     assert all(isinstance(v, gradcache.SumFile) for v in grads.sums.values())
     assert_equal(grads, want)
     assert not list((tmp_path / "cache" / "gradients").glob(".tmp-groups-*"))  # the groups' files are gone
-    hit, info = obtain(setup, tmp_path / "cache", groups=groups)
+    hit, info = obtain(llama_calibration, tmp_path / "cache", groups=groups)
     assert {s["cache"] for s in info["statistics"].values()} == {"hit"}
     assert {s["rest"] for s in info["statistics"].values()} == {"disk"}
     assert_equal(hit, want)
 
 
-def test_a_failed_group_write_brings_the_groups_back_into_memory(setup, tmp_path, monkeypatch, caplog):
-    want = in_memory(setup, tmp_path, monkeypatch, groups=3)
+def test_a_failed_group_write_brings_the_groups_back_into_memory(llama_calibration, tmp_path, monkeypatch, caplog):
+    want = in_memory(llama_calibration, tmp_path, monkeypatch, groups=3)
     real, calls = gradcache.Spill.add, []
 
     def add(self, key, sums):
@@ -83,14 +73,14 @@ def test_a_failed_group_write_brings_the_groups_back_into_memory(setup, tmp_path
 
     monkeypatch.setattr(gradcache.Spill, "add", add)
     caplog.set_level(logging.WARNING, logger="compresskit")
-    grads, info = obtain(setup, tmp_path / "cache", recompute=True, groups=3)
+    grads, info = obtain(llama_calibration, tmp_path / "cache", recompute=True, groups=3)
     assert "could not write a finished gradient group to disk" in caplog.text
     assert_equal(grads, want)
     assert not list((tmp_path / "cache" / "gradients").glob(".tmp-groups-*"))
 
 
-def test_a_cache_file_removed_during_the_run_is_a_clear_error(setup, tmp_path):
-    grads, _ = obtain(setup, tmp_path, recompute=True)
+def test_a_cache_file_removed_during_the_run_is_a_clear_error(llama_calibration, tmp_path):
+    grads, _ = obtain(llama_calibration, tmp_path, recompute=True)
     for f in (tmp_path / "gradients").glob("*.safetensors"):
         f.unlink()
     with pytest.raises(GradientError, match="could not be read during the run .* Rerun"):
