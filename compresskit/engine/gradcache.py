@@ -116,7 +116,7 @@ def save(path: Path, grads: Mapping[str, torch.Tensor], fp: str, meta: dict[str,
 
 def _lazy(grads: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Tensors of ``grads`` to write, each read from its source only when it is written."""
-    if not isinstance(grads, (SumFile, _Reader)):
+    if not isinstance(grads, SumFile):
         return dict(grads)
     return {k: tensorfile.Lazy(grads.dtype(k), grads.shape(k), lambda k=k: iter([grads[k]])) for k in grads}
 
@@ -139,7 +139,7 @@ def _problem(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> str |
             bad.append(key)
 
     try:
-        digest = content_sha256(SumFile(path, f), check)
+        digest = content_sha256(SumFile.at(path, f), check)
     except GradientError as exc:  # a damaged file must not stop the run: recompute instead
         return f"could not read the gradient cache {path} ({exc.__cause__}); recomputing"
     if meta.get("content_sha256") != digest:
@@ -165,40 +165,45 @@ def open_sums(path: Path, expected: dict[str, tuple[int, ...]], fp: str) -> SumF
     if problem is not None:
         log.warning("%s", problem)
         return None
-    return SumFile(path)
+    return SumFile.at(path)
 
 
 class SumFile(Mapping):
-    """``sums[layer]``: one statistic's summed parts in a cache file, read from disk on each access
-    (nothing is kept; at rest on the CPU)."""
+    """``sums[layer]``: one statistic's summed parts in safetensors files (the cache file, or a
+    :class:`Spill`'s group files), read from disk on each access (nothing is kept; at rest on the CPU)."""
 
-    def __init__(self, path: Path, file: tensorfile.TensorFile | None = None) -> None:
-        self.path, self.file = Path(path), file or tensorfile.TensorFile(path)
+    def __init__(self, files: dict[str, tensorfile.TensorFile]) -> None:
+        self.files = files
+
+    @classmethod
+    def at(cls, path: Path, file: tensorfile.TensorFile | None = None) -> SumFile:
+        """Every tensor of the one file at ``path``."""
+        file = file or tensorfile.TensorFile(path)
+        return cls({k: file for k in file.entries})
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.file.entries:
-            raise KeyError(key)
+        f = self.files[key]
         try:
-            return to_rest(self.file.read(key))
+            return to_rest(f.read(key))
         except (OSError, CompressKitError) as exc:
-            raise GradientError(f"the gradient cache {self.path} could not be read during the run ({exc}); was it "
+            raise GradientError(f"the gradient cache {f.path} could not be read during the run ({exc}); was it "
                                 "removed or overwritten? Rerun; the statistics are computed again if the file is "
                                 "gone") from exc
 
     def __contains__(self, key: object) -> bool:
-        return key in self.file.entries
+        return key in self.files
 
     def __iter__(self):
-        return iter(self.file.entries)
+        return iter(self.files)
 
     def __len__(self) -> int:
-        return len(self.file.entries)
+        return len(self.files)
 
     def dtype(self, key: str) -> torch.dtype:
-        return tensorfile.torch_dtype(self.file.entries[key].dtype)
+        return tensorfile.torch_dtype(self.files[key].entries[key].dtype)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self.file.entries[key].shape
+        return self.files[key].entries[key].shape
 
 
 class Spill:
@@ -219,36 +224,11 @@ class Spill:
         f = tensorfile.TensorFile(path)
         self.files.setdefault(stat_key, {}).update({k: f for k in sums})
 
-    def reader(self, stat_key: str) -> _Reader:
-        return _Reader(self.files.get(stat_key, {}))
+    def reader(self, stat_key: str) -> SumFile:
+        return SumFile(self.files.get(stat_key, {}))
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class _Reader(Mapping):
-    """One statistic's sums across a :class:`Spill`'s group files, read on access."""
-
-    def __init__(self, files: dict[str, tensorfile.TensorFile]) -> None:
-        self.files = files
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return to_rest(self.files[key].read(key))
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.files
-
-    def __iter__(self):
-        return iter(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return tensorfile.torch_dtype(self.files[key].entries[key].dtype)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.files[key].entries[key].shape
 
 
 def import_reference(

@@ -230,7 +230,7 @@ def _computed(todo: list, opts: GradientOptions, adapter: ModelAdapter, loaded: 
             saved = writer and gradcache.save(path, source, fp, meta)
             if writer and not saved:
                 info["statistics"][s.name]["path"] = None
-            out[s.key()] = gradcache.SumFile(path) if saved and on_disk else to_rest(dict(source))
+            out[s.key()] = gradcache.SumFile.at(path) if saved and on_disk else to_rest(dict(source))
         return out
     finally:
         if spill is not None:
