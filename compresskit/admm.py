@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from compresskit.errors import CompressKitError
-from compresskit.ops import row_prune_count
+from compresskit.ops import kth_smallest, row_prune_count
 
 # (scores [out, in], sparsity s_t, final step?) -> boolean mask, True = prune
 Reselect = Callable[[torch.Tensor, float, bool], torch.Tensor]
@@ -70,7 +70,7 @@ def lowest_count_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= flat.numel():
         return torch.ones_like(scores, dtype=torch.bool)
-    v = torch.kthvalue(flat, k).values  # a selection, far cheaper than a top-k of half the matrix
+    v = kth_smallest(flat, k)  # far cheaper than a top-k of half the matrix
     mask = flat < v
     tied = (flat == v).nonzero().squeeze(1)
     mask[tied[: k - int(mask.sum())]] = True

@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from compresskit.errors import CompressKitError
-from compresskit.ops import row_prune_count
+from compresskit.ops import kth_smallest, row_prune_count
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def block_threshold_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     flat = scores.flatten()
     k = min(row_prune_count(flat.numel(), sparsity), flat.numel() - 1)
-    return scores <= torch.kthvalue(flat, k + 1).values
+    return scores <= kth_smallest(flat, k + 1)
 
 
 def obs_sweep(

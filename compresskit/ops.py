@@ -34,6 +34,23 @@ def lowest_mask(scores: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter(dim, idx, True)
 
 
+def kth_smallest(flat: torch.Tensor, k: int, by_sort: bool | None = None) -> torch.Tensor:
+    """The ``k``-th smallest value (1-based) of a 1-D tensor, as a 0-d tensor on its device.
+
+    Both ways give the same value (the order statistic is unique): ``torch.kthvalue``'s selection
+    on the CPU, and a full sort on CUDA, where ``kthvalue`` of one long slice runs in a single
+    thread block and is many times slower than the radix sort (SparseGPT's block threshold and
+    ADMM's gradual selection each take one per call). ``by_sort`` forces either way (tests).
+    """
+    import torch
+
+    if by_sort is None:
+        by_sort = flat.is_cuda
+    if by_sort:
+        return torch.sort(flat).values[k - 1]
+    return torch.kthvalue(flat, k).values
+
+
 def sparsity(t: torch.Tensor) -> float:
     """Fraction of exact zeros in ``t``."""
     return float((t == 0).sum().item()) / max(t.numel(), 1)

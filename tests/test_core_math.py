@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compresskit.errors import IncompatiblePatternError, OptionError
-from compresskit.ops import adaptive_row_mask, reconstruction_error
+from compresskit.ops import adaptive_row_mask, kth_smallest, reconstruction_error
 from compresskit.options import build, describe
 from compresskit import stats
 from compresskit.ops import wanda_score
@@ -79,6 +79,19 @@ def test_layer_scope_uses_one_threshold():
     opts = build(UnstructuredPattern.Options, {"scope": "layer"})
     mask = UnstructuredPattern(opts).mask(s, 0.5)
     assert mask.tolist() == [[True] * 4, [False] * 4]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_kth_smallest_sort_and_selection_agree(dtype):
+    # CUDA takes the sort, the CPU the selection: the same value, ties and signed zeros included.
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randint(-5, 6, (4099,), generator=g).to(dtype) * 0.25
+    flat[::7] = -0.0
+    for k in (1, 2, 100, 2049, 4098, 4099):
+        expect = flat.sort().values[k - 1]
+        for by_sort in (True, False):
+            got = kth_smallest(flat, k, by_sort=by_sort)
+            assert got.dtype == dtype and got.dim() == 0 and got == expect
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 8)])
