@@ -143,7 +143,7 @@ def atomic_directory(final: str | os.PathLike, replace: bool = False, keep_exist
 
 
 def hold(path: Path) -> int | None:
-    """An exclusive ``flock`` on directory ``path`` for as long as the returned descriptor is open
+    """An exclusive ``flock`` on file or directory ``path`` for as long as the returned descriptor is open
     (None where ``flock`` does not exist): :func:`in_use` tells other processes it is live."""
     try:
         import fcntl
@@ -160,7 +160,7 @@ def hold(path: Path) -> int | None:
 
 
 def in_use(path: Path) -> bool:
-    """``path`` is a temporary directory some run (this process or another) still holds (:func:`hold`)."""
+    """``path`` is a temporary file or directory some run (this process or another) still holds (:func:`hold`)."""
     try:
         import fcntl
 
@@ -180,12 +180,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp_path)`` on a temporary sibling file, then rename it to ``path``."""
     path = Path(path)
     tmp = temp_sibling(path, directory=False)
+    fd = hold(tmp)  # live, not stale, to a sweep of the directory (:func:`stale_in`)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+        if fd is not None:
+            os.close(fd)
     return path
 
 
@@ -198,6 +201,36 @@ def stale_temporaries(final: str | os.PathLike) -> list[Path]:
     marks = (TMP_MARK, ".old-", ".dense-")
     return sorted(p for p in final.parent.iterdir() if any(p.name.startswith(f".{final.name}{m}") for m in marks)
                   and not in_use(p))  # another run writing the same output right now: not stale
+
+
+def stale_in(directory: str | os.PathLike, min_age: float = 60.0) -> list[Path]:
+    """Every hidden temporary directly in ``directory`` (a name starting with ``.`` and holding
+    ``.tmp-``) that no live run holds and nothing changed for ``min_age`` seconds (a run holds its
+    temporary only just after creating it): what a killed run left behind. Empty where ``flock``
+    does not work here (a live temporary cannot be told from a stale one) or while another process
+    sweeps."""
+    import time
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    fd = hold(directory)  # probes flock, and keeps two sweeps from racing
+    if fd is None:
+        return []
+    try:
+        now, found = time.time(), []
+        for p in directory.iterdir():
+            if not (p.name.startswith(".") and TMP_MARK in p.name):
+                continue
+            try:
+                old = now - p.lstat().st_mtime >= min_age
+            except OSError:  # removed meanwhile
+                continue
+            if old and not in_use(p):
+                found.append(p)
+        return sorted(found)
+    finally:
+        os.close(fd)
 
 
 def hash_into(h: Any, name: str, obj: Any) -> None:

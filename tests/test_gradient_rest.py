@@ -85,3 +85,58 @@ def test_a_cache_file_removed_during_the_run_is_a_clear_error(llama_calibration,
         f.unlink()
     with pytest.raises(GradientError, match="could not be read during the run .* Rerun"):
         grads[next(iter(grads))]
+
+
+def test_a_pass_removes_the_temporaries_a_killed_run_left_and_nothing_else(llama_calibration, tmp_path, caplog):
+    # A SIGKILLed pass leaves a half-written cache file and its finished groups (at 7B each about
+    # as large as the cache file). The next pass that writes there removes them, but not what a
+    # live run holds, a temporary created a moment ago, or anything not named as our temporaries.
+    import os
+    import time
+
+    from compresskit import cache
+
+    root = tmp_path / "cache" / "gradients"
+    root.mkdir(parents=True)
+    groups = root / ".tmp-groups-killed"
+    groups.mkdir()
+    (groups / "00000.safetensors").write_bytes(b"x" * 1000)
+    half = root / ".l1-abc.safetensors.tmp-killed"
+    half.write_bytes(b"y" * 500)
+    live = root / ".tmp-groups-live"
+    live.mkdir()
+    young = root / ".l2-abc.safetensors.tmp-young"
+    young.write_bytes(b"z")
+    theirs = [root / "notes.tmp-keep", root / ".hidden", root / "l1-other.safetensors"]
+    for p in theirs:
+        p.write_bytes(b"keep")
+    hour_ago = time.time() - 3600
+    for p in (groups, half, live, *theirs):
+        os.utime(p, (hour_ago, hour_ago))
+    fd = cache.hold(live)  # as a concurrent pass holds its groups' directory
+    try:
+        caplog.set_level(logging.INFO, logger="compresskit")
+        obtain(llama_calibration, tmp_path / "cache", recompute=True, groups=2)
+        if fd is None:
+            pytest.skip("flock does not work on this file system: nothing is swept")
+        assert not groups.exists() and not half.exists()
+        assert live.is_dir() and young.exists() and all(p.exists() for p in theirs)
+        assert "removed 2 temporaries" in caplog.text
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def test_live_temporaries_are_held_while_they_are_written(tmp_path):
+    from compresskit import cache
+
+    seen = []
+    cache.atomic_write(tmp_path / "f.bin", lambda p: (p.write_bytes(b"1"), seen.append(cache.in_use(p))))
+    spill = gradcache.Spill(tmp_path)
+    try:
+        seen.append(cache.in_use(spill.dir))
+    finally:
+        spill.close()
+    if spill.lock is None and not seen[0]:
+        pytest.skip("flock does not work on this file system")
+    assert seen == [True, True] and not spill.dir.exists()

@@ -9,7 +9,8 @@ batches' bytes, the statistic (norm, per-sample scale, accumulator precision), t
 torch/transformers versions (different kernels round differently), and the engine version.
 The file's metadata also carries a sha256 of its tensors: a file whose bytes changed (but not
 its keys or shapes) is detected and recomputed. Writes go to a temporary file that is renamed
-into place, so a crash never leaves a truncated cache entry.
+into place, so a crash never leaves a truncated cache entry; the temporaries a killed run left
+(as large as the cache file) are removed by the next pass that writes there (:func:`sweep`).
 
 In a single process the finished statistics rest on disk: a run reads each layer's sum from the
 cache file when the runner reaches that layer (:class:`SumFile`), and a pass in several groups
@@ -33,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from compresskit.cache import cache_dir, hash_into
+from compresskit.cache import cache_dir, hash_into, hold, stale_in
 from compresskit.engine.device import as_device, to_rest
 import compresskit.engine.stream.tensorfile as tensorfile
 from compresskit.errors import CompressKitError, GradientError
@@ -213,6 +214,7 @@ class Spill:
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix=".tmp-groups-", dir=root))
+        self.lock = hold(self.dir)  # live to :func:`sweep` in another process
         self.files: dict[str, dict[str, tensorfile.TensorFile]] = {}
         self.written = 0
 
@@ -229,6 +231,32 @@ class Spill:
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+
+def sweep(root: Path) -> int:
+    """Remove the temporaries a killed run left in the gradient cache directory ``root`` (a cache
+    file being written, a pass's finished groups: each as large as a cache file) that no live run
+    holds (:func:`compresskit.cache.stale_in`). Returns the bytes freed."""
+    freed, removed = 0, 0
+    for p in stale_in(root):
+        try:
+            if p.is_dir() and not p.is_symlink():
+                size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+                shutil.rmtree(p)
+            else:
+                size = p.lstat().st_size
+                p.unlink()
+        except OSError as exc:
+            log.warning("could not remove %s, left by an interrupted gradient pass (%s)", p, exc)
+            continue
+        freed, removed = freed + size, removed + 1
+    if removed:
+        log.info("removed %d temporar%s (%.2f GB) an interrupted gradient pass left in %s",
+                 removed, "y" if removed == 1 else "ies", freed / 1e9, root)
+    return freed
 
 
 def import_reference(

@@ -202,6 +202,8 @@ def _computed(todo: list, opts: GradientOptions, adapter: ModelAdapter, loaded: 
     info.update(checkpointing=plan.checkpointing, groups=plan.groups, plan=plan.as_info())
     keys, fresh = list(layers), {s.key(): {} for s in stats}
     ranges = gradplan.split(sizes, plan.groups)
+    if distributed.current().is_writer:
+        gradcache.sweep(todo[0][2].parent)
     spill = None
     try:
         if on_disk and len(ranges) > 1:
