@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import compresskit
-from compresskit.engine import distributed, gradients, gradplan
+from compresskit.engine import distributed, gradcache, gradients, gradplan
 from compresskit.engine.gradplan import GiB, Activations, activation_estimate, peak, plan_gradient_pass, split
 from compresskit.errors import GradientError, OptionError
 from compresskit.options import build
@@ -174,14 +174,26 @@ def test_default_on_cpu_is_one_unplanned_pass(llama_calibration, tmp_path):
     assert info["plan"]["chosen"] == "default" and info["plan"]["budget"] is None
 
 
-def test_cpu_budget_counts_every_accumulator_and_refuses_a_small_one(llama_calibration, tmp_path):
-    """On the CPU finished groups rest in the same memory: groups do not lower the peak, so a budget
-    below weights + accumulators is refused with the least that fits instead of being 'planned'."""
+def test_cpu_budget_plans_groups_only_when_they_rest_on_disk(llama_calibration, tmp_path, monkeypatch):
+    """On the CPU finished groups leave the memory the pass runs in only when they go to disk: then a
+    budget below weights + accumulators is met with groups; when they cannot (the group files cannot
+    be written) they rest in the same memory, groups do not lower the peak, and the budget is refused
+    with the least that fits instead of being 'planned'."""
     adapter, loaded, batches = llama_calibration
     layers = gradients.target_layers(adapter, loaded.model)
     acc = sum(gradplan.accumulator_sizes(layers, [GradNorm("l1")]))
     assert acc == 4 * sum(layer.weight.numel() for layer in layers.values())
-    small = gradplan.weight_bytes(loaded.model) + acc // 2
+    acts = gradplan.model_activations(adapter, loaded.model, layers, batches[0])
+    small = gradplan.weight_bytes(loaded.model) + acc // 2 + acts.checkpointed
+    _, info = obtain(llama_calibration, tmp_path, [GradNorm("l1")], max_memory=small)
+    plan = info["plan"]
+    assert plan["chosen"] == "plan" and plan["checkpointing"] and plan["groups"] >= 2
+    assert plan["estimate"] <= small and info["statistics"]["grad_l1"]["rest"] == "disk"
+
+    def unwritable(root):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(gradcache, "Spill", unwritable)
     with pytest.raises(GradientError, match=r"needs at least .* GiB .*checkpointing=True, groups=1"):
         obtain(llama_calibration, tmp_path, [GradNorm("l1")], max_memory=small)
 

@@ -198,19 +198,22 @@ def _computed(todo: list, opts: GradientOptions, adapter: ModelAdapter, loaded: 
     model, stats = loaded.model, [s for s, _, _ in todo]
     layers = target_layers(adapter, model)
     sizes = gradplan.accumulator_sizes(layers, stats)
-    plan = _plan(opts, adapter, model, layers, sizes, batches, device)
-    info.update(checkpointing=plan.checkpointing, groups=plan.groups, plan=plan.as_info())
     keys, fresh = list(layers), {s.key(): {} for s in stats}
-    ranges = gradplan.split(sizes, plan.groups)
     if distributed.current().is_writer:
         gradcache.sweep(todo[0][2].parent)
     spill = None
     try:
-        if on_disk and len(ranges) > 1:
+        if on_disk:
             try:  # finished groups go to disk, not to host memory
                 spill = gradcache.Spill(todo[0][2].parent)
             except OSError as exc:
                 log.warning("could not write finished gradient groups to disk (%s); they rest in memory", exc)
+        plan = _plan(opts, adapter, model, layers, sizes, batches, device, groups_on_disk=spill is not None)
+        info.update(checkpointing=plan.checkpointing, groups=plan.groups, plan=plan.as_info())
+        ranges = gradplan.split(sizes, plan.groups)
+        if spill is not None and len(ranges) == 1:  # one group: the cache file is written from it directly
+            spill.close()
+            spill = None
         with model_on(model, device):  # the model stays on the device for every group
             for g, (start, stop) in enumerate(ranges):
                 group, desc = keys[start:stop], f"gradients {g + 1}/{len(ranges)}" if len(ranges) > 1 else "gradients"
@@ -279,10 +282,12 @@ class Finished(Mapping):
 
 
 def _plan(opts: GradientOptions, adapter: ModelAdapter, model: nn.Module, layers: dict[str, nn.Linear],
-          sizes: list[int], batches: Sequence[dict[str, torch.Tensor]], device: torch.device) -> gradplan.GradientPlan:
+          sizes: list[int], batches: Sequence[dict[str, torch.Tensor]], device: torch.device,
+          groups_on_disk: bool = False) -> gradplan.GradientPlan:
     """Checkpointing and groups of this pass (:mod:`compresskit.engine.gradplan`): the user's where given;
     the rest planned against ``gradient.max_memory``, else a CUDA device's free memory; on a CPU
-    without a budget, today's pass (one group, checkpointing only if asked)."""
+    without a budget, today's pass (one group, checkpointing only if asked). ``groups_on_disk``:
+    finished groups go to disk, so on a CPU they leave the memory the pass runs in."""
     ckpt = None if opts.checkpointing == "auto" else opts.checkpointing
     groups = None if opts.groups == "auto" else opts.groups
     weights = gradplan.weight_bytes(model)
@@ -297,7 +302,7 @@ def _plan(opts: GradientOptions, adapter: ModelAdapter, model: nn.Module, layers
         budget = min(distributed.current().gather(budget))  # under torchrun: every rank the same plan
     else:
         budget, source = None, None
-    rest_on_device = as_device(device).type == "cpu"  # finished groups rest in the same memory
+    rest_on_device = as_device(device).type == "cpu" and not groups_on_disk  # finished groups rest in that memory
     default = gradplan.GradientPlan(bool(ckpt), groups or 1, budget=budget, budget_source=source,
                                     chosen="user" if ckpt is not None and groups is not None else "default")
     if acts is not None:

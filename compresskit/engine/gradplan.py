@@ -8,8 +8,10 @@ the backward's activations of one sample. Two settings trade time for memory:
   at a time in the backward (about one extra forward per sample);
 * **groups** ``G`` split the prunable layers into ``G`` contiguous groups (block order, balanced
   by accumulator bytes) and run the pass once per group over all samples, with gradients and
-  accumulators of that group only; a finished group's sums rest on the CPU. The device then
-  holds the largest group's accumulators instead of all of them, for ``G`` times the passes.
+  accumulators of that group only; a finished group's sums rest on disk (on the CPU under
+  ``torchrun`` or when the cache cannot be written). The device then holds the largest group's
+  accumulators instead of all of them, for ``G`` times the passes; on a CPU only when they go to
+  disk, since otherwise they rest in the same memory.
 
 Estimate, in bytes (``L`` tokens per sample, ``d`` the hidden size, ``d_ff`` the MLP width,
 ``B`` the blocks, ``s`` bytes per weight of the model dtype, ``V`` the vocabulary, ``W`` the
@@ -126,7 +128,8 @@ def largest_group(sizes: Sequence[int] | int, groups: int) -> int:
 def peak(weight_bytes: int, accumulator_bytes: Sequence[int] | int, activations: Activations, checkpointing: bool,
          groups: int, rest_on_device: bool = False) -> int:
     """Estimated peak bytes on the compute device (``rest_on_device``: the compute device is where
-    finished groups rest too, the CPU, so every accumulator counts whatever ``groups``)."""
+    finished groups rest too, the CPU when they cannot go to disk, so every accumulator counts
+    whatever ``groups``)."""
     total = accumulator_bytes if isinstance(accumulator_bytes, int) else sum(accumulator_bytes)
     acc = total if rest_on_device else largest_group(accumulator_bytes, groups)
     return weight_bytes + acc + (activations.checkpointed if checkpointing else activations.plain)
