@@ -10,13 +10,16 @@ unstructured selection; 2:4) it prints microseconds per column of the sweep alon
 factorisation before it is not timed), the best of ``--repeat`` runs
 (process CPU time on the CPU, CUDA-synchronised wall time on a GPU). With ``--against REV``,
 ``compresskit/obs.py`` of that revision is loaded beside the working tree's, run on the same
-inputs, and its results are checked equal to ours.
+inputs, and its results are checked equal to ours. On CUDA each row is timed with the sweep's CUDA
+graphs off and on (``$COMPRESSKIT_CUDA_GRAPHS``; 2:4 selects inside each block and never uses
+them), and the LLaMA-7B attention shape 4096x4096 is added.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ((64, 1024), (512, 2048))
+CUDA_SHAPES = SHAPES + ((4096, 4096),)
 
 
 def load_revision(rev: str):
@@ -86,22 +90,27 @@ def main() -> int:
 
     other = load_revision(a.against) if a.against else None
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    head = "| device | shape | mode | us per column |" + (f" {a.against} us | ratio | equal |" if other else "")
+    head = "| device | shape | mode | CUDA graphs | us per column |" + (
+        f" {a.against} us | ratio | equal |" if other else "")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     g = torch.Generator().manual_seed(0)
     for device in devices:
-        for out, cols in SHAPES:
+        cuda = device.type == "cuda"
+        for out, cols in CUDA_SHAPES if cuda else SHAPES:
             w = torch.randn(out, cols, generator=g)
             x = torch.randn(4 * cols, cols, generator=g)
             w, h = w.to(device), (x.t() @ x).to(device)
             for mode in ("fixed mask", "unstructured", "2:4"):
-                t, got = clock(runs(ours, w, h, mode), device, a.repeat)
-                row = f"| {device.type} | {out}x{cols} | {mode} | {1e6 * t / cols:.1f} |"
-                if other:
-                    t2, want = clock(runs(other, w, h, mode), device, a.repeat)
-                    row += f" {1e6 * t2 / cols:.1f} | {t / t2:.2f} | {'yes' if torch.equal(got, want) else '**no**'} |"
-                print(row)
+                for graphs in ("0", "1") if cuda and mode != "2:4" else ("0",):
+                    os.environ["COMPRESSKIT_CUDA_GRAPHS"] = graphs
+                    t, got = clock(runs(ours, w, h, mode), device, a.repeat)
+                    label = ("on" if graphs == "1" else "off") if cuda else "-"
+                    row = f"| {device.type} | {out}x{cols} | {mode} | {label} | {1e6 * t / cols:.1f} |"
+                    if other:
+                        t2, want = clock(runs(other, w, h, mode), device, a.repeat)
+                        row += f" {1e6 * t2 / cols:.1f} | {t / t2:.2f} | {'yes' if torch.equal(got, want) else '**no**'} |"
+                    print(row)
     return 0
 
 

@@ -164,30 +164,48 @@ def obs_sweep(
     # so the columns already done receive zeros, and the current column's pruned entries are
     # zeroed once per block after its sweep (nothing reads a column again once it is done; its
     # kept entries receive zeros). The values are those of the plain loop bit for bit; only the
-    # sign of a zero can differ. Rows are split into views once per block, not per column.
+    # sign of a zero can differ. Rows are split into views once per block, not per column. On CUDA
+    # a whole block's columns (mask fixed for the block) replay as one captured CUDA graph
+    # (:mod:`compresskit.obs_graph`), the same kernels on the same numbers.
+    from compresskit import obs_graph
+
     wt = w.t().contiguous()
     mt = mask.t().contiguous() if mask is not None else torch.zeros_like(wt, dtype=torch.bool)
     cols = wt.shape[0]
     stride = stride or blocksize
     inf = torch.full((), float("inf"), dtype=wt.dtype, device=wt.device)
+    graph = obs_graph.get(blocksize, wt.shape[1], wt.dtype, wt.device) if stride >= blocksize else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         wb, mb, ub = wt[i1:i2], mt[i1:i2], u[i1:i2, i1:i2]  # views: edits land in wt and mt
         d = ub.diagonal().unsqueeze(1)
+        if choose is not None and stride >= blocksize:
+            mb[:] = choose(wb.t(), d[:, 0]).t()
         div = torch.where(mb, d, inf)
-        err = torch.empty_like(wb)
-        w_rows, div_rows, err_rows, u_rows = wb.unbind(0), div.unbind(0), err.unbind(0), ub.unbind(0)
-        for i in range(i2 - i1):
-            if choose is not None and i % stride == 0:
+        if graph is not None and i2 - i1 == blocksize:
+            err = graph.run(wb, div, ub)
+        else:
+            err = torch.empty_like(wb)
+            rows = wb.unbind(0), div.unbind(0), err.unbind(0), ub.unbind(0)
+            for i in range(0, i2 - i1, stride):
                 e = min(i + stride, i2 - i1)
-                mb[i:e] = choose(wb[i:e].t(), d[i:e, 0]).t()
-                torch.where(mb[i:e], d[i:e], inf, out=div[i:e])
-            torch.div(w_rows[i], div_rows[i], out=err_rows[i])
-            wb.addr_(u_rows[i], err_rows[i], alpha=-1.0)
+                if choose is not None and stride < blocksize:
+                    mb[i:e] = choose(wb[i:e].t(), d[i:e, 0]).t()
+                    torch.where(mb[i:e], d[i:e], inf, out=div[i:e])
+                sweep_columns(wb, *rows, i, e)
         wb.masked_fill_(mb, 0.0)
         if i2 < cols:
             wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1.0)
     return wt.t().contiguous(), mt.t().contiguous()
+
+
+def sweep_columns(wb: torch.Tensor, w_rows, div_rows, err_rows, u_rows, start: int, stop: int) -> None:
+    """The sweep's inner loop over columns ``start..stop`` of one block (transposed layout: a column
+    of W is a row of ``wb``; ``*_rows`` are the rows of ``wb``, the divisors, the errors and the
+    block of ``U``): each column's error is its weight over its divisor, spread over the block."""
+    for i in range(start, stop):
+        torch.div(w_rows[i], div_rows[i], out=err_rows[i])
+        wb.addr_(u_rows[i], err_rows[i], alpha=-1.0)
 
 
 def _prepare(w: torch.Tensor, h: torch.Tensor, percdamp: float, max_retries: int):
