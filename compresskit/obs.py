@@ -174,7 +174,7 @@ def obs_sweep(
     cols = wt.shape[0]
     stride = stride or blocksize
     inf = torch.full((), float("inf"), dtype=wt.dtype, device=wt.device)
-    graph = obs_graph.get(blocksize, wt.shape[1], wt.dtype, wt.device) if stride >= blocksize else None
+    graph = obs_graph.get(blocksize, wt.shape[1], wt.dtype, wt.device, sweep_columns) if stride >= blocksize else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         wb, mb, ub = wt[i1:i2], mt[i1:i2], u[i1:i2, i1:i2]  # views: edits land in wt and mt

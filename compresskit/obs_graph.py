@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 ENV = "COMPRESSKIT_CUDA_GRAPHS"
 Capture = Callable[[Callable[[], None]], Callable[[], None]]  # body -> replay
+# (block, its rows, the divisors' rows, the errors' rows, U's rows, start, stop): the column loop
+Columns = Callable[..., None]
 
 _graphs: dict[tuple, BlockGraph | None] = {}
 
@@ -56,15 +58,16 @@ def cuda_capture(body: Callable[[], None]) -> Callable[[], None]:
 class BlockGraph:
     """The captured column loop of blocks ``[size, rows]`` (transposed layout, see ``obs_sweep``)."""
 
-    def __init__(self, size: int, rows: int, dtype: torch.dtype, device: torch.device, capture: Capture) -> None:
-        from compresskit.obs import sweep_columns
+    def __init__(self, size: int, rows: int, dtype: torch.dtype, device: torch.device, columns: Columns,
+                 capture: Capture) -> None:
+        self.columns = columns
 
         def buffer(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dtype, device=device)
 
         self.w, self.div, self.err, self.u = buffer(size, rows), buffer(size, rows), buffer(size, rows), buffer(size, size)
         views = self.w.unbind(0), self.div.unbind(0), self.err.unbind(0), self.u.unbind(0)
-        self.replay = capture(lambda: sweep_columns(self.w, *views, 0, size))
+        self.replay = capture(lambda: columns(self.w, *views, 0, size))
 
     def run(self, wb: torch.Tensor, div: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
         """Sweep block ``wb`` in place; returns the errors (a buffer overwritten by the next run)."""
@@ -78,8 +81,6 @@ class BlockGraph:
     def matches_eager(self) -> bool:
         """Replay a test block (pruned and kept entries, a triangular factor) and compare it with the
         eager loop bit for bit."""
-        from compresskit.obs import sweep_columns
-
         size, rows = self.w.shape
         at = {"dtype": self.w.dtype, "device": self.w.device}
         g = torch.Generator(device=self.w.device).manual_seed(0)  # made where the buffers are: nothing moves
@@ -88,27 +89,29 @@ class BlockGraph:
         pruned = torch.rand(size, rows, generator=g, **at) < 0.5
         div = torch.where(pruned, u.diagonal().unsqueeze(1), torch.full((), float("inf"), **at))
         want, err = w.clone(), torch.empty_like(w)
-        sweep_columns(want, *(t.unbind(0) for t in (want, div, err, u)), 0, size)
+        self.columns(want, *(t.unbind(0) for t in (want, div, err, u)), 0, size)
         got = w.clone()
         got_err = self.run(got, div, u)
         return torch.equal(got, want) and torch.equal(got_err, err)
 
 
-def get(size: int, rows: int, dtype: torch.dtype, device: torch.device, capture: Capture | None = None
-        ) -> BlockGraph | None:
-    """The graph for blocks of ``size`` columns by ``rows``, captured and checked on first use;
-    None off CUDA, when turned off, or where capture failed or did not match the eager loop."""
+def get(size: int, rows: int, dtype: torch.dtype, device: torch.device, columns: Columns,
+        capture: Capture | None = None) -> BlockGraph | None:
+    """The graph of ``columns`` (the sweep's column loop) for blocks of ``size`` columns by ``rows``,
+    captured and checked on first use; None off CUDA, when turned off, or where capture failed or
+    did not match the eager loop."""
     if not enabled(device):
         return None
     key = (str(device), dtype, size, rows)
     if key not in _graphs:
-        _graphs[key] = _make(size, rows, dtype, device, capture or cuda_capture)
+        _graphs[key] = _make(size, rows, dtype, device, columns, capture or cuda_capture)
     return _graphs[key]
 
 
-def _make(size: int, rows: int, dtype: torch.dtype, device: torch.device, capture: Capture) -> BlockGraph | None:
+def _make(size: int, rows: int, dtype: torch.dtype, device: torch.device, columns: Columns, capture: Capture
+          ) -> BlockGraph | None:
     try:
-        graph = BlockGraph(size, rows, dtype, device, capture)
+        graph = BlockGraph(size, rows, dtype, device, columns, capture)
         ok = graph.matches_eager()
     except Exception as exc:  # noqa: BLE001 - any capture failure leaves the eager loop, which is correct
         log.warning("the OBS sweep could not capture a CUDA graph for blocks of %d x %d (%s: %s); it runs "
