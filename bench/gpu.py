@@ -30,7 +30,9 @@ prune, ``rss_peak_gib`` the process's peak resident set (the kernel's ``VmHWM``)
 
 ``prefetch`` says whether the walk copied the next block to the device while the current one
 computed (``--prefetch 0`` turns it off, to measure the inline moves; the floor moves its blocks
-inline and reports that time apart, ``block_move_seconds``).
+inline and reports that time apart, ``block_move_seconds``). ``cuda_graphs`` names the block shapes
+for which the OBS sweep (sparsegpt) replayed a captured CUDA graph (true) or fell back to its column
+loop (false); ``COMPRESSKIT_CUDA_GRAPHS=0`` in the environment turns graphs off.
 
 ``--budget`` is the time guard: each part gets at most its cap and what the budget has left; a part
 that runs past it is killed and recorded as an error, a part with no time left is recorded as
@@ -196,6 +198,9 @@ def child_prune(cfg: dict, args) -> dict:
     from compresskit.engine.prefetch import wanted
 
     row["prefetch"] = wanted(cfg["device"], "cpu")  # the next block copied while this one computes
+    from compresskit import obs_graph
+
+    row["cuda_graphs"] = obs_graph.captured()  # OBS sweep block shapes: graph used (True) or column loop
     if args.floor_here:
         row.update(measure_floor(result, cfg))
         row["floor_measured_in"] = args.metric

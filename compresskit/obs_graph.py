@@ -124,6 +124,12 @@ def _make(size: int, rows: int, dtype: torch.dtype, device: torch.device, column
     return graph
 
 
+def captured() -> dict[str, bool]:
+    """Every block shape the sweep asked a graph for in this process (``"128x4096"``), True where
+    one was used, False where it fell back to the column loop."""
+    return {f"{size}x{rows}": g is not None for (_, _, size, rows), g in _graphs.items()}
+
+
 def clear() -> None:
     """Forget every captured graph (tests; frees their buffers)."""
     _graphs.clear()

@@ -65,7 +65,7 @@ def test_replayed_blocks_give_the_column_loops_values(monkeypatch):
     # 3 full blocks per sweep, fixed mask and unstructured only (2:4 selects inside the block), plus
     # one test replay when the graph was made
     assert len(replays) == 1 + 3 + 3
-    assert list(obs_graph._graphs) == [("cpu", torch.float32, 64, 24)]
+    assert obs_graph.captured() == {"64x24": True}
 
 
 def test_a_failed_capture_leaves_the_column_loop_once(monkeypatch, caplog):
@@ -97,7 +97,7 @@ def test_a_graph_that_differs_from_the_column_loop_is_not_used(monkeypatch, capl
     for (gw, gm), (ww, wm) in zip(_sweeps(w, u, mask), want):
         assert torch.equal(gw, ww) and torch.equal(gm, wm)
     assert "differs from the column loop on a test block" in caplog.text
-    assert obs_graph._graphs[("cpu", torch.float32, 64, 24)] is None
+    assert obs_graph.captured() == {"64x24": False}
 
 
 def test_the_switch(monkeypatch):
@@ -122,6 +122,6 @@ def test_cuda_graphs_give_the_column_loops_values(monkeypatch, dtype):
     want = _sweeps(w, u, mask)
     monkeypatch.setenv(obs_graph.ENV, "1")
     got = _sweeps(w, u, mask)
-    assert obs_graph._graphs[("cuda:0", dtype, 64, 256)] is not None  # captured and matched its test block
+    assert obs_graph.captured() == {"64x256": True}  # captured, and matched its test block
     for (gw, gm), (ww, wm) in zip(got, want):
         assert torch.equal(gw, ww) and torch.equal(gm, wm)
