@@ -21,7 +21,9 @@ the other parts go on):
   process and on the same samples, the **floor**: capture block 0's inputs and run every block
   twice over them (the statistics pass and the propagation pass), nothing else. The floor
   depends on the model and the samples, not on the method: on a GPU it is measured in the first
-  method's process and shared (``--floor each`` measures it in every one; rehearsals do).
+  method's process and shared (``--floor each`` measures it in every one; rehearsals do). A
+  rehearsal runs each method and its floor 3 times in its process and keeps the fastest of each:
+  single runs of a second or two on a shared 2-core CPU vary by about 20 %.
 
 A row's ``seconds`` is the runner plus the gradient pass (loading excluded; gblm's gradient pass
 is also reported on its own, ``gradient_seconds``, which includes hashing the model for the
@@ -66,7 +68,7 @@ FULL = {
     "agree_data": (16, 256),
     "scale": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
-    "linears": LINEARS, "tokens": 4096, "floor": "once", "floor_cap": 40,
+    "linears": LINEARS, "tokens": 4096, "floor": "once", "floor_cap": 40, "repeat": 1,
     "caps": {"agreement": 90, "sparse24": 45, "build": 100, "magnitude": 60, "wanda": 80, "gblm": 220,
              "sparsegpt": 200},
 }
@@ -78,7 +80,7 @@ REHEARSE = {
     "scale": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=1000, max_position_embeddings=512, rms_norm_eps=1e-5),
     "linears": {"q/k/v/o": ((128, 128), 4), "gate/up": ((344, 128), 2), "down": ((128, 344), 1)}, "tokens": 512,
-    "floor": "each", "floor_cap": 20,
+    "floor": "each", "floor_cap": 20, "repeat": 3,
     "caps": {"agreement": 45, "sparse24": 15, "build": 25, "magnitude": 25, "wanda": 30, "gblm": 45,
              "sparsegpt": 30},
 }
@@ -172,17 +174,24 @@ def child_prune(cfg: dict, args) -> dict:
     import compresskit
 
     cuda = torch.device(cfg["device"]).type == "cuda"
-    cache = tempfile.mkdtemp(prefix="ck-gpu-grad-")
-    try:
-        t0 = time.perf_counter()
-        result = compresskit.prune(
-            adapter="llama", model=str(args.model_dir), metric=args.metric, sparsity=0.5, nsamples=cfg["nsamples"],
-            seqlen=cfg["seqlen"], seed=0, calibration="random", device=cfg["device"], progress=False,
-            adapter_options={"dtype": cfg["dtype"]}, gradient_options=_fresh_gradients(args.metric, cache))
-        sync(cfg["device"])
-        total = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    best = None
+    for _ in range(cfg.get("repeat", 1)):  # the fastest of the runs (rehearsals: seconds on a shared CPU vary)
+        cache = tempfile.mkdtemp(prefix="ck-gpu-grad-")
+        try:
+            t0 = time.perf_counter()
+            got = compresskit.prune(
+                adapter="llama", model=str(args.model_dir), metric=args.metric, sparsity=0.5,
+                nsamples=cfg["nsamples"], seqlen=cfg["seqlen"], seed=0, calibration="random", device=cfg["device"],
+                progress=False, adapter_options={"dtype": cfg["dtype"]},
+                gradient_options=_fresh_gradients(args.metric, cache))
+            sync(cfg["device"])
+            took = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        if best is None or got.report.seconds < best[0].report.seconds:
+            best = (got, took)
+        del got
+    result, total = best
     report = result.report
     grad = float(result.manifest.get("gradients", {}).get("seconds") or 0.0)
     row = {"metric": args.metric, "seconds": round(report.seconds + grad, 3), "runner_seconds": round(report.seconds, 3),
@@ -202,7 +211,8 @@ def child_prune(cfg: dict, args) -> dict:
 
     row["cuda_graphs"] = obs_graph.captured()  # OBS sweep block shapes: graph used (True) or column loop
     if args.floor_here:
-        row.update(measure_floor(result, cfg))
+        floors = [measure_floor(result, cfg) for _ in range(cfg.get("repeat", 1))]
+        row.update(min(floors, key=lambda f: f["floor_seconds"]))
         row["floor_measured_in"] = args.metric
     return row
 
