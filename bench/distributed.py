@@ -207,14 +207,20 @@ def main(argv: list[str] | None = None) -> None:
     projections = []
     if ("float32", 1) in by and ("float32", 2) in by:
         projections = [project(by["float32", 1], by["float32", 2], n) for n in (2, 4, args.project)]
-    text = table(rows, comparisons, projections, args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distributed.md").write_text(text)
-    (args.out / "distributed.json").write_text(json.dumps(
+    record = json.dumps(
         {"settings": vars(args) | {"out": str(args.out)}, "rows": rows, "comparisons": comparisons,
          "projections": projections, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}},
-        indent=2, default=str) + "\n")
+        indent=2, default=str) + "\n"
+    text = render(json.loads(record))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distributed.md").write_text(text)
+    (args.out / "distributed.json").write_text(record)
     print(text)
+
+
+def render(record: dict) -> str:
+    """distributed.md from distributed.json."""
+    return table(record["rows"], record["comparisons"], record["projections"], argparse.Namespace(**record["settings"]))
 
 
 if __name__ == "__main__":

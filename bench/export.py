@@ -226,8 +226,7 @@ def main() -> None:
     ap.add_argument("--from-json", action="store_true", help="re-render export.md from OUT/export.json, no measuring")
     a = ap.parse_args()
     if a.from_json:
-        d = json.loads((a.out / "export.json").read_text())
-        text = markdown(d["env"], d["sizes"], d["cpu_speed"], d["semi_structured_cpu"], d["cuda"])
+        text = render(json.loads((a.out / "export.json").read_text()))
         (a.out / "export.md").write_text(text)
         print(text)
         return
@@ -243,12 +242,18 @@ def main() -> None:
            "compressed_tensors": compressed_tensors.__version__, "torch": torch.__version__,
            "cpu": cpu_name(), "cores": os.cpu_count(), "load": os.getloadavg()[0], "python": platform.python_version(),
            "command": "python bench/export.py" + (f" --model {a.model}" if a.model != "smollm2" else "")}
-    text = markdown(env, size_rows, speed_rows, semi, cuda)
+    record = json.dumps({"env": env, "sizes": size_rows, "cpu_speed": speed_rows, "semi_structured_cpu": semi,
+                         "cuda": cuda}, indent=2) + "\n"
+    text = render(json.loads(record))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "export.md").write_text(text)
-    (a.out / "export.json").write_text(json.dumps({"env": env, "sizes": size_rows, "cpu_speed": speed_rows,
-                                                   "semi_structured_cpu": semi, "cuda": cuda}, indent=2) + "\n")
+    (a.out / "export.json").write_text(record)
     print(text)
+
+
+def render(record: dict) -> str:
+    """export.md from export.json."""
+    return markdown(record["env"], record["sizes"], record["cpu_speed"], record["semi_structured_cpu"], record["cuda"])
 
 
 if __name__ == "__main__":

@@ -139,15 +139,21 @@ def comparison(rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(s: Settings, dense: dict, rows: list[dict], minutes: float, complete: bool) -> str:
+def environment() -> dict:
+    """What the page says of the machine, recorded with the numbers (a page renders from its record)."""
+    return {"torch": torch.__version__, "machine": platform.machine(), "cores": os.cpu_count(),
+            "load": round(os.getloadavg()[0], 2)}
+
+
+def markdown(s: Settings, dense: dict, rows: list[dict], minutes: float, complete: bool, env: dict) -> str:
     p = dense["protocol"]
     lines = [
         f"**Settings.** Model `{s.model}`; calibration `{s.calibration or 'handbook (default)'}`, {s.nsamples} x "
         f"{s.seqlen} tokens, seed {s.seed}; evaluation {p['metric']} on `{s.eval_data}` (sha256 "
         f"{p['data'].get('sha256', '-')[:12]}), first {p['windows_used']} of {p['windows_available']} windows of "
         f"{p['seqlen']} tokens. Every plugin option at its default (`report_error=False`). CPU, torch threads "
-        f"{s.threads}, torch {torch.__version__}, {platform.machine()}; load average at the end "
-        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine: timings are noisy). Total {minutes:.0f} min. "
+        f"{s.threads}, torch {env['torch']}, {env['machine']}; load average at the end "
+        f"{env['load']:.1f} on {env['cores']} cores (shared machine: timings are noisy). Total {minutes:.0f} min. "
         f"Dense perplexity {dense['perplexity']:.2f}.",
         "",
         "**Best compresskit recipe vs best anchor** (anchors: magnitude, wanda, sparsegpt, gblm as published; ratio = "
@@ -199,13 +205,19 @@ def plot(s: Settings, rows: list[dict], dense: float, path: Path) -> None:
 def save(out: Path, s: Settings, dense: dict, rows: list[dict], start: float, complete: bool, prior: float) -> str:
     out.mkdir(parents=True, exist_ok=True)
     minutes = prior + (time.perf_counter() - start) / 60
-    table = markdown(s, dense, rows, minutes, complete)
+    record = json.dumps({"settings": dataclasses.asdict(s), "complete": complete, "minutes": minutes, "dense": dense,
+                         "rows": rows, "comparison": comparison(rows), "env": environment()}, indent=2, default=str)
+    table = render(json.loads(record))
     (out / "recipes.md").write_text(table)
-    (out / "recipes.json").write_text(json.dumps({"settings": dataclasses.asdict(s), "complete": complete,
-                                                  "minutes": minutes, "dense": dense, "rows": rows,
-                                                  "comparison": comparison(rows)}, indent=2, default=str))
+    (out / "recipes.json").write_text(record)
     plot(s, rows, dense["perplexity"], out / "recipes.png")
     return table
+
+
+def render(record: dict) -> str:
+    """recipes.md from recipes.json."""
+    return markdown(Settings(**record["settings"]), record["dense"], record["rows"], record["minutes"],
+                    record["complete"], record["env"])
 
 
 def add_run_arguments(ap: argparse.ArgumentParser) -> None:

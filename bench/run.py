@@ -130,16 +130,22 @@ def ratio(row: dict, floor: dict) -> float | None:
     return row["prune_s"] / f
 
 
-def markdown(s: Settings, floor: dict, rows: list[dict], sweep: dict, skipped: list[str], minutes: float) -> str:
+def environment() -> dict:
+    """What the page says of the machine, recorded with the numbers (a page renders from its record)."""
+    return {"torch": torch.__version__, "machine": platform.machine(), "cores": os.cpu_count(),
+            "load": round(os.getloadavg()[0], 2)}
+
+
+def markdown(s: Settings, floor: dict, rows: list[dict], sweep: dict, skipped: list[str], minutes: float,
+             env: dict) -> str:
     p = floor["dense"]["protocol"]
-    load = os.getloadavg()
     lines = [
         f"**Settings.** Model: `{s.model}` ({floor['info'].get('model', s.model)}; {floor['info'].get('weights', 'n/a')}). "
         f"Calibration: `{s.calibration}`, {s.nsamples} x {s.seqlen} tokens, seed {s.seed}. "
         f"Evaluation: {p['metric']} on `{s.eval_data}` (sha256 {p['data']['sha256'][:12]}), first "
         f"{p['windows_used']} of {p['windows_available']} non-overlapping {s.eval_seqlen}-token windows. "
-        f"CPU, torch threads {s.threads}, torch {torch.__version__}, {platform.machine()}; "
-        f"load average at the end {load[0]:.1f} on {os.cpu_count()} cores (shared machine: timings are noisy). "
+        f"CPU, torch threads {s.threads}, torch {env['torch']}, {env['machine']}; "
+        f"load average at the end {env['load']:.1f} on {env['cores']} cores (shared machine: timings are noisy). "
         f"Total {minutes:.1f} min.",
         "",
         f"**Floor** (same run): calibration forwards {floor['calibration_s']:.1f} s (capture + every block twice over the "
@@ -247,15 +253,24 @@ def save(out: Path, s: Settings, floor: dict, rows: list, sweep: dict, skipped: 
     """Write results.md/.json/sweep.png (after every row, so an interrupted run keeps its numbers)."""
     out.mkdir(parents=True, exist_ok=True)
     minutes = (time.perf_counter() - start) / 60
-    table = markdown(s, floor, rows, sweep, skipped, minutes)
-    if not complete:
-        table += "\n**Partial:** the run had not finished when this was written.\n"
-    (out / "results.md").write_text(table)
-    (out / "results.json").write_text(json.dumps({
+    record = json.dumps({
         "settings": dataclasses.asdict(s), "complete": complete, "floor": floor, "rows": rows, "skipped": skipped,
-        "minutes": minutes, "sweep": {m: {str(k): v for k, v in pts.items()} for m, pts in sweep.items()}},
-        indent=2, default=str))
+        "minutes": minutes, "sweep": {m: {str(k): v for k, v in pts.items()} for m, pts in sweep.items()},
+        "env": environment()}, indent=2, default=str)
+    table = render(json.loads(record))
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(record)
     plot(s, sweep, floor["dense"]["perplexity"], out / "sweep.png")
+    return table
+
+
+def render(record: dict) -> str:
+    """results.md from results.json."""
+    s = Settings(**record["settings"])
+    sweep = {m: {float(k): v for k, v in pts.items()} for m, pts in record["sweep"].items()}
+    table = markdown(s, record["floor"], record["rows"], sweep, record["skipped"], record["minutes"], record["env"])
+    if not record["complete"]:
+        table += "\n**Partial:** the run had not finished when this was written.\n"
     return table
 
 

@@ -137,13 +137,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     s = Settings(nsamples=16, eval_images=100, ablation=False) if args.quick else Settings()
     s = dataclasses.replace(s, probe_data=args.data, calibration=args.data, eval_data=args.data, seed=args.seed)
-    result = run(s)
-    text = markdown(result)
+    record = json.dumps(run(s), indent=2, default=str) + "\n"
+    text = markdown(json.loads(record))  # the page renders from its record
     print(text)
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         stem = ("vit" if args.data == "fashion-mnist" else f"vit_{args.data}") + (f"_seed{args.seed}" if args.seed else "")
-        (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        (RESULTS / f"{stem}.json").write_text(record)
         (RESULTS / f"{stem}.md").write_text(text)
 
 
