@@ -214,6 +214,9 @@ def main() -> None:
     if args.rerun_anchors:
         todo = [(m, st, {"metric": m}) for st in SETTINGS for m in OLD_ANCHORS] + todo
     else:  # the anchors and the earlier recipes, from recipes.json (same protocol)
+        if not (out / "recipes.json").is_file():
+            raise SystemExit(f"no recipes.json in {out} to take the anchors from: run bench/recipes.py with the same "
+                             "settings and --out first, or measure them here with --rerun-anchors")
         old = json.loads((out / "recipes.json").read_text())
         same = {k: v for k, v in old["settings"].items() if k != "threads"} == \
             {k: v for k, v in dataclasses.asdict(s).items() if k != "threads"}

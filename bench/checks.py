@@ -7,12 +7,15 @@ against the load itself.
 
     .venv/bin/python bench/checks.py                       # SmolLM2-135M, 16 x 256 tokens (a few minutes)
     .venv/bin/python bench/checks.py --model random:small --nsamples 4 --seqlen 64 --out /tmp/checks.md
+
+Writes the table and its record beside it (``checks.md``, ``checks.json``); the page renders from the record.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import platform
 import time
@@ -94,17 +97,31 @@ def main() -> None:
         rows.append((label, time.process_time() - t, spent["checks"]))
         print(f"{label}: {rows[-1][1]:.2f} s, checks {rows[-1][2]:.3f} s", flush=True)
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines = [f"Model `{args.model}`, calibration `random` {args.nsamples} x {args.seqlen} tokens, CPU, "
-             f"{args.threads} threads, torch {torch.__version__}, {platform.machine()}, load average {load:.1f} at "
-             "the end. Process CPU seconds (all threads).", "",
-             "| run | CPU s | checks CPU s | checks share |", "|---|---:|---:|---:|"]
-    for label, total, check in rows:
-        lines.append(f"| {label} | {total:.2f} | {check:.3f} | {check / total:.2%} |")
-    text = "\n".join(lines) + "\n"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    record = json.dumps({
+        "settings": {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "threads": args.threads},
+        "env": {"torch": torch.__version__, "machine": platform.machine(), "load": load},
+        "rows": [{"run": label, "cpu_seconds": total, "check_cpu_seconds": check} for label, total, check in rows]},
+        indent=2) + "\n"
+    text = render(json.loads(record))
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(record)
+
+
+def render(record: dict) -> str:
+    """checks.md from checks.json."""
+    s, env = record["settings"], record["env"]
+    load = "n/a" if env["load"] is None else f"{env['load']:.1f}"
+    lines = [f"Model `{s['model']}`, calibration `random` {s['nsamples']} x {s['seqlen']} tokens, CPU, "
+             f"{s['threads']} threads, torch {env['torch']}, {env['machine']}, load average {load} at "
+             "the end. Process CPU seconds (all threads).", "",
+             "| run | CPU s | checks CPU s | checks share |", "|---|---:|---:|---:|"]
+    for r in record["rows"]:
+        total, check = r["cpu_seconds"], r["check_cpu_seconds"]
+        lines.append(f"| {r['run']} | {total:.2f} | {check:.3f} | {check / total:.2%} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

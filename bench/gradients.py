@@ -2,7 +2,8 @@
 
 Runs every (seqlen, checkpointing) configuration in a fresh subprocess so that each peak RSS
 (``resource.getrusage().ru_maxrss``, a per-process high-water mark) belongs to that
-configuration alone, and writes a markdown table to ``bench/results/gradients.md``.
+configuration alone, and writes a markdown table to ``bench/results/gradients.md`` and its record
+``gradients.json`` (the page renders from the record).
 
     .venv/bin/python bench/gradients.py [--model smollm2] [--seqlens 128 256 512] [--samples 4]
 
@@ -65,7 +66,9 @@ class _Stamped:
 def one(model: str, seqlen: int, samples: int, checkpointing: bool, data: str) -> dict:
     """Measure one configuration in this process (called in a subprocess by :func:`main`)."""
     from compresskit.engine import gradcache, gradients
+    from compresskit.stats import GradNorm
 
+    stat = [GradNorm("l1")]
     torch.set_num_threads(2)
     adapter, loaded, used = _load(model)
     try:
@@ -76,20 +79,20 @@ def one(model: str, seqlen: int, samples: int, checkpointing: bool, data: str) -
     rss_loaded = _rss_gb()
     peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     cpu = torch.device("cpu")
-    gradients.compute(adapter, loaded.model, batches[:1], "l1", cpu, checkpointing=checkpointing, progress=False)
+    gradients.compute(adapter, loaded.model, batches[:1], stat, cpu, checkpointing=checkpointing, progress=False)
     stamps: list[tuple[float, float]] = []
     timed = _Stamped(adapter, stamps)
     load_before = os.getloadavg()[0]
-    grads = gradients.compute(timed, loaded.model, batches[1:], "l1", cpu, checkpointing=checkpointing, progress=False)
+    gradients.compute(timed, loaded.model, batches[1:], stat, cpu, checkpointing=checkpointing, progress=False)
     stamps.append((time.perf_counter(), time.process_time()))
     load = (load_before + os.getloadavg()[0]) / 2
     wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
     cpu_s = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
     t = time.perf_counter()
-    gradcache.fingerprint(adapter, loaded, batches, "l1", 1.0, cpu)
+    gradcache.fingerprint(adapter, loaded, batches, stat[0], cpu)
     fp_seconds = time.perf_counter() - t
     n_params = sum(p.numel() for p in loaded.model.parameters())
-    n_pruned = sum(g.numel() for g in grads.values())
+    n_pruned = sum(w.numel() for w in gradients.targets(adapter, loaded.model).values())
     return {
         "model": used, "params": n_params, "pruned_weights": n_pruned, "seqlen": seqlen, "samples": samples,
         "checkpointing": checkpointing, "data": data, "wall_s": wall, "cpu_s": cpu_s,
@@ -120,10 +123,17 @@ def main(argv: list[str] | None = None) -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    write(rows, args.output)
+    record = json.dumps({"env": {"machine": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+                                 "python": platform.python_version()}, "rows": rows}, indent=2) + "\n"
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render(json.loads(record)))
+    args.output.with_suffix(".json").write_text(record)
+    print(f"wrote {args.output} and its record {args.output.with_suffix('.json').name}")
 
 
-def write(rows: list[dict], path: Path) -> None:
+def render(record: dict) -> str:
+    """gradients.md from gradients.json."""
+    rows, env = record["rows"], record["env"]
     r0 = rows[0]
     lines = [
         "# GBLM gradient engine: time per sample and peak memory",
@@ -132,8 +142,8 @@ def write(rows: list[dict], path: Path) -> None:
         f"weights; one float32 accumulator = {r0['accumulator_gb']:.2f} GB). Norm l1, batch 1, float32, CPU, "
         f"`torch.set_num_threads(2)`; calibration `{r0['data']}`; {r0['samples']} samples timed one by one "
         "(forward + backward + fold) after one warm-up sample.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores **shared with other developers** (timings are "
-        f"noisy upper bounds), torch {torch.__version__}, Python {platform.python_version()}.",
+        f"Machine: {env['machine']}, {env['cores']} cores **shared with other developers** (timings are "
+        f"noisy upper bounds), torch {env['torch']}, Python {env['python']}.",
         "Peak RSS is the whole process (Python, torch, model, tokenizer, data) in a fresh subprocess per row; "
         "'loading peak' is the high-water mark before the gradient pass (if it exceeds the final peak, the "
         "gradient pass stayed below it).",
@@ -155,9 +165,7 @@ def write(rows: list[dict], path: Path) -> None:
     lines += ["", f"Cache fingerprint (sha256 of the full state dict + calibration bytes): "
                   f"{sum(r['fingerprint_s'] for r in rows) / len(rows):.2f} s on average.",
               "", "Command: `.venv/bin/python bench/gradients.py`", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    print(f"wrote {path}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

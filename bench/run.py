@@ -116,10 +116,18 @@ def prune_once(s: Settings, metric: str, pattern: str, popts: dict, sparsity: fl
                              progress=False)
     row = {"metric": metric if update == "none" else f"{metric} + {update} update", "pattern": pattern, "pattern_options": popts, "sparsity": result.report.overall_sparsity,
            "ppl": ev["perplexity"], "prune_s": wall, "prune_cpu_s": cpu, "runner_s": result.report.seconds, "peak_rss_mb": rss.peak / 2**20,
-           "gradients": {k: v for k, v in result.manifest.get("gradients", {}).items() if k in ("cache", "seconds")}}
+           "gradients": gradient_summary(result.manifest.get("gradients", {}))}
     log.info("%s %s %.2f: ppl %.2f, %.1f s", metric, pattern, row["sparsity"], row["ppl"], wall)
     del result
     return row
+
+
+def gradient_summary(grad: dict) -> dict:
+    """``{"cache": computed|recomputed|hit|..., "seconds": s}`` of a manifest's gradient section (the
+    cache state is per statistic there; several statistics with different states are joined by /)."""
+    states = sorted({v.get("cache") for v in grad.get("statistics", {}).values()} - {None})
+    out = {"cache": "/".join(states) or grad.get("cache"), "seconds": grad.get("seconds")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def ratio(row: dict, floor: dict) -> float | None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from compresskit import api
+from compresskit.interfaces import EvalRequest
 from compresskit.engine.registry import Registry
 
 log = logging.getLogger("bench.vit")
@@ -57,11 +58,12 @@ def run(s: Settings) -> dict:
                 device="cpu", progress=False,
                 adapter_options={"img_size": s.img_size, "probe_samples": s.probe_samples, "probe_data": s.probe_data})
     adapter = api.plan(api.RunConfig(**base), reg).adapter
+    request = EvalRequest(data=s.eval_data, limit=s.eval_images, device="cpu", progress=False)
     t = time.perf_counter()
     dense = adapter.load(s.model)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    rows = [{"method": "dense", "pattern": "-", "propagate": "-", **adapter.evaluate(dense, s.eval_data, 0, s.eval_images),
+    rows = [{"method": "dense", "pattern": "-", "propagate": "-", **adapter.evaluate(dense, request),
              "prune_s": 0.0, "eval_s": time.perf_counter() - t}]
     log.info("dense: %s", rows[0])
     configs = [(m, p, "pruned") for p in PATTERNS for m in metrics]
@@ -72,11 +74,14 @@ def run(s: Settings) -> dict:
         res = api.prune(api.RunConfig(**base), reg, metric=metric, pattern=pattern, pattern_options=popts,
                         sparsity=sparsity, propagate=propagate)
         t = time.perf_counter()
-        ev = adapter.evaluate(res.loaded, s.eval_data, 0, s.eval_images)
+        ev = adapter.evaluate(res.loaded, request)
         grad = res.manifest.get("gradients", {})
         rows.append({"method": metric, "pattern": pname, "propagate": propagate, **ev,
                      "sparsity": res.report.overall_sparsity, "prune_s": res.manifest["total_seconds"],
-                     "runner_s": res.report.seconds, "gradient_s": grad.get("seconds"), "gradient_cache": grad.get("cache"), "eval_s": time.perf_counter() - t})
+                     "runner_s": res.report.seconds, "gradient_s": grad.get("seconds"),
+                     "gradient_cache": "/".join(sorted({v.get("cache") for v in grad.get("statistics", {}).values()}
+                                                       - {None})) or None,
+                     "eval_s": time.perf_counter() - t})
         log.info("%s %s %s: acc %.4f agree %.4f cos %.4f, %.1fs", metric, pname, propagate, ev["accuracy"],
                  ev["agreement"], ev["feature_cosine"], rows[-1]["prune_s"])
     return {"settings": dataclasses.asdict(s), "model_info": {k: v for k, v in dense.info.items() if k != "head_classes"},
