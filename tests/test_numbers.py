@@ -208,11 +208,10 @@ RENDERED = {  # page: (bench script, its render function, the JSON record it ren
     "vit.md": ("bench/vit.py", "markdown", "vit.json"),
     "vit_seed1.md": ("bench/vit.py", "markdown", "vit_seed1.json"),
     "vit_tuxpaint.md": ("bench/vit.py", "markdown", "vit_tuxpaint.json"),
+    "checks.md": ("bench/checks.py", "render", "checks.json"),
+    "gradients.md": ("bench/gradients.py", "render", "gradients.json"),
 }
-NO_RECORD = {  # bench outputs committed before their bench wrote a JSON record
-    "checks.md": "bench/checks.py writes only the table; rerun it after giving it a JSON record",
-    "gradients.md": "bench/gradients.py writes only the table; rerun it after giving it a JSON record",
-}
+NO_RECORD: dict[str, str] = {}  # bench outputs without a JSON record (none left)
 
 
 def test_every_results_page_is_accounted_for():
