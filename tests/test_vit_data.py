@@ -105,9 +105,10 @@ def test_metrics_helpers():
     assert evaluation.feature_cosine(ref, ref * 3) == pytest.approx(1.0)
 
 
-def test_fashion_mnist_without_apt_names_the_fix(monkeypatch):
+def test_fashion_mnist_without_apt_names_the_fix(monkeypatch, tmp_path):
     from compresskit import data
 
+    monkeypatch.setenv("COMPRESSKIT_CACHE", str(tmp_path / "empty"))  # not unpacked by an earlier test
     monkeypatch.setattr(data.shutil, "which", lambda name: None)
     images._fashion_arrays.cache_clear()
     with pytest.raises(compresskit.MissingDependencyError, match="apt-get download dataset-fashion-mnist.*ImageFolder"):
