@@ -3,7 +3,8 @@
 # $WHEELS (default .whl; build it beforehand with `pip wheel --no-deps -w .whl .`), run the
 # `cuda`-marked tests against it, then bench/gpu.py. Builds nothing. Logs and results go to $OUT.
 #
-#   bash bench/gpu.sh                # about 9 minutes: tests at most $TEST_SECONDS (100), bench $BUDGET (430)
+#   bash bench/gpu.sh                # about 9 minutes: tests at most $TEST_SECONDS (100), the OBS sweep's
+#                                    # graphs off/on at most $SWEEP_SECONDS (40), bench $BUDGET (400)
 #
 # Both run with `python3 -P`, so the installed wheel is imported, not this tree (the JSON records
 # compresskit's file). pytest exit code 5 (no `cuda` tests collected yet) is tolerated; test modules
@@ -33,5 +34,9 @@ case $rc in
 esac
 tail -n 15 "$OUT/pytest.log"
 
-python3 -P bench/gpu.py --json "$OUT/gpu.json" --budget "${BUDGET:-430}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -n 60
-echo "total $(( $(date +%s) - start )) s; results in $OUT (gpu.json, gpu.md, gpu.log, bench.log, pytest.log, install.log)"
+# the OBS sweep per column with its CUDA graphs off and on (a few seconds; one short table)
+timeout -k 5 "${SWEEP_SECONDS:-40}" python3 -P bench/obs_sweep.py --cuda-only --repeat 2 >"$OUT/obs_sweep.log" 2>&1
+tail -n 12 "$OUT/obs_sweep.log"
+
+python3 -P bench/gpu.py --json "$OUT/gpu.json" --budget "${BUDGET:-400}" "$@" 2>&1 | tee "$OUT/bench.log" | tail -n 60
+echo "total $(( $(date +%s) - start )) s; results in $OUT (gpu.json, gpu.md, gpu.log, bench.log, obs_sweep.log, pytest.log, install.log)"

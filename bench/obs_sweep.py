@@ -84,12 +84,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--against", help="a git revision whose compresskit/obs.py to time beside ours")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cuda-only", action="store_true", help="only the CUDA rows (bench/gpu.sh, a few seconds)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     import compresskit.obs as ours
 
     other = load_revision(a.against) if a.against else None
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = ([] if a.cuda_only else [torch.device("cpu")]) + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if not devices:
+        raise SystemExit("--cuda-only: no CUDA device here")
     head = "| device | shape | mode | CUDA graphs | us per column |" + (
         f" {a.against} us | ratio | equal |" if other else "")
     print(head)
@@ -100,7 +103,8 @@ def main() -> int:
         for out, cols in CUDA_SHAPES if cuda else SHAPES:
             w = torch.randn(out, cols, generator=g)
             x = torch.randn(4 * cols, cols, generator=g)
-            w, h = w.to(device), (x.t() @ x).to(device)
+            w, x = w.to(device), x.to(device)
+            h = x.t() @ x  # on the device: the 4096-wide Gram takes seconds on one CPU thread
             for mode in ("fixed mask", "unstructured", "2:4"):
                 for graphs in ("0", "1") if cuda and mode != "2:4" else ("0",):
                     os.environ["COMPRESSKIT_CUDA_GRAPHS"] = graphs
