@@ -199,8 +199,8 @@ def test_cpu_budget_plans_groups_only_when_they_rest_on_disk(llama_calibration, 
 
 
 def test_free_cuda_memory_is_the_budget_when_none_is_given(llama_calibration, tmp_path, monkeypatch):
-    monkeypatch.setattr(gradients, "is_cuda", lambda device: True)
-    monkeypatch.setattr(gradients, "free_memory", lambda device: 10 * GiB)
+    monkeypatch.setattr(gradplan, "is_cuda", lambda device: True)
+    monkeypatch.setattr(gradplan, "free_memory", lambda device: 10 * GiB)
     _, info = obtain(llama_calibration, tmp_path, [GradNorm("l1")])
     plan = info["plan"]
     assert plan["budget_source"] == "free device memory" and plan["chosen"] == "plan"

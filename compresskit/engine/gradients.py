@@ -39,7 +39,7 @@ from torch import nn
 from compresskit.engine import distributed, gradcache, gradplan
 from compresskit.engine.blockgrad import requires_grad_only
 from compresskit.engine.checks import check_tensor
-from compresskit.engine.device import as_device, free_memory, is_cuda, model_device, model_on, to_device, to_rest
+from compresskit.engine.device import as_device, model_on, to_device, to_rest
 from compresskit.errors import GradientError, OptionError
 from compresskit.interfaces import Loaded, ModelAdapter
 from compresskit.options import build, option
@@ -208,7 +208,10 @@ def _computed(todo: list, opts: GradientOptions, adapter: ModelAdapter, loaded: 
                 spill = gradcache.Spill(todo[0][2].parent)
             except OSError as exc:
                 log.warning("could not write finished gradient groups to disk (%s); they rest in memory", exc)
-        plan = _plan(opts, adapter, model, layers, sizes, batches, device, groups_on_disk=spill is not None)
+        plan = gradplan.plan_pass(adapter, model, layers, sizes, batches, device,
+                                  None if opts.checkpointing == "auto" else opts.checkpointing,
+                                  None if opts.groups == "auto" else opts.groups, opts.max_memory,
+                                  groups_on_disk=spill is not None)
         info.update(checkpointing=plan.checkpointing, groups=plan.groups, plan=plan.as_info())
         ranges = gradplan.split(sizes, plan.groups)
         if spill is not None and len(ranges) == 1:  # one group: the cache file is written from it directly
@@ -279,51 +282,6 @@ class Finished(Mapping):
 
     def __len__(self) -> int:
         return len(self.keys)
-
-
-def _plan(opts: GradientOptions, adapter: ModelAdapter, model: nn.Module, layers: dict[str, nn.Linear],
-          sizes: list[int], batches: Sequence[dict[str, torch.Tensor]], device: torch.device,
-          groups_on_disk: bool = False) -> gradplan.GradientPlan:
-    """Checkpointing and groups of this pass (:mod:`compresskit.engine.gradplan`): the user's where given;
-    the rest planned against ``gradient.max_memory``, else a CUDA device's free memory; on a CPU
-    without a budget, today's pass (one group, checkpointing only if asked). ``groups_on_disk``:
-    finished groups go to disk, so on a CPU they leave the memory the pass runs in."""
-    ckpt = None if opts.checkpointing == "auto" else opts.checkpointing
-    groups = None if opts.groups == "auto" else opts.groups
-    weights = gradplan.weight_bytes(model)
-    acts = gradplan.model_activations(adapter, model, layers, batches[0]) if batches else None
-    if opts.max_memory is not None:
-        from compresskit.engine.stream.memory import parse_size
-
-        budget, source = parse_size(opts.max_memory), "gradient.max_memory"
-    elif is_cuda(device):
-        held = weights if model_device(model) == as_device(device) else 0  # already there: not free, but ours
-        budget, source = int(free_memory(device) * gradplan.FREE_SHARE) + held, "free device memory"
-        budget = min(distributed.current().gather(budget))  # under torchrun: every rank the same plan
-    else:
-        budget, source = None, None
-    rest_on_device = as_device(device).type == "cpu" and not groups_on_disk  # finished groups rest in that memory
-    default = gradplan.GradientPlan(bool(ckpt), groups or 1, budget=budget, budget_source=source,
-                                    chosen="user" if ckpt is not None and groups is not None else "default")
-    if acts is not None:
-        default = dataclasses.replace(default, estimate=gradplan.peak(weights, sizes, acts, default.checkpointing,
-                                                                      default.groups, rest_on_device))
-    if budget is None:
-        return default
-    if acts is None:
-        log.warning("no memory estimate for this model's gradient pass (its samples have no input_ids); running "
-                    "it with checkpointing=%s and groups=%d, not planned against the %s", default.checkpointing,
-                    default.groups, source)
-        return default
-    plan = gradplan.plan_gradient_pass(weights, sizes, acts, budget, ckpt, groups, rest_on_device, source)
-    if plan.estimate > budget:
-        log.warning("the gradient pass with checkpointing=%s and groups=%d (both set by you) is estimated at "
-                    "%.2f GiB, above the %.2f GiB budget (%s)", plan.checkpointing, plan.groups,
-                    plan.estimate / gradplan.GiB, budget / gradplan.GiB, source)
-    elif plan.checkpointing or plan.groups > 1:
-        log.info("gradient pass planned for %.2f GiB (%s): checkpointing=%s, groups=%d, estimated peak %.2f GiB",
-                 budget / gradplan.GiB, source, plan.checkpointing, plan.groups, plan.estimate / gradplan.GiB)
-    return plan
 
 
 def target_layers(adapter: ModelAdapter, model: nn.Module) -> dict[str, nn.Linear]:

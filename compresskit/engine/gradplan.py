@@ -33,15 +33,20 @@ their product. At LLaMA-2-7B (bfloat16, 2048 tokens) it gives 11.85 GiB; the mea
 
 :func:`plan_gradient_pass` picks the cheapest plan that fits: no checkpointing and one group;
 else checkpointing; else checkpointing and the smallest ``G``. Settings the user gave are kept.
+:func:`plan_pass` gathers its inputs for a model (sizes, activations, the budget: the user's, else
+a CUDA device's free memory) and logs what it chose.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
+from compresskit.engine import distributed
+from compresskit.engine.device import as_device, free_memory, is_cuda, model_device
 from compresskit.errors import GradientError
 
 if TYPE_CHECKING:
@@ -50,6 +55,8 @@ if TYPE_CHECKING:
 
     from compresskit.interfaces import ModelAdapter
     from compresskit.stats import GradNorm
+
+log = logging.getLogger(__name__)
 
 GiB = 2**30
 FREE_SHARE = 0.95
@@ -172,6 +179,51 @@ def plan_gradient_pass(weight_bytes: int, accumulator_bytes: Sequence[int] | int
         f"use a device with that much free and give gradient.max_memory={need:.2f}GiB"
         + (f", drop {given}" if given else "")
         + ", or use a streamed run (--max-memory), which holds one block at a time")
+
+
+def plan_pass(adapter: ModelAdapter, model: nn.Module, layers: dict[str, nn.Linear], sizes: list[int],
+              batches: Sequence[dict[str, torch.Tensor]], device: torch.device, ckpt: bool | None = None,
+              groups: int | None = None, max_memory: str | int | None = None, groups_on_disk: bool = False
+              ) -> GradientPlan:
+    """Checkpointing and groups of a gradient pass: ``ckpt`` and ``groups`` where the user gave them
+    (None: ``auto``), the rest planned against ``max_memory`` (``gradient.max_memory``), else a CUDA
+    device's free memory; on a CPU without a budget, today's pass (one group, checkpointing only if
+    asked). ``groups_on_disk``: finished groups go to disk, so on a CPU they leave the memory the
+    pass runs in."""
+    weights = weight_bytes(model)
+    acts = model_activations(adapter, model, layers, batches[0]) if batches else None
+    if max_memory is not None:
+        from compresskit.engine.stream.memory import parse_size
+
+        budget, source = parse_size(max_memory), "gradient.max_memory"
+    elif is_cuda(device):
+        held = weights if model_device(model) == as_device(device) else 0  # already there: not free, but ours
+        budget, source = int(free_memory(device) * FREE_SHARE) + held, "free device memory"
+        budget = min(distributed.current().gather(budget))  # under torchrun: every rank the same plan
+    else:
+        budget, source = None, None
+    rest_on_device = as_device(device).type == "cpu" and not groups_on_disk  # finished groups rest in that memory
+    default = GradientPlan(bool(ckpt), groups or 1, budget=budget, budget_source=source,
+                                    chosen="user" if ckpt is not None and groups is not None else "default")
+    if acts is not None:
+        default = dataclasses.replace(default, estimate=peak(weights, sizes, acts, default.checkpointing,
+                                                                      default.groups, rest_on_device))
+    if budget is None:
+        return default
+    if acts is None:
+        log.warning("no memory estimate for this model's gradient pass (its samples have no input_ids); running "
+                    "it with checkpointing=%s and groups=%d, not planned against the %s", default.checkpointing,
+                    default.groups, source)
+        return default
+    plan = plan_gradient_pass(weights, sizes, acts, budget, ckpt, groups, rest_on_device, source)
+    if plan.estimate > budget:
+        log.warning("the gradient pass with checkpointing=%s and groups=%d (both set by you) is estimated at "
+                    "%.2f GiB, above the %.2f GiB budget (%s)", plan.checkpointing, plan.groups,
+                    plan.estimate / GiB, budget / GiB, source)
+    elif plan.checkpointing or plan.groups > 1:
+        log.info("gradient pass planned for %.2f GiB (%s): checkpointing=%s, groups=%d, estimated peak %.2f GiB",
+                 budget / GiB, source, plan.checkpointing, plan.groups, plan.estimate / GiB)
+    return plan
 
 
 # ------------------------------------------------------------------------------ sizes of a model
