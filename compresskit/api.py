@@ -103,6 +103,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     """
     from compresskit.engine import distributed
     from compresskit.cache import tensor_fingerprint
+    from compresskit.engine.device import peak_memory
     from compresskit.engine.runner import prune_model
 
     ctx = distributed.current()  # under torchrun: this rank's place (see compresskit.engine.distributed)
@@ -151,6 +152,7 @@ def prune(config: RunConfig | None = None, registry: Registry | None = None, out
     manifest["report"] = report.to_dict()
     manifest["notes"] = run.notes
     manifest["total_seconds"] = time.perf_counter() - t0
+    manifest["device_peak_bytes"] = peak_memory(device)  # GPU memory; None on the CPU
     _evaluate_into(manifest, "pruned", config, p.adapter, run.loaded, device)
     result = PruneResult(run.loaded, p.adapter, report, manifest, run)
     if output is not None:

@@ -48,12 +48,14 @@ def test_runner_matrix_in_memory_on_cuda(combo):
     _reached(result)
     _at_rest(result)
     assert str(result.run.settings.device).startswith("cuda")
+    assert result.manifest["device_peak_bytes"] > 0
 
 
 @pytest.mark.parametrize("combo", combos(streamed=True), ids=ids)
 def test_runner_matrix_streamed_on_cuda(combo, tiny_ckpt, tmp_path):
     result = compresskit.prune(**config(*combo, "cuda"), model=tiny_ckpt, work_dir=str(tmp_path / "work"))
     _reached(result)
+    assert result.manifest["device_peak_bytes"] > 0
 
 
 @pytest.mark.parametrize("metric,pattern,floor", [

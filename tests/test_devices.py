@@ -169,3 +169,26 @@ def test_select_keeps_to_the_placement(strict_devices):
                                select="metric.alpha=0,10", select_nsamples=2)
     selection = result.manifest["selection"]
     assert len(selection["sweep"]) == 2 and selection["heldout_loss"] == min(r["heldout_loss"] for r in selection["sweep"])
+
+
+def test_the_gpu_memory_peak_is_reported_on_cuda_only(tiny_ckpt, tmp_path, monkeypatch):
+    """The manifest's device_peak_bytes is None on the CPU (in memory and streamed); where a device
+    reports one, the command-line summary prints it."""
+    from compresskit.cli.summary import print_summary
+    from compresskit.engine import device
+
+    mem = compresskit.prune(model="random:tiny", metric="wanda", nsamples=2, seqlen=16, calibration="random",
+                            progress=False)
+    streamed = compresskit.prune(model=tiny_ckpt, metric="wanda", nsamples=2, seqlen=16, calibration="random",
+                                 progress=False, work_dir=str(tmp_path / "work"))
+    assert mem.manifest["device_peak_bytes"] is None and streamed.manifest["device_peak_bytes"] is None
+    lines = []
+    print_summary(mem, echo=lines.append)
+    assert not any("GPU memory" in line for line in lines)
+    monkeypatch.setattr(device, "is_cuda", lambda dev: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev=None: 3 * 2**29)
+    assert device.peak_memory("cuda:0") == 3 * 2**29
+    mem.manifest["device_peak_bytes"] = 3 * 2**29
+    lines.clear()
+    print_summary(mem, echo=lines.append)
+    assert "GPU memory peak 1.50 GiB" in lines

@@ -27,6 +27,9 @@ def print_summary(result, echo: Echo = click.echo) -> None:
         secs = rep.block_seconds[b] if b < len(rep.block_seconds) else sum(r.seconds for r in rows)
         echo(f"{b:>5}  {len(rows):>6}  {tg:>6.3f}  {sp:>8.4f}  {err:>15}  {secs:>7.2f}")
     echo(f"overall sparsity {rep.overall_sparsity:.4f} (target {rep.overall_target:.4f}) in {rep.seconds:.1f}s")
+    peak = result.manifest.get("device_peak_bytes")
+    if peak is not None:
+        echo(f"GPU memory peak {peak / 2**30:.2f} GiB")
     if "selection" in result.manifest:
         from compresskit.engine.select import describe
 

@@ -279,6 +279,16 @@ def free_memory(device: Any) -> int:
     return int(free)
 
 
+def peak_memory(device: Any) -> int | None:
+    """Peak bytes allocated on a CUDA ``device`` by this process so far (``torch.cuda.max_memory_allocated``;
+    never reset here, so it includes earlier work in the process); None for any other device."""
+    import torch
+
+    if not is_cuda(device):
+        return None
+    return int(torch.cuda.max_memory_allocated(as_device(device)))
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters)."""
     import torch

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compresskit import hookimpl
+from compresskit.engine.device import peak_memory
 from compresskit.engine.planning import PruneResult
 from compresskit.errors import CompressKitError, OptionError
 from compresskit.run import LayerReport, PruneReport
@@ -141,6 +142,7 @@ def prune(config: RunConfig, registry: Registry | None = None):
             "memory_model": {k: v for k, v in memory.streamed_peak(z, n_grads, gram, budget).items()},
         }
         manifest["total_seconds"] = time.perf_counter() - t0
+        manifest["device_peak_bytes"] = peak_memory(run.settings.device)  # GPU memory; None on the CPU
     except BaseException:
         work.close()
         raise
