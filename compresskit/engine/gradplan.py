@@ -204,10 +204,10 @@ def plan_pass(adapter: ModelAdapter, model: nn.Module, layers: dict[str, nn.Line
         budget, source = None, None
     rest_on_device = as_device(device).type == "cpu" and not groups_on_disk  # finished groups rest in that memory
     default = GradientPlan(bool(ckpt), groups or 1, budget=budget, budget_source=source,
-                                    chosen="user" if ckpt is not None and groups is not None else "default")
+                           chosen="user" if ckpt is not None and groups is not None else "default")
     if acts is not None:
         default = dataclasses.replace(default, estimate=peak(weights, sizes, acts, default.checkpointing,
-                                                                      default.groups, rest_on_device))
+                                                             default.groups, rest_on_device))
     if budget is None:
         return default
     if acts is None:
