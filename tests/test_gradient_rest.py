@@ -140,3 +140,21 @@ def test_live_temporaries_are_held_while_they_are_written(tmp_path):
     if spill.lock is None and not seen[0]:
         pytest.skip("flock does not work on this file system")
     assert seen == [True, True] and not spill.dir.exists()
+
+
+def test_a_cache_without_room_for_the_statistics_is_not_written_in_vain(llama_calibration, tmp_path, monkeypatch,
+                                                                        caplog):
+    import collections
+
+    want = in_memory(llama_calibration, tmp_path, monkeypatch, groups=3)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(gradcache.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    written = []
+    monkeypatch.setattr(gradcache.tensorfile, "write", lambda *a, **k: written.append(a[0]))
+    caplog.set_level(logging.WARNING, logger="compresskit")
+    grads, info = obtain(llama_calibration, tmp_path / "cache", recompute=True, groups=3)
+    assert "has 0.00 GB free, less than the" in caplog.text and "COMPRESSKIT_CACHE" in caplog.text
+    assert not written  # neither group files nor the cache file
+    assert {s["rest"] for s in info["statistics"].values()} == {"memory"}
+    assert {s["path"] for s in info["statistics"].values()} == {None}
+    assert_equal(grads, want)

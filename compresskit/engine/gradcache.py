@@ -236,6 +236,22 @@ class Spill:
             self.lock = None
 
 
+def has_room(root: Path, nbytes: int) -> bool:
+    """Whether the file system of ``root`` has ``nbytes`` free for a cache file; False (with a warning)
+    when it has not, so that the statistics are not written in vain. True when it cannot tell."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return True  # the write itself reports what is wrong
+    if free >= nbytes:
+        return True
+    log.warning("the gradient cache %s has %.2f GB free, less than the %.2f GB of gradient statistics: they are "
+                "not cached and rest in memory. Free space there, or point $COMPRESSKIT_CACHE (or gradient option "
+                "cache_dir) to a disk with room", root, free / 1e9, nbytes / 1e9)
+    return False
+
+
 def sweep(root: Path) -> int:
     """Remove the temporaries a killed run left in the gradient cache directory ``root`` (a cache
     file being written, a pass's finished groups: each as large as a cache file) that no live run

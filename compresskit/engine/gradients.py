@@ -199,13 +199,16 @@ def _computed(todo: list, opts: GradientOptions, adapter: ModelAdapter, loaded: 
     layers = target_layers(adapter, model)
     sizes = gradplan.accumulator_sizes(layers, stats)
     keys, fresh = list(layers), {s.key(): {} for s in stats}
-    if distributed.current().is_writer:
-        gradcache.sweep(todo[0][2].parent)
+    writer, root = distributed.current().is_writer, todo[0][2].parent
+    if writer:
+        gradcache.sweep(root)
+    room = not writer or gradcache.has_room(root, sum(sizes))  # else neither cache file nor groups on disk
+    on_disk = on_disk and room
     spill = None
     try:
         if on_disk:
             try:  # finished groups go to disk, not to host memory
-                spill = gradcache.Spill(todo[0][2].parent)
+                spill = gradcache.Spill(root)
             except OSError as exc:
                 log.warning("could not write finished gradient groups to disk (%s); they rest in memory", exc)
         plan = gradplan.plan_pass(adapter, model, layers, sizes, batches, device,
@@ -234,8 +237,7 @@ def _computed(todo: list, opts: GradientOptions, adapter: ModelAdapter, loaded: 
         for s, fp, path in todo:
             source = spill.reader(s.key()) if spill is not None else fresh[s.key()]
             meta = {"statistic": s.key(), "nsamples": str(len(batches)), "source": loaded.source}
-            writer = distributed.current().is_writer
-            saved = writer and gradcache.save(path, source, fp, meta)
+            saved = writer and room and gradcache.save(path, source, fp, meta)
             if writer and not saved:
                 info["statistics"][s.name]["path"] = None
             out[s.key()] = gradcache.SumFile.at(path) if saved and on_disk else to_rest(dict(source))
