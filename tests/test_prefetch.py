@@ -152,3 +152,21 @@ def test_prefetching_on_cuda_changes_no_mask(monkeypatch):
     a, b = _weights(plain.model), _weights(fetched.model)
     assert all((a[k] == 0).equal(b[k] == 0) for k in a)
     assert all(p.device.type == "cpu" for p in fetched.model.parameters())
+
+
+def test_timing_waits_for_the_compute_stream_not_the_prefetch_copies(monkeypatch):
+    """The runner's per-layer and per-block waits (for honest timings) wait for the current stream
+    only: a device-wide synchronize would also wait for the next block's copy at every layer."""
+    from compresskit.engine import device
+
+    waited = []
+
+    class Stream:
+        def synchronize(self):
+            waited.append("current stream")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: Stream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: waited.append("whole device"))
+    device.synchronize(torch.device("cuda", 0))
+    device.synchronize(torch.device("cpu"))
+    assert waited == ["current stream"]
