@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from compresskit.errors import CompressKitError
 
@@ -257,6 +257,39 @@ def tensor_fingerprint(obj: Any, *extra: Any) -> str:
     """sha256 (hex) of tensors in nested dicts/lists/tuples (names, shapes, dtypes, bytes) and ``extra``."""
     h = hashlib.sha256(repr(extra).encode())
     hash_into(h, "", obj)
+    return h.hexdigest()
+
+
+HASH_WORKERS = max(1, min(4, os.cpu_count() or 1))
+"""Threads that hash the tensors of :func:`tensors_digest` at once (each holds one tensor)."""
+
+
+def tensors_digest(tensors: Mapping[str, Any], visit: Callable[[str, Any], None] | None = None,
+                   workers: int | None = None) -> str:
+    """sha256 (hex) over every tensor's own sha256 (of its key, shape, dtype and bytes), in key order.
+
+    For large sets (a model's state dict, gradient sums at 7B: tens of GB, about 1.8 GB/s per core
+    for sha256): ``workers`` threads hash one tensor each at a time (hashlib releases the GIL), a
+    tensor read from ``tensors`` only when a thread reaches it, so a lazy mapping has at most
+    ``workers`` of them in memory. ``visit(key, tensor)`` sees each one (from those threads).
+    Not the same digest as :func:`tensor_fingerprint`, which hashes everything in one stream.
+    """
+    import concurrent.futures
+
+    keys = sorted(tensors, key=str)
+
+    def one(key: str) -> bytes:
+        t = tensors[key]
+        if visit is not None:
+            visit(key, t)
+        h = hashlib.sha256()
+        hash_into(h, key, t)
+        return h.digest()
+
+    h = hashlib.sha256(f"tensors-digest|{len(keys)}|".encode())
+    with concurrent.futures.ThreadPoolExecutor(workers or HASH_WORKERS, thread_name_prefix="compresskit-hash") as pool:
+        for digest in pool.map(one, keys):
+            h.update(digest)
     return h.hexdigest()
 
 

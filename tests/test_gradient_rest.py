@@ -39,11 +39,33 @@ def assert_equal(got, want):
             assert torch.equal(got[key][name], want[key][name]), (key, name)
 
 
-def test_content_checksum_read_one_tensor_at_a_time_is_the_fingerprint_of_the_whole():
-    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4), "c_10": torch.zeros(1), "c_9": torch.eye(2)}
-    seen = []
-    assert gradcache.content_sha256(tensors, lambda k, t: seen.append(k)) == tensor_fingerprint(tensors)
-    assert seen == sorted(tensors)
+def test_content_checksum_is_hashed_a_few_tensors_at_a_time_and_catches_any_change():
+    import threading
+    import time
+
+    from compresskit.cache import tensors_digest
+
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4), "c_10": torch.zeros(1), "c_9": torch.eye(2),
+               **{f"w{i}": torch.randn(64, 64, generator=torch.Generator().manual_seed(i)) for i in range(12)}}
+    active, most, seen, lock = [0], [0], [], threading.Lock()
+
+    def visit(key, t):  # each tensor is visited by the thread that holds it, between reading and hashing
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            seen.append(key)
+        time.sleep(0.01)
+        with lock:
+            active[0] -= 1
+
+    digest = tensors_digest(tensors, visit, workers=3)
+    assert sorted(seen) == sorted(tensors) and 1 < most[0] <= 3  # in parallel, never more than 3 at once
+    assert digest == gradcache.content_sha256(tensors) == tensors_digest(tensors, workers=1)
+    changed = [{**tensors, "a": torch.ones(4, dtype=torch.float64)}, {**tensors, "a": torch.ones(2, 2)},
+               {**tensors, "a": torch.tensor([1.0, 1.0, 1.0, 1.0 + 2**-20])},
+               {("z" if k == "a" else k): v for k, v in tensors.items()}, {k: v for k, v in tensors.items() if k != "a"}]
+    assert len({digest, *(tensors_digest(t) for t in changed)}) == 1 + len(changed)
+    assert digest != tensor_fingerprint(tensors)  # not the one-stream fingerprint
 
 
 @pytest.mark.parametrize("groups", [1, 3])

@@ -368,7 +368,7 @@ def test_cached_gradients_with_nan_are_recomputed(monkeypatch, tmp_path, caplog)
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from compresskit.cache import tensor_fingerprint
+    from compresskit.engine.gradcache import content_sha256
 
     monkeypatch.setenv("COMPRESSKIT_CACHE", str(tmp_path / "cache"))
     assert invoke("prune", *TINY, "--metric", "gblm", "--no-error-report").exit_code == 0
@@ -376,7 +376,7 @@ def test_cached_gradients_with_nan_are_recomputed(monkeypatch, tmp_path, caplog)
     with safe_open(str(cached), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["mlp.down_proj_layer_1"][0, 0] = float("nan")
-    meta["content_sha256"] = tensor_fingerprint(tensors)  # a consistent file that holds a NaN
+    meta["content_sha256"] = content_sha256(tensors)  # a consistent file that holds a NaN
     save_file(tensors, str(cached), metadata=meta)
     caplog.set_level(logging.WARNING, logger="compresskit")
     r = invoke("prune", *TINY, "--metric", "gblm", "--no-error-report", "--output", str(tmp_path / "o"))
