@@ -44,7 +44,8 @@ def test_vit_bench_runs_every_metric_and_renders_from_its_record():
 
     pytest.importorskip("timm")
     vit = runpy.run_path(str(ROOT / "bench" / "vit.py"))
-    s = vit["Settings"](model="random:tiny", img_size=32, probe_samples=64, nsamples=2, eval_images=8, ablation=False)
+    s = vit["Settings"](model="random:tiny", img_size=32, probe_samples=64, nsamples=2, eval_images=8, ablation=False,
+                        probe_data="random", calibration="random", eval_data="random")  # nothing to download
     record = json.loads(json.dumps(vit["run"](s), default=str))  # as the bench writes it
     rows = {(r["method"], r["pattern"]): r for r in record["rows"]}
     assert len(rows) == 1 + 4 * 2 and rows["gblm", "50% unstructured"]["gradient_cache"] == "computed"
