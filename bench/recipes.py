@@ -22,8 +22,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import PeakRSS  # noqa: E402
+from run import PeakRSS, environment  # noqa: E402
 
 from compresskit import api  # noqa: E402
 from compresskit.interfaces import EvalRequest  # noqa: E402
@@ -137,12 +135,6 @@ def comparison(rows: list[dict]) -> list[dict]:
                     "recipe_ppl": b["ppl"], "ratio": b["ppl"] / a["ppl"], "target": target,
                     "met": None if target is None else b["ppl"] <= (1 - target) * a["ppl"]})
     return out
-
-
-def environment() -> dict:
-    """What the page says of the machine, recorded with the numbers (a page renders from its record)."""
-    return {"torch": torch.__version__, "machine": platform.machine(), "cores": os.cpu_count(),
-            "load": round(os.getloadavg()[0], 2)}
 
 
 def markdown(s: Settings, dense: dict, rows: list[dict], minutes: float, complete: bool, env: dict) -> str:

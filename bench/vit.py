@@ -20,14 +20,18 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from compresskit import api
-from compresskit.interfaces import EvalRequest
-from compresskit.engine.registry import Registry
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import gradient_summary  # noqa: E402 - the cache state of a manifest, as bench/run.py reads it
+
+from compresskit import api  # noqa: E402
+from compresskit.interfaces import EvalRequest  # noqa: E402
+from compresskit.engine.registry import Registry  # noqa: E402
 
 log = logging.getLogger("bench.vit")
 CANDIDATES = ("magnitude", "wanda", "gblm", "sparsegpt")
@@ -80,8 +84,7 @@ def run(s: Settings) -> dict:
         rows.append({"method": metric, "pattern": pname, "propagate": propagate, **ev,
                      "sparsity": res.report.overall_sparsity, "prune_s": res.manifest["total_seconds"],
                      "runner_s": res.report.seconds, "gradient_s": grad.get("seconds"),
-                     "gradient_cache": "/".join(sorted({v.get("cache") for v in grad.get("statistics", {}).values()}
-                                                       - {None})) or None,
+                     "gradient_cache": gradient_summary(grad).get("cache"),
                      "eval_s": time.perf_counter() - t})
         log.info("%s %s %s: acc %.4f agree %.4f cos %.4f, %.1fs", metric, pname, propagate, ev["accuracy"],
                  ev["agreement"], ev["feature_cosine"], rows[-1]["prune_s"])
